@@ -1,0 +1,309 @@
+"""The state store contract.
+
+Everything the launcher, builder, CLI and client share goes through this interface; there is no
+other channel between processes.  Two implementations exist: ``SQLiteStore`` (embedded, one host,
+several processes on one file) and ``ZooKeeperStore`` (Nodepool's own layout, several hosts).
+
+Semantics follow ZooKeeper so that both implementations behave alike:
+
+* A store object owns one *session*.  Locks and ephemeral records belong to the session and vanish
+  when it ends: on ``stop()``, when the process dies, or when the session expires (missed
+  heartbeats / ZooKeeper session timeout).  Listeners registered with ``add_session_listener`` are
+  told ``"lost"`` when that happens to us, so in-memory beliefs about held locks can be dropped.
+* Locks are named by the ZooKeeper path Nodepool uses for them (see the ``*_lock_path`` helpers);
+  they are not re-entrant and are never held by two sessions at once.
+* Records are returned as fresh objects (callers may mutate them); ``record.version`` is the store's
+  change counter for that record.  ``update_*(record, check_version=True)`` is compare-and-set.
+* All methods are safe to call from several threads of one process.
+* Methods raise ``StoreError`` subclasses only: ``NotFoundError`` for a missing record on update,
+  ``LockError`` for a lock not acquired, ``ConflictError`` for a lost compare-and-set,
+  ``SessionLostError`` when the session died under the call.  ``get_*`` returns None for a missing
+  record instead of raising.
+"""
+import abc
+import threading
+
+
+# -- lock paths (identical to Nodepool's, so ZooKeeper locks interoperate) -------------------------
+
+def node_lock_path(node_id):
+    return f"/nodepool/nodes/{node_id}/lock"
+
+
+def request_lock_path(request_id):
+    return f"/nodepool/requests-lock/{request_id}"
+
+
+def image_build_lock_path(image):
+    """One build of an image at a time, across all builders."""
+    return f"/nodepool/images/{image}/builds/lock"
+
+
+def build_lock_path(image, build_id):
+    return f"/nodepool/images/{image}/builds/{build_id}/lock"
+
+
+def upload_lock_path(image, build_id, provider):
+    """One upload of a build to a provider at a time."""
+    return f"/nodepool/images/{image}/builds/{build_id}/providers/{provider}/images/lock"
+
+
+def upload_record_lock_path(image, build_id, provider, upload_id):
+    return f"/nodepool/images/{image}/builds/{build_id}/providers/{provider}/images/{upload_id}/lock"
+
+
+class Lock:
+    """A held lock.  Release it with ``release()`` or use it as a context manager."""
+
+    def __init__(self, store, path, token=None):
+        self.store = store
+        self.path = path
+        self.token = token
+        self.released = False
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.store._release(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self):
+        return f"<Lock {self.path}{' released' if self.released else ''}>"
+
+
+class ChangeWatcher:
+    """Wakes a loop when the store may have changed.
+
+    ``wait(timeout)`` returns True as soon as any record changed (written by anyone) since the
+    previous ``wait`` returned, or False after ``timeout`` seconds.  Spurious True is allowed;
+    a missed change is not.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def notify(self):
+        self._event.set()
+
+    def wait(self, timeout=None):
+        fired = self._event.wait(timeout)
+        self._event.clear()
+        return fired
+
+
+class StateStore(abc.ABC):
+    """Shared state of nodes, node requests, image builds/uploads, components and locks."""
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def start(self):
+        """Connect and open our session.  Raises StoreError with a clear message if impossible."""
+
+    @abc.abstractmethod
+    def stop(self):
+        """Release our locks, remove our ephemeral records, close the session.  Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def session_id(self):
+        """An opaque id of our current session (changes when a lost session is replaced)."""
+
+    def add_session_listener(self, callback):
+        """Call ``callback(state)`` with ``"lost"`` when our session (locks, ephemerals) is gone,
+        and ``"connected"`` when a new one is usable.  Called from a store thread: keep it short."""
+        self._session_listeners().append(callback)
+
+    def _session_listeners(self):
+        if not hasattr(self, "_listeners"):
+            self._listeners = []
+        return self._listeners
+
+    def _notify_session(self, state):
+        for cb in list(self._session_listeners()):
+            try:
+                cb(state)
+            except Exception:  # a listener must never break the store's thread
+                pass
+
+    @abc.abstractmethod
+    def watch(self):
+        """Return a new ``ChangeWatcher`` fed by every change to the store."""
+
+    # -- nodes -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_node(self, node):
+        """Store a new node; assign ``node.id`` (10-digit sequence), ``created_time`` and
+        ``state_time`` when unset.  Returns the node (same object, updated)."""
+
+    @abc.abstractmethod
+    def get_node(self, node_id):
+        """The node, or None."""
+
+    @abc.abstractmethod
+    def list_nodes(self):
+        """Every node, ordered by id.  Must be cheap enough to call every loop iteration."""
+
+    @abc.abstractmethod
+    def update_node(self, node, check_version=False):
+        """Write the node back.  NotFoundError if it was deleted; ConflictError on a stale
+        version when ``check_version``.  Bumps ``node.version``."""
+
+    @abc.abstractmethod
+    def delete_node(self, node_id):
+        """Remove the node and its lock.  Deleting a missing node is not an error."""
+
+    # -- node requests -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def submit_request(self, request, priority="100", ephemeral=True):
+        """Store a new request with id ``<priority>-<sequence>``.  An ephemeral request vanishes
+        with our session (a requestor that dies takes its requests with it)."""
+
+    @abc.abstractmethod
+    def get_request(self, request_id):
+        """The request, or None."""
+
+    @abc.abstractmethod
+    def list_requests(self):
+        """Every request, in handling order (priority, relative_priority, sequence)."""
+
+    @abc.abstractmethod
+    def update_request(self, request, check_version=False):
+        """Write the request back (NotFoundError if it is gone, e.g. its requestor died)."""
+
+    @abc.abstractmethod
+    def delete_request(self, request_id):
+        """Remove the request.  Missing is not an error."""
+
+    # -- locks -------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def lock(self, path, blocking=False, timeout=None, identifier=None):
+        """Acquire the lock at ``path`` for our session and return a ``Lock``.
+
+        Non-blocking by default: raises LockError at once if another session holds it.  With
+        ``blocking`` waits up to ``timeout`` seconds (forever if None).  Also raises LockError if
+        we already hold it (locks are not re-entrant)."""
+
+    @abc.abstractmethod
+    def _release(self, lock):
+        """Release a lock acquired by ``lock``.  Releasing a lock already lost is not an error."""
+
+    @abc.abstractmethod
+    def is_locked(self, path):
+        """True if any session (including ours) holds the lock at ``path``."""
+
+    # -- images ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def create_build(self, build):
+        """Store a new build of ``build.image``; assigns ``build.id`` (uuid4 hex) when unset."""
+
+    @abc.abstractmethod
+    def get_build(self, image, build_id):
+        """The build, or None."""
+
+    @abc.abstractmethod
+    def list_builds(self, image=None):
+        """Builds of one image (or all), oldest first."""
+
+    @abc.abstractmethod
+    def update_build(self, build, check_version=False):
+        """Write the build back."""
+
+    @abc.abstractmethod
+    def delete_build(self, image, build_id):
+        """Remove the build with all its upload records."""
+
+    @abc.abstractmethod
+    def create_upload(self, upload):
+        """Store a new upload of (``image``, ``build_id``, ``provider``); assigns ``upload.id``
+        (10-digit sequence within that build and provider)."""
+
+    @abc.abstractmethod
+    def get_upload(self, image, build_id, provider, upload_id):
+        """The upload, or None."""
+
+    @abc.abstractmethod
+    def list_uploads(self, image=None, build_id=None, provider=None):
+        """Uploads matching the filters, oldest first."""
+
+    @abc.abstractmethod
+    def update_upload(self, upload, check_version=False):
+        """Write the upload back."""
+
+    @abc.abstractmethod
+    def delete_upload(self, image, build_id, provider, upload_id):
+        """Remove the upload record."""
+
+    @abc.abstractmethod
+    def list_image_names(self):
+        """Names of every image that has any record (builds, pause flag, build request)."""
+
+    @abc.abstractmethod
+    def set_image_paused(self, image, paused):
+        """Create or remove the image's pause flag."""
+
+    @abc.abstractmethod
+    def is_image_paused(self, image):
+        """True if the image's pause flag exists."""
+
+    @abc.abstractmethod
+    def request_image_build(self, image):
+        """Ask builders for a build of ``image`` now (idempotent)."""
+
+    @abc.abstractmethod
+    def get_image_build_request(self, image):
+        """Creation time of the pending manual build request, or None."""
+
+    @abc.abstractmethod
+    def remove_image_build_request(self, image):
+        """Clear the manual build request (missing is not an error)."""
+
+    # -- components --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def register_component(self, component):
+        """Register an ephemeral component record (``component.kind`` is ``launcher``, ``builder``
+        or ``pool``); assigns ``component.id``.  Registrations survive a lost session: the store
+        re-creates them in the new session."""
+
+    @abc.abstractmethod
+    def update_component(self, component):
+        """Rewrite a registered component."""
+
+    @abc.abstractmethod
+    def unregister_component(self, component):
+        """Remove a registration (missing is not an error)."""
+
+    @abc.abstractmethod
+    def list_components(self, kind=None):
+        """Live registrations of ``kind`` (or all)."""
+
+    # -- helpers shared by all implementations -----------------------------------------------------
+
+    def lock_node(self, node_id, blocking=False, timeout=None, identifier=None):
+        return self.lock(node_lock_path(node_id), blocking, timeout, identifier)
+
+    def lock_request(self, request_id, blocking=False, timeout=None, identifier=None):
+        return self.lock(request_lock_path(request_id), blocking, timeout, identifier)
+
+    def is_node_locked(self, node_id):
+        return self.is_locked(node_lock_path(node_id))
+
+    def is_request_locked(self, request_id):
+        return self.is_locked(request_lock_path(request_id))
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
