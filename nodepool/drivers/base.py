@@ -235,6 +235,9 @@ class Driver(abc.ABC):
         """Cross-checks that need the whole config; return a list of (key_path, message)."""
         return []
 
+    def finalize(self, provider, config):
+        """Fill defaults that depend on the whole config (called once the config is built)."""
+
     @abc.abstractmethod
     def adapter(self, provider, rate_limiter=None):
         """Build the ``Adapter`` for a ``config.model.Provider`` of this driver."""
