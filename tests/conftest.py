@@ -1,0 +1,8 @@
+"""Shared test setup.  Fixture modules live in tests/fixtures/ and are listed here."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+pytest_plugins = [
+]
