@@ -71,7 +71,7 @@ NODE_TRANSITIONS = {
 
 R = RequestState
 REQUEST_TRANSITIONS = {
-    R.REQUESTED: {R.PENDING, R.FAILED, R.REQUESTED},
+    R.REQUESTED: {R.PENDING, R.FULFILLED, R.FAILED, R.REQUESTED},  # fulfilled at once from ready nodes
     R.PENDING: {R.FULFILLED, R.REQUESTED, R.FAILED, R.PENDING},
     R.FULFILLED: {R.REQUESTED},             # a lost fulfilled min-ready request may be reset
     R.FAILED: set(),

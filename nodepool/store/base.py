@@ -295,6 +295,15 @@ class StateStore(abc.ABC):
     def lock_request(self, request_id, blocking=False, timeout=None, identifier=None):
         return self.lock(request_lock_path(request_id), blocking, timeout, identifier)
 
+    def locked_node_ids(self):
+        """Ids of nodes whose lock anyone holds.  Called every launcher loop: implementations
+        should answer from one query or a cache; this default asks node by node."""
+        return {n.id for n in self.list_nodes() if self.is_node_locked(n.id)}
+
+    def locked_request_ids(self):
+        """Ids of requests whose lock anyone holds (same caveat as ``locked_node_ids``)."""
+        return {r.id for r in self.list_requests() if self.is_request_locked(r.id)}
+
     def is_node_locked(self, node_id):
         return self.is_locked(node_lock_path(node_id))
 
