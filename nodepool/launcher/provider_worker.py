@@ -1,0 +1,553 @@
+"""One thread per provider that advances every launch and delete of that provider.
+
+Launches and deletes are state machines (the adapter's, wrapped in ``LaunchJob``/``DeleteJob``
+which add retries, timeouts, the host-key scan and the node record writes).  The thread advances
+each of them a step per tick, so one thread serves hundreds of servers and a slow cloud only
+slows its own provider.  The worker also keeps the provider's cloud view fresh (instance list,
+quota limits, label costs) and removes leaked instances and resources.
+
+Locks: the launcher hands each job the node's lock.  A finished launch keeps its lock (the
+launcher unlocks when the request is fulfilled); a finished delete removes the node record and
+with it the lock.
+"""
+import logging
+import queue
+import random
+import threading
+import time
+
+from ..drivers import get_driver
+from ..drivers.base import (META_LAUNCHER, META_NODE_ID, META_POOL, META_PROVIDER, LaunchSpec)
+from ..errors import (CloudError, InstanceNotFound, LabelConfigurationError, LaunchTimeout,
+                      NotFoundError, QuotaError, StoreError)
+from ..model.quota import Resources
+from ..model.states import NodeState
+from . import planner
+from .nodescan import NodeScan
+
+try:
+    from .. import metrics
+except ImportError:  # pragma: no cover - metrics module lands separately
+    metrics = None
+
+DELETE_TIMEOUT = 600
+QUOTA_CACHE_SECONDS = 300
+INSTANCE_LIST_SECONDS = 30
+
+
+def _count(metric, *labels):
+    if metrics is not None and hasattr(metrics, metric):
+        getattr(metrics, metric).labels(*labels).inc()
+
+
+def _observe(metric, value, *labels):
+    if metrics is not None and hasattr(metrics, metric):
+        getattr(metrics, metric).labels(*labels).observe(value)
+
+
+class LaunchJob:
+    """Creates one node's instance: create → (scan) → ready, with retries and cleanup."""
+
+    def __init__(self, node, lock, spec, provider, pool, worker):
+        self.node = node
+        self.lock = lock
+        self.spec = spec
+        self.provider = provider
+        self.pool = pool
+        self.worker = worker
+        self.attempt = 1
+        self.started = time.monotonic()
+        self.phase = "create"
+        self.machine = None
+        self.cleanup_machine = None
+        self.scan = None
+        self.instance = None
+        self.done = False
+        self.error = None
+        self.log = logging.LoggerAdapter(
+            logging.getLogger("nodepool.launcher.launch"),
+            {"node": node.id})
+
+    def _fail_attempt(self, exc):
+        self.worker._count_launch(self.pool, self.node, exc)
+        extid = (self.machine.external_id if self.machine else None) or self.node.external_id
+        if self.attempt < self.provider.launch_retries:
+            self.log.warning("node %s launch attempt %d/%d failed on %s: %s; retrying",
+                             self.node.id, self.attempt, self.provider.launch_retries,
+                             self.provider.name, exc)
+            self.attempt += 1
+            self.phase = "cleanup" if extid else "create"
+            self.cleanup_machine = (self.worker.adapter.delete_state_machine(extid)
+                                    if extid else None)
+            self.machine = None
+            self.scan = None
+            return
+        self.log.error("node %s failed on %s after %d attempt(s): %s", self.node.id,
+                       self.provider.name, self.attempt, exc)
+        self._finish(NodeState.FAILED, f"launch failed after {self.attempt} attempt(s): {exc}")
+
+    def _finish(self, state, reason=None):
+        node = self.node
+        node.set_state(state)
+        if reason:
+            node.extra["failure_reason"] = reason
+            self.error = reason
+        self.worker._write(node)
+        self.done = True
+
+    def step(self):
+        """Advance one step.  Returns True once the job is finished (ready/failed/aborted)."""
+        try:
+            if self.phase == "cleanup":
+                if self.cleanup_machine is None or self.cleanup_machine.advance():
+                    self.cleanup_machine = None
+                    self.phase = "create"
+                return False
+            if self.phase == "create":
+                return self._step_create()
+            if self.phase == "scan":
+                keys = self.scan.advance()
+                if keys is not None:
+                    self.node.host_keys = keys
+                    self._ready()
+                return self.done
+        except QuotaError as exc:
+            self.log.info("node %s: cloud quota refused the launch on %s: %s", self.node.id,
+                          self.provider.name, exc)
+            self.worker.invalidate_quota()
+            self.worker._count_launch(self.pool, self.node, exc)
+            self._finish(NodeState.ABORTED, f"quota: {exc}")
+            return True
+        except NotFoundError:
+            # our node record was deleted under us (operator): stop and clean the instance
+            self.log.warning("node %s vanished from the store while launching", self.node.id)
+            extid = self.machine.external_id if self.machine else self.node.external_id
+            if extid:
+                self.worker.delete_orphan(extid, f"node {self.node.id} was deleted while launching")
+            self.done = True
+            return True
+        except (CloudError, StoreError) as exc:
+            self._fail_attempt(exc)
+        except Exception as exc:   # a driver bug must not kill the worker
+            self.log.exception("node %s: unexpected error launching on %s", self.node.id,
+                               self.provider.name)
+            self._fail_attempt(exc)
+        return self.done
+
+    def _step_create(self):
+        if self.machine is None:
+            self.machine = self.worker.adapter.create_state_machine(self.spec)
+            self.attempt_started = time.monotonic()
+        if time.monotonic() - self.attempt_started > self.provider.launch_timeout:
+            raise LaunchTimeout(f"instance not active after launch-timeout "
+                                f"{self.provider.launch_timeout}s")
+        result = self.machine.advance()
+        if self.machine.external_id and self.machine.external_id != self.node.external_id:
+            self.node.external_id = self.machine.external_id
+            self.worker._write(self.node)
+        if result is None:
+            return False
+        self.instance = result
+        self._apply_instance(result)
+        if result.host_keys is not None or not self._wants_scan():
+            if result.host_keys is not None:
+                self.node.host_keys = list(result.host_keys)
+            self._ready()
+            return True
+        self.worker._write(self.node)
+        self.phase = "scan"
+        self.scan = NodeScan(self.node.interface_ip, self.node.connection_port,
+                             self.provider.boot_timeout, self.node.connection_type)
+        return False
+
+    def _wants_scan(self):
+        label = self.pool.labels.get(self.node.type[0]) if self.node.type else None
+        opt = label.options.get("host-key-checking") if label else None
+        checking = self.pool.host_key_checking if opt is None else opt
+        return checking and self.node.connection_type in (None, "ssh", "network_cli")
+
+    def _apply_instance(self, inst):
+        node = self.node
+        node.external_id = inst.external_id
+        node.public_ipv4 = inst.public_ipv4
+        node.private_ipv4 = inst.private_ipv4
+        node.public_ipv6 = inst.public_ipv6
+        node.interface_ip = (inst.interface_ip or inst.public_ipv4 or inst.public_ipv6
+                             or inst.private_ipv4)
+        node.az = inst.az or node.az
+        node.region = inst.region
+        node.cloud = inst.cloud
+        node.host_id = inst.host_id
+        node.driver_data = inst.driver_data
+        if inst.slot is not None:
+            node.slot = inst.slot
+        node.node_properties = list(inst.node_properties or [])
+        if inst.resources:
+            node.resources = dict(inst.resources)
+        for attr in ("username", "python_path", "shell_type", "connection_type",
+                     "connection_port"):
+            value = getattr(inst, attr)
+            if value is not None:
+                setattr(node, attr, value)
+        if isinstance(node.connection_port, int):
+            node.ssh_port = node.connection_port
+
+    def _ready(self):
+        elapsed = time.monotonic() - self.started
+        self.log.info("node %s ready on %s/%s as %s (%s) in %.1fs", self.node.id,
+                      self.provider.name, self.pool.name, self.node.external_id,
+                      self.node.interface_ip, elapsed)
+        _count("LAUNCHES", self.provider.name, self.pool.name, self.node.type[0], "ready")
+        _observe("LAUNCH_SECONDS", elapsed, self.provider.name, self.node.type[0])
+        self._finish(NodeState.READY)
+
+    def abandon(self):
+        """Our session was lost: stop tracking, make sure the instance does not leak."""
+        extid = (self.machine.external_id if self.machine else None) or self.node.external_id
+        if self.scan:
+            self.scan.close()
+        if extid:
+            self.worker.delete_orphan(extid, f"launch of node {self.node.id} abandoned")
+
+
+class DeleteJob:
+    """Deletes one node: its instance (if any), then its record (and with it the lock)."""
+
+    def __init__(self, node, lock, worker, reason):
+        self.node = node
+        self.lock = lock
+        self.worker = worker
+        self.reason = reason
+        self.started = time.monotonic()
+        self.machine = None
+        self.done = False
+
+    def step(self):
+        node = self.node
+        try:
+            if node.external_id and self.machine is None:
+                self.machine = self.worker.adapter.delete_state_machine(node.external_id)
+            if self.machine is not None:
+                if time.monotonic() - self.started > DELETE_TIMEOUT:
+                    raise LaunchTimeout(f"instance {node.external_id} not deleted after "
+                                        f"{DELETE_TIMEOUT}s")
+                if not self.machine.advance():
+                    return False
+            node.set_state(NodeState.DELETED)
+            try:
+                self.worker.store.update_node(node)
+            except NotFoundError:
+                pass
+            self.worker.store.delete_node(node.id)
+            self.lock.released = True          # the lock went with the record
+            elapsed = time.monotonic() - self.started
+            self.worker.log.info("node %s deleted from %s (%s) in %.1fs", node.id,
+                                 node.provider, self.reason, elapsed)
+            _count("DELETES", node.provider, "success")
+            _observe("DELETE_SECONDS", elapsed, node.provider)
+        except InstanceNotFound:
+            self.machine = None
+            node.external_id = None
+            return False
+        except Exception as exc:
+            self.worker.log.warning("node %s: delete on %s failed, will retry: %s", node.id,
+                                    node.provider, exc)
+            _count("DELETES", node.provider, "error")
+            self.lock.release()
+        self.done = True
+        return True
+
+
+class OrphanDelete:
+    """Deletes an instance that has no node record (leaked, or a launch's leftover)."""
+
+    def __init__(self, external_id, worker, reason):
+        self.external_id = external_id
+        self.worker = worker
+        self.reason = reason
+        self.machine = None
+        self.started = time.monotonic()
+        self.done = False
+
+    def step(self):
+        try:
+            if self.machine is None:
+                self.machine = self.worker.adapter.delete_state_machine(self.external_id)
+            if self.machine.advance():
+                self.worker.log.info("instance %s on %s deleted (%s)", self.external_id,
+                                     self.worker.provider.name, self.reason)
+                self.done = True
+            elif time.monotonic() - self.started > DELETE_TIMEOUT:
+                raise LaunchTimeout("not deleted in time")
+        except InstanceNotFound:
+            self.done = True
+        except Exception as exc:
+            self.worker.log.warning("instance %s on %s: delete failed (%s), the leak scan "
+                                    "will retry: %s", self.external_id,
+                                    self.worker.provider.name, self.reason, exc)
+            self.done = True
+        return self.done
+
+
+class ProviderWorker:
+    """Owns one provider's adapter and advances its state machines from one thread."""
+
+    def __init__(self, provider, store, launcher_name, tick=0.05, leak_interval=60,
+                 instance_interval=INSTANCE_LIST_SECONDS):
+        self.provider = provider
+        self.store = store
+        self.launcher_name = launcher_name
+        self.tick = tick
+        self.leak_interval = leak_interval
+        self.instance_interval = instance_interval
+        self.log = logging.getLogger(f"nodepool.launcher.provider.{provider.name}")
+        self.adapter = get_driver(provider.driver).adapter(provider)
+        self._inbox = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._retiring = False
+        self.launches = {}       # node id -> LaunchJob
+        self.deletes = {}        # node id -> DeleteJob
+        self.orphans = {}        # external id -> OrphanDelete
+        self.finished = queue.Queue()   # LaunchJob results for the launcher thread
+        self._lock = threading.Lock()
+        # cloud view (read by the launcher thread; replaced wholesale, never mutated)
+        self.instances = []
+        self.instances_time = 0.0
+        self.quota_limits = None
+        self.quota_time = 0.0
+        self.label_costs = {}
+        self.broken_labels = {}
+        self.cloud_image_ready = {}
+        self._leak_suspects = set()
+        self._last_leak_scan = 0.0
+        self.started = False
+        self.start_error = None
+        self.thread = threading.Thread(target=self._run, name=f"provider-{provider.name}",
+                                       daemon=True)
+
+    # -- called from the launcher thread ----------------------------------------------------------
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+
+    def retire(self):
+        """Take no new work; finish what is in flight, then stop."""
+        self._retiring = True
+        self._wake.set()
+
+    def join(self, timeout=None):
+        self.thread.join(timeout)
+
+    @property
+    def busy(self):
+        return bool(self.launches or self.deletes or self.orphans or not self._inbox.empty())
+
+    @property
+    def in_flight(self):
+        return len(self.launches) + self._inbox.qsize()
+
+    def submit_launch(self, node, lock, spec, pool):
+        self._inbox.put(("launch", node, lock, spec, pool))
+        self._wake.set()
+
+    def submit_delete(self, node, lock, reason):
+        self._inbox.put(("delete", node, lock, reason))
+        self._wake.set()
+
+    def delete_orphan(self, external_id, reason):
+        self._inbox.put(("orphan", external_id, reason))
+        self._wake.set()
+
+    def deleting(self, node_id):
+        return node_id in self.deletes
+
+    def invalidate_quota(self):
+        self.quota_time = 0.0
+        self.instances_time = 0.0
+
+    def unmanaged_usage(self, nodes):
+        return planner.unmanaged_usage(self.provider.name, self.instances, nodes)
+
+    def session_lost(self):
+        """Locks are gone: abandon launches (cleaning their instances) and deletes."""
+        self._inbox.put(("lost",))
+        self._wake.set()
+
+    # -- the worker thread ------------------------------------------------------------------------
+
+    def _run(self):
+        try:
+            self.adapter.start()
+            self.started = True
+        except Exception as exc:
+            self.start_error = str(exc)
+            self.log.error("provider %s cannot start: %s", self.provider.name, exc)
+        while not self._stop.is_set():
+            try:
+                self._iteration()
+            except Exception:
+                self.log.exception("provider %s worker iteration failed", self.provider.name)
+                time.sleep(1)
+            if self._retiring and not self.busy:
+                break
+            if self.busy:
+                self._wake.wait(self.tick)
+            else:
+                self._wake.wait(1.0)
+            self._wake.clear()
+        try:
+            self.adapter.stop()
+        except Exception:
+            self.log.exception("provider %s adapter stop failed", self.provider.name)
+
+    def _iteration(self):
+        self._drain_inbox()
+        now = time.monotonic()
+        if not self.started:
+            return
+        self._refresh_cloud_view(now)
+        for node_id, job in list(self.launches.items()):
+            if job.step():
+                del self.launches[node_id]
+                self.finished.put(job)
+        for node_id, job in list(self.deletes.items()):
+            if job.step():
+                del self.deletes[node_id]
+        for extid, job in list(self.orphans.items()):
+            if job.step():
+                del self.orphans[extid]
+        if self.leak_interval and now - self._last_leak_scan > self.leak_interval \
+                and not self._retiring:
+            self._last_leak_scan = now
+            self._leak_scan()
+
+    def _drain_inbox(self):
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = item[0]
+            if kind == "launch":
+                _, node, lock, spec, pool = item
+                self.launches[node.id] = LaunchJob(node, lock, spec, self.provider, pool, self)
+            elif kind == "delete":
+                _, node, lock, reason = item
+                self.deletes[node.id] = DeleteJob(node, lock, self, reason)
+            elif kind == "orphan":
+                _, extid, reason = item
+                if extid not in self.orphans:
+                    self.orphans[extid] = OrphanDelete(extid, self, reason)
+            elif kind == "lost":
+                for job in self.launches.values():
+                    job.abandon()
+                self.launches.clear()
+                self.deletes.clear()
+
+    def _refresh_cloud_view(self, now):
+        if now - self.quota_time > QUOTA_CACHE_SECONDS:
+            try:
+                self.quota_limits = self.adapter.quota_limits()
+            except Exception as exc:
+                self.log.warning("provider %s: cannot read quota limits (keeping the last "
+                                 "known): %s", self.provider.name, exc)
+            self.quota_time = now
+            costs, broken = {}, {}
+            for label in self.provider.labels():
+                try:
+                    costs[label.name] = self.adapter.quota_for_label(label)
+                except LabelConfigurationError as exc:
+                    broken[label.name] = str(exc)
+                except Exception as exc:
+                    self.log.warning("provider %s: cannot size label %s: %s",
+                                     self.provider.name, label.name, exc)
+                if label.cloud_image:
+                    try:
+                        self.cloud_image_ready[label.name] = self.adapter.label_ready(label)
+                    except Exception as exc:
+                        self.log.warning("provider %s: cannot check image of label %s: %s",
+                                         self.provider.name, label.name, exc)
+            self.label_costs, self.broken_labels = costs, broken
+        if now - self.instances_time > self.instance_interval:
+            self._list_instances(now)
+
+    def _list_instances(self, now):
+        try:
+            self.instances = self.adapter.list_instances()
+        except Exception as exc:
+            self.log.warning("provider %s: cannot list instances: %s", self.provider.name, exc)
+        self.instances_time = now
+
+    def _leak_scan(self):
+        """Delete instances and resources tagged as ours that no node record owns."""
+        self._list_instances(time.monotonic())
+        try:
+            nodes = self.store.list_nodes()
+        except StoreError as exc:
+            self.log.warning("leak scan skipped: %s", exc)
+            return
+        busy = set(self.launches) | set(self.deletes)
+        candidates = [i for i in self.instances if i.node_id not in busy
+                      and i.external_id not in self.orphans]
+        to_delete, self._leak_suspects = planner.leaked_instances(
+            self.provider.name, candidates, nodes, self._leak_suspects)
+        for inst in to_delete:
+            self.log.warning("leaked instance %s on %s (node %s has no record): deleting",
+                             inst.external_id, self.provider.name, inst.node_id)
+            _count("LEAKED", self.provider.name, "instances")
+            self.orphans[inst.external_id] = OrphanDelete(inst.external_id, self, "leaked")
+        node_ids = {n.id for n in nodes}
+        try:
+            resources = self.adapter.list_resources()
+        except Exception as exc:
+            self.log.warning("provider %s: cannot list resources: %s", self.provider.name, exc)
+            resources = []
+        for res in resources:
+            if res.type == "image":
+                continue      # images belong to the builder's retention
+            if res.metadata.get(META_PROVIDER) != self.provider.name:
+                continue
+            if res.metadata.get(META_NODE_ID) in node_ids:
+                continue
+            try:
+                self.adapter.delete_resource(res)
+                self.log.warning("leaked %s %s on %s: deleted", res.type, res.id,
+                                 self.provider.name)
+                _count("LEAKED", self.provider.name, res.type + "s")
+            except Exception as exc:
+                self.log.warning("leaked %s %s on %s: delete failed: %s", res.type, res.id,
+                                 self.provider.name, exc)
+
+    def _write(self, node):
+        self.store.update_node(node)
+
+    def _count_launch(self, pool, node, exc):
+        kind = ("quota" if isinstance(exc, QuotaError) else
+                "timeout" if isinstance(exc, LaunchTimeout) else
+                "cloud" if isinstance(exc, CloudError) else "unknown")
+        _count("LAUNCHES", self.provider.name, pool.name, node.type[0] if node.type else "",
+               f"error.{kind}")
+
+
+def build_launch_spec(node, pool, pool_label, launcher_name, image_external_id, request):
+    """The adapter's view of a launch: hostname, tags, image, AZ."""
+    metadata = {
+        META_NODE_ID: node.id,
+        META_POOL: pool.name,
+        META_PROVIDER: pool.provider,
+        META_LAUNCHER: launcher_name,
+    }
+    return LaunchSpec(hostname=f"np{node.id}", label=pool_label, pool=pool, metadata=metadata,
+                      image_external_id=image_external_id, az=node.az, request=request,
+                      node_id=node.id)
+
+
+def choose_az(pool, adapter_azs, rng=random):
+    """A random AZ from the pool's list, else from the cloud's (None when it has none)."""
+    choices = list(pool.azs) or [a for a in adapter_azs if a]
+    return rng.choice(choices) if choices else None
