@@ -60,6 +60,9 @@ class _Record:
         rec._normalise()
         return rec
 
+    def __post_init__(self):
+        self._normalise()
+
     def _normalise(self):
         if self._STATE_TYPE is not None and self.state is not None:
             try:
