@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything the tests and the demo need on a fresh Debian machine (idempotent).
+# Debian packages: zookeeper (ZooKeeper store tests), openssh (static driver / host-key scan
+# tests), e2fsprogs + qemu-utils (real image files from the shipped build command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v java >/dev/null 2>&1 && [ -d /usr/share/zookeeper ] || need_apt+=(zookeeper)
+command -v ssh-keyscan >/dev/null 2>&1 || need_apt+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v mke2fs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing Debian packages: ${need_apt[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    else
+        echo "warning: cannot install ${need_apt[*]} (not root or no apt-get); tests that need them will be skipped" >&2
+    fi
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e '.[test,zookeeper,aws]'
