@@ -1,0 +1,114 @@
+"""Prometheus metrics shared by the launcher, the builder and the web app.
+
+Counters and histograms are module-level objects in the default registry so that any part of a
+daemon can increment them with one import.  Gauges of current state (nodes per state, requests per
+state) are not kept up to date by hand: ``store_collector`` reads them from the store at scrape time,
+so they can never drift from the truth.  The web app serves everything at ``/metrics``.
+"""
+import collections
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Launch durations run from seconds (simulated, static) to many minutes (real clouds).
+_LAUNCH_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
+_IMAGE_BUCKETS = (10, 60, 300, 600, 1200, 1800, 3600, 7200, 14400, float("inf"))
+
+LAUNCH_RESULTS = ("ready", "error.quota", "error.timeout", "error.cloud", "error.unknown")
+
+LAUNCHES = Counter(
+    "nodepool_launches", "Node launches by outcome (ready or error.<kind>)",
+    ["provider", "pool", "label", "result"])
+LAUNCH_SECONDS = Histogram(
+    "nodepool_launch_seconds", "Time from launch start to ready node",
+    ["provider", "label"], buckets=_LAUNCH_BUCKETS)
+DELETES = Counter(
+    "nodepool_deletes", "Node deletions by outcome", ["provider", "result"])
+DELETE_SECONDS = Histogram(
+    "nodepool_delete_seconds", "Time to delete a node's cloud resources", ["provider"],
+    buckets=_LAUNCH_BUCKETS)
+# Keyed by provider only: the label-set of a request is too high-cardinality for a label.
+REQUEST_SECONDS = Histogram(
+    "nodepool_request_fulfilment_seconds", "Time from request submission to fulfilment",
+    ["provider"], buckets=_LAUNCH_BUCKETS)
+REQUESTS_HANDLED = Counter(
+    "nodepool_requests_handled", "Node requests handled by a pool (fulfilled, declined, failed)",
+    ["provider", "pool", "result"])
+LEAKED = Counter(
+    "nodepool_leaked_resources", "Cloud resources found leaked and cleaned up",
+    ["provider", "type"])
+API_CALLS = Counter(
+    "nodepool_api_calls", "Calls made to a provider's cloud API", ["provider"])
+IMAGE_BUILDS = Counter(
+    "nodepool_image_builds", "Diskimage builds by outcome", ["image", "result"])
+IMAGE_BUILD_SECONDS = Histogram(
+    "nodepool_image_build_seconds", "Duration of diskimage builds", ["image"],
+    buckets=_IMAGE_BUCKETS)
+IMAGE_UPLOADS = Counter(
+    "nodepool_image_uploads", "Image uploads by outcome", ["image", "provider", "result"])
+IMAGE_UPLOAD_SECONDS = Histogram(
+    "nodepool_image_upload_seconds", "Duration of image uploads", ["image", "provider"],
+    buckets=_IMAGE_BUCKETS)
+
+
+def _state_name(state):
+    return getattr(state, "value", state) or "unknown"
+
+
+def node_counts(nodes):
+    """Count nodes by (provider, label, state); a node with several labels counts for each."""
+    counts = collections.Counter()
+    for node in nodes:
+        labels = node.type or [""]
+        for label in labels:
+            counts[(node.provider or "", label, _state_name(node.state))] += 1
+    return counts
+
+
+def request_counts(requests):
+    """Count requests by state."""
+    return collections.Counter(_state_name(r.state) for r in requests)
+
+
+class StoreCollector(Collector):
+    """Reads current node and request gauges from the store at each scrape.
+
+    A store that fails is reported as missing gauges (and ``nodepool_store_up 0``), never as a
+    failed scrape: the process metrics are still worth having when the store is down.
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def collect(self):
+        up = GaugeMetricFamily("nodepool_store_up", "1 if the state store answered this scrape")
+        try:
+            nodes = self.store.list_nodes()
+            requests = self.store.list_requests()
+        except Exception:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        node_gauge = GaugeMetricFamily(
+            "nodepool_nodes", "Nodes by provider, label and state",
+            labels=["provider", "label", "state"])
+        for (provider, label, state), count in sorted(node_counts(nodes).items()):
+            node_gauge.add_metric([provider, label, state], count)
+        yield node_gauge
+        request_gauge = GaugeMetricFamily(
+            "nodepool_requests", "Node requests by state", labels=["state"])
+        for state, count in sorted(request_counts(requests).items()):
+            request_gauge.add_metric([state], count)
+        yield request_gauge
+
+    def describe(self):
+        # Empty so that registering does not call collect() (and hit the store) at once.
+        return []
+
+
+def store_collector(store):
+    """A prometheus Collector that yields node and request gauges read from ``store``."""
+    return StoreCollector(store)
