@@ -5,4 +5,5 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 pytest_plugins = [
+    "fixtures.zookeeper",
 ]
