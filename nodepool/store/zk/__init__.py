@@ -1,0 +1,1 @@
+"""Helpers of the ZooKeeper store: kazoo extensions and path layout."""

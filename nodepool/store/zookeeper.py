@@ -1,0 +1,848 @@
+"""The ZooKeeper state store: Nodepool 11's layout and JSON, so Zuul and Nodepool interoperate.
+
+Nodes and requests are served from in-memory caches fed by one persistent recursive watch on
+``/nodepool`` (each event fetches only the changed znode); everything else is read on demand.
+Locks are kazoo ``Lock`` recipes at Nodepool's paths.  Calls never wait longer than the session
+timeout for a ZooKeeper answer: a suspended connection raises ``StoreError`` rather than hang or
+pretend a write succeeded.
+"""
+import copy
+import json
+import logging
+import os
+import queue
+import socket
+import ssl
+import threading
+import time
+import uuid
+
+from kazoo import exceptions as kze
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import EventType, KazooState
+from kazoo.recipe.lock import Lock as KazooLock
+
+from nodepool.errors import (ConflictError, LockError, NotFoundError, SessionLostError,
+                             StoreError)
+from nodepool.model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
+
+from .base import ChangeWatcher, Lock, StateStore
+from .zk import paths as P
+from .zk.recursive_watch import RecursiveWatchClient
+
+log = logging.getLogger("nodepool.store.zookeeper")
+
+
+def _encode(record, sort_keys=False):
+    return json.dumps(record.to_dict(), sort_keys=sort_keys).encode("utf-8")
+
+
+def _decode(data, what):
+    """JSON object from znode data; None when empty or not a JSON object (logged)."""
+    if not data:
+        return None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        log.warning("ignoring %s: not JSON (%s)", what, e)
+        return None
+    if not isinstance(value, dict):
+        log.warning("ignoring %s: JSON is not an object", what)
+        return None
+    return value
+
+
+def _clone(record):
+    """A copy the caller may mutate without touching the cache (lists/dicts copied too)."""
+    new = copy.copy(record)
+    for name, value in vars(new).items():
+        if isinstance(value, (list, dict)):
+            setattr(new, name, copy.deepcopy(value))
+    return new
+
+
+def _check_tls_files(tls):
+    """Fail early with one line naming the TLS file that is wrong; returns an SSL context."""
+    ca, cert, key = tls
+    for role, path in (("CA", ca), ("certificate", cert), ("key", key)):
+        if not path or not os.path.isfile(path):
+            raise StoreError(f"ZooKeeper TLS {role} file {path!r} does not exist")
+        if not os.access(path, os.R_OK):
+            raise StoreError(f"ZooKeeper TLS {role} file {path!r} is not readable")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    try:
+        ctx.load_verify_locations(ca)
+    except (ssl.SSLError, OSError) as e:
+        raise StoreError(f"ZooKeeper TLS CA file {ca!r} is not a usable certificate: {e}")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise StoreError(f"ZooKeeper TLS certificate {cert!r} / key {key!r} do not load: {e}")
+    ctx.check_hostname = False
+    return ctx
+
+
+def _split_hosts(hosts):
+    out = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        out.append((host or item, int(port) if port.isdigit() else 2181))
+    return out
+
+
+def _diagnose(hosts, ssl_ctx):
+    """Why we cannot reach any server: one short phrase per host (best effort)."""
+    reasons = []
+    for host, port in _split_hosts(hosts):
+        try:
+            with socket.create_connection((host, port), timeout=3.0) as sock:
+                if ssl_ctx is not None:
+                    with ssl_ctx.wrap_socket(sock, server_hostname=host):
+                        pass
+            reasons.append(f"{host}:{port} accepts connections but no session was established")
+        except ssl.SSLError as e:
+            reasons.append(f"{host}:{port} TLS handshake failed ({e.reason or e})")
+        except OSError as e:
+            reasons.append(f"{host}:{port} {e.strerror or e}")
+    return "; ".join(reasons) or "no server given"
+
+
+class _Cache:
+    """Nodes and requests as last seen, with lock contenders; ``mzxid`` guards against going back."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.records = {"node": {}, "request": {}}       # id -> (record, mzxid)
+        self.lockers = {"node": {}, "request": {}}       # id -> set of contender names
+
+    def put(self, kind, record, mzxid):
+        with self.lock:
+            old = self.records[kind].get(record.id)
+            if old is None or old[1] <= mzxid:
+                self.records[kind][record.id] = (record, mzxid)
+
+    def drop(self, kind, record_id):
+        with self.lock:
+            self.records[kind].pop(record_id, None)
+            if kind == "node":
+                self.lockers["node"].pop(record_id, None)
+
+    def set_lockers(self, kind, record_id, names):
+        with self.lock:
+            if names:
+                self.lockers[kind][record_id] = set(names)
+            else:
+                self.lockers[kind].pop(record_id, None)
+
+    def add_locker(self, kind, record_id, name):
+        with self.lock:
+            self.lockers[kind].setdefault(record_id, set()).add(name)
+
+    def remove_locker(self, kind, record_id, name):
+        with self.lock:
+            names = self.lockers[kind].get(record_id)
+            if names is not None:
+                names.discard(name)
+                if not names:
+                    del self.lockers[kind][record_id]
+
+    def replace(self, kind, records, lockers):
+        with self.lock:
+            self.records[kind] = records
+            self.lockers[kind] = lockers
+
+    def values(self, kind):
+        with self.lock:
+            return [rec for rec, _ in self.records[kind].values()]
+
+    def locked_ids(self, kind):
+        with self.lock:
+            return {rid for rid, names in self.lockers[kind].items() if names}
+
+
+class ZooKeeperStore(StateStore):
+    """``StateStore`` on ZooKeeper (>= 3.6) with Nodepool 11's paths, JSON and lock recipe."""
+
+    def __init__(self, hosts, chroot=None, tls=None, timeout=10.0):
+        if isinstance(hosts, (list, tuple)):
+            hosts = ",".join(hosts)
+        self.hosts = hosts
+        self.chroot = chroot.rstrip("/") if chroot and chroot != "/" else None
+        self.tls = tuple(tls) if tls else None
+        self.timeout = float(timeout)
+        self._client = None
+        self._ssl_ctx = None
+        self._connected = threading.Event()
+        self._stopping = False
+        self._generation = 0          # bumped when a session is lost
+        self._held = {}               # lock path -> Lock (ours, this session)
+        self._held_lock = threading.Lock()
+        self._components = {}         # id(component) -> component (re-registered on new session)
+        self._components_lock = threading.Lock()
+        self._watchers = []
+        self._cache = _Cache()
+        self._events = queue.Queue()
+        self._session_events = queue.Queue()
+        self._threads = []
+
+    @classmethod
+    def from_config(cls, config):
+        servers = list(config.zookeeper_servers or [])
+        if not servers:
+            raise StoreError("no zookeeper-servers configured")
+        hosts = ",".join(f"{s.host}:{s.port}" for s in servers)
+        chroot = next((s.chroot for s in servers if getattr(s, "chroot", None)), None)
+        tls = None
+        if config.zookeeper_tls is not None:
+            t = config.zookeeper_tls
+            tls = (t.ca, t.cert, t.key)
+        return cls(hosts, chroot=chroot, tls=tls, timeout=config.zookeeper_timeout or 10.0)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _describe(self):
+        return f"{self.hosts}{self.chroot or ''}{' (TLS)' if self.tls else ''}"
+
+    def start(self):
+        if self._client is not None:
+            return
+        kwargs = {}
+        if self.tls:
+            self._ssl_ctx = _check_tls_files(self.tls)
+            ca, cert, key = self.tls
+            kwargs = dict(use_ssl=True, ca=ca, certfile=cert, keyfile=key, verify_certs=True)
+        client = RecursiveWatchClient(hosts=self.hosts, timeout=self.timeout,
+                                      connection_retry={"max_tries": -1, "max_delay": 2.0},
+                                      **kwargs)
+        try:
+            client.start(timeout=self.timeout)
+        except Exception as e:
+            client.stop()
+            client.close()
+            raise StoreError(f"cannot connect to ZooKeeper at {self._describe()} within "
+                             f"{self.timeout:g}s: {_diagnose(self.hosts, self._ssl_ctx)}") from e
+        try:
+            if self.chroot:
+                client.ensure_path(self.chroot)
+                client.chroot = self.chroot
+            for path in (P.NODE_ROOT, P.REQUEST_ROOT, P.REQUEST_LOCK_ROOT, P.IMAGE_ROOT):
+                client.ensure_path(path)
+        except kze.KazooException as e:
+            client.stop()
+            client.close()
+            raise StoreError(f"ZooKeeper at {self._describe()}: cannot create the "
+                             f"/nodepool tree: {e!r}") from e
+        self._client = client
+        self._stopping = False
+        self._connected.set()
+        client.add_listener(self._on_state)
+        for target, name in ((self._event_loop, "zk-cache"), (self._session_loop, "zk-session")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._add_watch()
+        self._rewalk()
+
+    def stop(self):
+        if self._client is None:
+            return
+        self._stopping = True
+        with self._held_lock:
+            held = list(self._held.values())
+        for lock in held:
+            lock.release()
+        with self._components_lock:
+            components = list(self._components.values())
+        for component in components:
+            try:
+                self.unregister_component(component)
+            except StoreError:
+                pass
+        self._events.put(None)
+        self._session_events.put(None)
+        client, self._client = self._client, None
+        try:
+            client.remove_listener(self._on_state)
+            client.stop()
+            client.close()
+        except Exception:  # closing a broken connection: nothing more to do
+            pass
+        for t in self._threads:
+            t.join(timeout=self.timeout)
+        self._threads = []
+        self._connected.clear()
+
+    @property
+    def session_id(self):
+        client = self._client
+        if client is None or client.client_id is None:
+            return None
+        return f"{client.client_id[0]:x}"
+
+    def watch(self):
+        w = ChangeWatcher()
+        self._watchers.append(w)
+        return w
+
+    def _notify_watchers(self):
+        for w in list(self._watchers):
+            w.notify()
+
+    # -- session handling --------------------------------------------------------------------------
+
+    def _on_state(self, state):
+        """kazoo's listener (its connection thread): record the state, hand work to our thread."""
+        if state == KazooState.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+            if state == KazooState.LOST:
+                self._generation += 1
+        self._session_events.put(state)
+
+    def _session_loop(self):
+        lost = False
+        while True:
+            state = self._session_events.get()
+            if state is None or self._stopping:
+                return
+            try:
+                if state == KazooState.LOST:
+                    lost = True
+                    with self._held_lock:
+                        for lock in self._held.values():
+                            lock.released = True
+                        self._held.clear()
+                    log.warning("ZooKeeper session lost (%s): locks and ephemerals are gone",
+                                self._describe())
+                    self._notify_session("lost")
+                elif state == KazooState.SUSPENDED:
+                    log.warning("ZooKeeper connection suspended (%s)", self._describe())
+                elif state == KazooState.CONNECTED:
+                    self._add_watch()
+                    if lost:
+                        self._reregister_components()
+                    self._events.put("rewalk")
+                    if lost:
+                        lost = False
+                        log.info("ZooKeeper session re-established (%s)", self._describe())
+                        self._notify_session("connected")
+            except StoreError as e:
+                log.warning("ZooKeeper session handling: %s (retried on next reconnect)", e)
+
+    def _add_watch(self):
+        self._wait(self._client.add_recursive_watch(P.ROOT, self._on_watch_event),
+                   f"addWatch {P.ROOT}")
+
+    def _on_watch_event(self, event):
+        if event.type != EventType.NONE and event.path:
+            self._events.put((event.type, event.path))
+
+    def _wait_connected(self):
+        if self._client is None:
+            raise StoreError("ZooKeeper store is not started")
+        if not self._connected.wait(self.timeout):
+            raise StoreError(f"ZooKeeper connection to {self._describe()} is suspended "
+                             f"(no reconnect within {self.timeout:g}s)")
+
+    def _wait(self, async_result, what):
+        """The answer of one ZooKeeper call, waiting at most the session timeout."""
+        try:
+            return async_result.get(timeout=self.timeout)
+        except (kze.NoNodeError, kze.NodeExistsError, kze.BadVersionError, kze.NotEmptyError):
+            raise
+        except kze.SessionExpiredError as e:
+            raise SessionLostError(f"ZooKeeper session expired during {what}") from e
+        except (kze.ConnectionLoss, kze.ConnectionClosedError) as e:
+            raise StoreError(f"ZooKeeper connection lost during {what}") from e
+        except kze.KazooException as e:
+            raise StoreError(f"ZooKeeper {what} failed: {e!r}") from e
+        except KazooTimeoutError as e:
+            raise StoreError(f"ZooKeeper did not answer {what} within {self.timeout:g}s") from e
+
+    # thin wrappers: every call checks the connection first and has a deadline
+    def _create(self, path, value=b"", ephemeral=False, sequence=False, makepath=True):
+        self._wait_connected()
+        return self._wait(self._client.create_async(path, value, ephemeral=ephemeral,
+                                                    sequence=sequence, makepath=makepath,
+                                                    include_data=True), f"create {path}")
+
+    def _get(self, path):
+        self._wait_connected()
+        return self._wait(self._client.get_async(path), f"get {path}")
+
+    def _get_or_none(self, path):
+        try:
+            return self._get(path)
+        except kze.NoNodeError:
+            return None, None
+
+    def _set(self, path, value, version=-1):
+        self._wait_connected()
+        return self._wait(self._client.set_async(path, value, version), f"set {path}")
+
+    def _exists(self, path):
+        self._wait_connected()
+        return self._wait(self._client.exists_async(path), f"exists {path}")
+
+    def _children(self, path):
+        self._wait_connected()
+        try:
+            return self._wait(self._client.get_children_async(path), f"get_children {path}")
+        except kze.NoNodeError:
+            return []
+
+    def _delete(self, path, recursive=False):
+        """Delete ``path`` (and, if ``recursive``, everything below); missing is fine."""
+        self._wait_connected()
+        for _ in range(10):
+            try:
+                if recursive:
+                    for child in self._children(path):
+                        self._delete(f"{path}/{child}", recursive=True)
+                self._wait(self._client.delete_async(path), f"delete {path}")
+                return
+            except kze.NoNodeError:
+                return
+            except kze.NotEmptyError:
+                if not recursive:
+                    raise
+        raise StoreError(f"ZooKeeper: cannot delete {path}: children keep appearing")
+
+    # -- caches ------------------------------------------------------------------------------------
+
+    def _event_loop(self):
+        while True:
+            item = self._events.get()
+            if item is None or self._stopping:
+                return
+            try:
+                if item == "rewalk":
+                    self._rewalk()
+                else:
+                    self._apply_event(*item)
+            except StoreError as e:
+                log.warning("ZooKeeper cache update failed: %s (re-walked on reconnect)", e)
+            except Exception:
+                log.exception("ZooKeeper cache update failed")
+            if self._events.empty():
+                self._notify_watchers()
+
+    def _apply_event(self, event_type, path):
+        kind, record_id = P.classify(path)
+        if kind in ("node", "request"):
+            if event_type == EventType.DELETED:
+                self._cache.drop(kind, record_id)
+            else:
+                self._fetch_into_cache(kind, record_id)
+        elif kind == "node-lock":
+            self._cache.set_lockers("node", record_id,
+                                    self._contenders(P.node_path(record_id) + "/lock"))
+        elif kind == "request-lock":
+            self._cache.set_lockers("request", record_id,
+                                    self._contenders(f"{P.REQUEST_LOCK_ROOT}/{record_id}"))
+
+    def _contenders(self, lock_path):
+        return [c for c in self._children(lock_path) if P.is_lock_contender(c)]
+
+    def _fetch_into_cache(self, kind, record_id):
+        path = P.node_path(record_id) if kind == "node" else P.request_path(record_id)
+        data, stat = self._get_or_none(path)
+        if stat is None:
+            self._cache.drop(kind, record_id)
+            return
+        record = self._record_from(kind, record_id, data, stat)
+        if record is not None:
+            self._cache.put(kind, record, stat.mzxid)
+
+    @staticmethod
+    def _record_from(kind, record_id, data, stat):
+        d = _decode(data, f"{kind} {record_id}")
+        if d is None:
+            return None
+        cls = Node if kind == "node" else NodeRequest
+        return cls.from_dict(d, id=record_id, version=stat.version)
+
+    def _rewalk(self):
+        """Read both trees again (at start and after a reconnect: events may have been missed)."""
+        for kind, root, lock_root in (("node", P.NODE_ROOT, None),
+                                      ("request", P.REQUEST_ROOT, P.REQUEST_LOCK_ROOT)):
+            self._wait_connected()
+            ids = self._children(root)
+            gets = [(i, self._client.get_async(f"{root}/{i}")) for i in ids]
+            if kind == "node":
+                lock_gets = [(i, self._client.get_children_async(f"{root}/{i}/lock"))
+                             for i in ids]
+            else:
+                lock_ids = self._children(lock_root)
+                lock_gets = [(i, self._client.get_children_async(f"{lock_root}/{i}"))
+                             for i in lock_ids]
+            records = {}
+            for record_id, result in gets:
+                try:
+                    data, stat = self._wait(result, f"get {root}/{record_id}")
+                except kze.NoNodeError:
+                    continue
+                record = self._record_from(kind, record_id, data, stat)
+                if record is not None:
+                    records[record_id] = (record, stat.mzxid)
+            lockers = {}
+            for record_id, result in lock_gets:
+                try:
+                    names = [c for c in self._wait(result, "get_children lock")
+                             if P.is_lock_contender(c)]
+                except kze.NoNodeError:
+                    continue
+                if names:
+                    lockers[record_id] = set(names)
+            self._cache.replace(kind, records, lockers)
+
+    # -- nodes -------------------------------------------------------------------------------------
+
+    def create_node(self, node):
+        now = time.time()
+        if node.state_time is None:
+            node.state_time = now
+        if node.created_time is None:
+            node.created_time = node.state_time
+        path, stat = self._create(P.NODE_ROOT + "/", _encode(node), sequence=True)
+        node.id = path.rsplit("/", 1)[1]
+        node.version = stat.version
+        self._cache.put("node", _clone(node), stat.mzxid)
+        return node
+
+    def get_node(self, node_id):
+        if not node_id:
+            return None
+        data, stat = self._get_or_none(P.node_path(node_id))
+        if stat is None:
+            return None
+        return self._record_from("node", node_id, data, stat)
+
+    def list_nodes(self):
+        return sorted((_clone(n) for n in self._cache.values("node")), key=lambda n: n.id)
+
+    def update_node(self, node, check_version=False):
+        self._update("node", P.node_path(node.id), node, check_version)
+
+    def _update(self, kind, path, record, check_version):
+        version = record.version if check_version and record.version is not None else -1
+        try:
+            stat = self._set(path, _encode(record), version)
+        except kze.NoNodeError:
+            raise NotFoundError(f"{kind} {record.id} does not exist (any more)") from None
+        except kze.BadVersionError:
+            raise ConflictError(f"{kind} {record.id} changed since version {record.version}") \
+                from None
+        record.version = stat.version
+        if kind in ("node", "request"):
+            self._cache.put(kind, _clone(record), stat.mzxid)
+
+    def delete_node(self, node_id):
+        path = P.node_path(node_id)
+        data, stat = self._get_or_none(path)
+        if stat is None:
+            return
+        d = _decode(data, f"node {node_id}")
+        if d is not None:
+            # Like Nodepool: mark it deleted first, so a racing lock holder sees why it vanished.
+            d["state"] = "deleted"
+            try:
+                self._set(path, json.dumps(d).encode("utf-8"), stat.version)
+            except (kze.NoNodeError, kze.BadVersionError):
+                pass
+        self._delete(path, recursive=True)
+        self._cache.drop("node", node_id)
+
+    # -- node requests -----------------------------------------------------------------------------
+
+    def submit_request(self, request, priority="100", ephemeral=True):
+        now = time.time()
+        if request.state_time is None:
+            request.state_time = now
+        if request.created_time is None:
+            request.created_time = now
+        if not request.event_id:
+            request.event_id = uuid.uuid4().hex
+        path, stat = self._create(f"{P.REQUEST_ROOT}/{priority}-", _encode(request),
+                                  ephemeral=ephemeral, sequence=True)
+        request.id = path.rsplit("/", 1)[1]
+        request.version = stat.version
+        self._cache.put("request", _clone(request), stat.mzxid)
+        return request
+
+    def get_request(self, request_id):
+        if not request_id:
+            return None
+        data, stat = self._get_or_none(P.request_path(request_id))
+        if stat is None:
+            return None
+        return self._record_from("request", request_id, data, stat)
+
+    def list_requests(self):
+        return sorted((_clone(r) for r in self._cache.values("request")),
+                      key=lambda r: r.sort_key())
+
+    def update_request(self, request, check_version=False):
+        self._update("request", P.request_path(request.id), request, check_version)
+
+    def delete_request(self, request_id):
+        self._delete(P.request_path(request_id))
+        self._cache.drop("request", request_id)
+
+    # -- locks -------------------------------------------------------------------------------------
+
+    def lock(self, path, blocking=False, timeout=None, identifier=None):
+        with self._held_lock:
+            if path in self._held:
+                raise LockError(f"lock {path} is already held by this session")
+        self._wait_connected()
+        generation = self._generation
+        recipe = KazooLock(self._client, path, identifier)
+        try:
+            acquired = recipe.acquire(blocking=blocking, timeout=timeout)
+        except kze.LockTimeout:
+            raise LockError(f"lock {path}: not acquired within {timeout}s") from None
+        except kze.SessionExpiredError:
+            raise SessionLostError(f"ZooKeeper session expired while locking {path}") from None
+        except kze.KazooException as e:
+            raise StoreError(f"lock {path}: {e!r}") from e
+        if not acquired:
+            raise LockError(f"lock {path} is held by another session")
+        lock = Lock(self, path, token=(recipe, generation))
+        with self._held_lock:
+            if path in self._held:   # another thread of ours won the race meanwhile
+                recipe.release()
+                raise LockError(f"lock {path} is already held by this session")
+            self._held[path] = lock
+        self._track_lock(path, recipe.node, add=True)
+        return lock
+
+    def _track_lock(self, path, contender, add):
+        kind, record_id = P.classify(path + "/x")
+        if kind not in ("node-lock", "request-lock") or not contender:
+            return
+        cache_kind = "node" if kind == "node-lock" else "request"
+        if add:
+            self._cache.add_locker(cache_kind, record_id, contender)
+        else:
+            self._cache.remove_locker(cache_kind, record_id, contender)
+
+    def _release(self, lock):
+        recipe, generation = lock.token
+        with self._held_lock:
+            if self._held.get(lock.path) is lock:
+                del self._held[lock.path]
+        contender = recipe.node
+        if generation != self._generation or self._client is None:
+            recipe.is_acquired = False   # the session that held it is gone, and so is the lock
+            return
+        try:
+            self._wait_connected()
+            recipe.release()
+        except (StoreError, kze.KazooException) as e:
+            log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
+        self._track_lock(lock.path, contender, add=False)
+
+    def is_locked(self, path):
+        return bool(self._contenders(path))
+
+    def locked_node_ids(self):
+        return self._cache.locked_ids("node")
+
+    def locked_request_ids(self):
+        return self._cache.locked_ids("request")
+
+    # -- images ------------------------------------------------------------------------------------
+
+    def create_build(self, build):
+        if not build.id:
+            build.id = uuid.uuid4().hex
+        if build.state_time is None:
+            build.state_time = time.time()
+        try:
+            _, stat = self._create(P.build_path(build.image, build.id), _encode(build))
+        except kze.NodeExistsError:
+            raise ConflictError(f"build {build.id} of image {build.image} already exists") \
+                from None
+        build.version = stat.version
+        return build
+
+    def get_build(self, image, build_id):
+        data, stat = self._get_or_none(P.build_path(image, build_id))
+        if stat is None:
+            return None
+        return self._build_from(image, build_id, data, stat)
+
+    @staticmethod
+    def _build_from(image, build_id, data, stat):
+        build = ImageBuild.from_dict(_decode(data, f"build {image}/{build_id}") or {},
+                                     id=build_id, version=stat.version)
+        build.image = image
+        return build
+
+    def list_builds(self, image=None):
+        images = [image] if image else self._children(P.IMAGE_ROOT)
+        found = []
+        for name in images:
+            for build_id in self._children(P.builds_path(name)):
+                if build_id == "lock":
+                    continue
+                data, stat = self._get_or_none(P.build_path(name, build_id))
+                if stat is not None:
+                    found.append((stat.czxid, self._build_from(name, build_id, data, stat)))
+        return [b for _, b in sorted(found, key=lambda item: item[0])]
+
+    def update_build(self, build, check_version=False):
+        self._update("build", P.build_path(build.image, build.id), build, check_version)
+
+    def delete_build(self, image, build_id):
+        self._delete(P.build_path(image, build_id), recursive=True)
+
+    def create_upload(self, upload):
+        if self._exists(P.build_path(upload.image, upload.build_id)) is None:
+            raise NotFoundError(f"build {upload.build_id} of image {upload.image} does not exist")
+        if upload.state_time is None:
+            upload.state_time = time.time()
+        path, stat = self._create(
+            P.uploads_path(upload.image, upload.build_id, upload.provider) + "/",
+            _encode(upload), sequence=True)
+        upload.id = path.rsplit("/", 1)[1]
+        upload.version = stat.version
+        return upload
+
+    def get_upload(self, image, build_id, provider, upload_id):
+        data, stat = self._get_or_none(P.upload_path(image, build_id, provider, upload_id))
+        if stat is None:
+            return None
+        return self._upload_from(image, build_id, provider, upload_id, data, stat)
+
+    @staticmethod
+    def _upload_from(image, build_id, provider, upload_id, data, stat):
+        upload = ImageUpload.from_dict(
+            _decode(data, f"upload {image}/{build_id}/{provider}/{upload_id}") or {},
+            id=upload_id, version=stat.version)
+        upload.image, upload.build_id, upload.provider = image, build_id, provider
+        return upload
+
+    def list_uploads(self, image=None, build_id=None, provider=None):
+        found = []
+        images = [image] if image else self._children(P.IMAGE_ROOT)
+        for name in images:
+            builds = [build_id] if build_id else [
+                b for b in self._children(P.builds_path(name)) if b != "lock"]
+            for bid in builds:
+                providers = [provider] if provider else self._children(P.providers_path(name, bid))
+                for prov in providers:
+                    for uid in self._children(P.uploads_path(name, bid, prov)):
+                        if uid == "lock":
+                            continue
+                        data, stat = self._get_or_none(P.upload_path(name, bid, prov, uid))
+                        if stat is not None:
+                            found.append((stat.czxid,
+                                          self._upload_from(name, bid, prov, uid, data, stat)))
+        return [u for _, u in sorted(found, key=lambda item: item[0])]
+
+    def update_upload(self, upload, check_version=False):
+        self._update("upload", P.upload_path(upload.image, upload.build_id, upload.provider,
+                                             upload.id), upload, check_version)
+
+    def delete_upload(self, image, build_id, provider, upload_id):
+        self._delete(P.upload_path(image, build_id, provider, upload_id), recursive=True)
+
+    def list_image_names(self):
+        names = []
+        for name in self._children(P.IMAGE_ROOT):
+            children = self._children(P.image_path(name))
+            if "pause" in children or "request-build" in children or any(
+                    b != "lock" for b in self._children(P.builds_path(name))):
+                names.append(name)
+        return sorted(names)
+
+    def set_image_paused(self, image, paused):
+        if paused:
+            try:
+                self._create(P.pause_path(image))
+            except kze.NodeExistsError:
+                pass
+        else:
+            self._delete(P.pause_path(image))
+
+    def is_image_paused(self, image):
+        return self._exists(P.pause_path(image)) is not None
+
+    def request_image_build(self, image):
+        try:
+            self._create(P.build_request_path(image))
+        except kze.NodeExistsError:
+            pass
+
+    def get_image_build_request(self, image):
+        stat = self._exists(P.build_request_path(image))
+        return stat.created if stat is not None else None
+
+    def remove_image_build_request(self, image):
+        self._delete(P.build_request_path(image))
+
+    # -- components --------------------------------------------------------------------------------
+
+    def register_component(self, component):
+        if component.kind not in P.COMPONENT_KINDS:
+            raise StoreError(f"component kind {component.kind!r} is not one of "
+                             f"{', '.join(P.COMPONENT_KINDS)}")
+        self._create_component(component)
+        with self._components_lock:
+            self._components[id(component)] = component
+        return component
+
+    def _create_component(self, component):
+        hostname = component.hostname or socket.gethostname()
+        component.hostname = hostname
+        path, stat = self._create(f"{P.component_root(component.kind)}/{hostname}",
+                                  _encode(component, sort_keys=True),
+                                  ephemeral=True, sequence=True)
+        component.id = path.rsplit("/", 1)[1]
+        component.version = stat.version
+
+    def _reregister_components(self):
+        with self._components_lock:
+            components = list(self._components.values())
+        for component in components:
+            self._create_component(component)
+            log.info("re-registered %s component %s", component.kind, component.id)
+
+    def update_component(self, component):
+        path = f"{P.component_root(component.kind)}/{component.id}"
+        try:
+            stat = self._set(path, _encode(component, sort_keys=True))
+            component.version = stat.version
+        except kze.NoNodeError:
+            with self._components_lock:
+                registered = id(component) in self._components
+            if not registered:
+                raise NotFoundError(f"component {component.kind}/{component.id} is not "
+                                    f"registered") from None
+            self._create_component(component)
+
+    def unregister_component(self, component):
+        with self._components_lock:
+            self._components.pop(id(component), None)
+        if component.id:
+            self._delete(f"{P.component_root(component.kind)}/{component.id}")
+
+    def list_components(self, kind=None):
+        kinds = [kind] if kind else self._children(P.COMPONENT_ROOT)
+        found = []
+        for k in kinds:
+            for name in self._children(P.component_root(k)):
+                data, stat = self._get_or_none(f"{P.component_root(k)}/{name}")
+                if stat is None:
+                    continue
+                comp = Component.from_dict(_decode(data, f"component {k}/{name}") or {},
+                                           id=name, version=stat.version)
+                comp.kind = comp.kind or k
+                found.append(comp)
+        return sorted(found, key=lambda c: (c.kind, c.id))

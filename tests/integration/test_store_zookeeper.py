@@ -1,0 +1,400 @@
+"""ZooKeeperStore against a real ZooKeeper server: Nodepool's exact paths and JSON, interop with
+raw kazoo clients (the way Zuul talks to Nodepool), TLS, and session loss / server restart."""
+import json
+import os
+import threading
+import time
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.recipe.lock import Lock as KazooLock
+
+from nodepool.errors import ConflictError, LockError, NotFoundError, StoreError
+from nodepool.model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
+from nodepool.model.states import NodeState, RequestState
+from nodepool.store.base import node_lock_path, request_lock_path
+from nodepool.store.zookeeper import ZooKeeperStore
+
+pytestmark = pytest.mark.slow
+
+WAIT = 20.0
+
+
+def wait_for(predicate, timeout=WAIT, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def make_store(zookeeper_server, zk_chroot):
+    stores = []
+
+    def make(**kwargs):
+        kwargs.setdefault("chroot", zk_chroot)
+        kwargs.setdefault("timeout", 5.0)
+        store = ZooKeeperStore(kwargs.pop("hosts", zookeeper_server.hosts), **kwargs)
+        store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.stop()
+
+
+@pytest.fixture
+def store(make_store):
+    return make_store()
+
+
+def raw_json(client, path):
+    data, _ = client.get(path)
+    return json.loads(data.decode("utf-8"))
+
+
+# -- paths and JSON ------------------------------------------------------------------------------
+
+def test_node_written_at_nodepool_path_with_nodepool_json(store, zk_raw):
+    node = store.create_node(Node(provider="p1", pool="main", type=["small"],
+                                  state=NodeState.BUILDING))
+    assert len(node.id) == 10 and node.id.isdigit()
+    assert zk_raw.get_children("/nodepool/nodes") == [node.id]
+    d = raw_json(zk_raw, f"/nodepool/nodes/{node.id}")
+    assert d["state"] == "building" and d["type"] == ["small"] and d["provider"] == "p1"
+    assert d["created_time"] == d["state_time"]
+    for key in ("allocated_to", "interface_ip", "hold_expiration", "connection_port", "ssh_port",
+                "host_keys", "username", "driver_data", "node_properties", "slot"):
+        assert key in d
+
+
+def test_request_ids_and_ephemerality(store, make_store, zk_raw):
+    r1 = store.submit_request(NodeRequest(node_types=["small"], requestor="zuul"), priority="200")
+    r2 = store.submit_request(NodeRequest(node_types=["small"]), priority="100", ephemeral=False)
+    assert r1.id.startswith("200-") and len(r1.id) == 14
+    assert zk_raw.exists(f"/nodepool/requests/{r1.id}").ephemeralOwner != 0
+    assert zk_raw.exists(f"/nodepool/requests/{r2.id}").ephemeralOwner == 0
+    d = raw_json(zk_raw, f"/nodepool/requests/{r1.id}")
+    assert d["state"] == "requested" and d["node_types"] == ["small"] and d["event_id"]
+    # handling order: priority prefix first
+    assert [r.id for r in store.list_requests()] == [r2.id, r1.id]
+    store.stop()
+    assert zk_raw.exists(f"/nodepool/requests/{r1.id}") is None     # went with the session
+    assert zk_raw.exists(f"/nodepool/requests/{r2.id}") is not None
+
+
+def test_images_builds_uploads_paths(store, zk_raw):
+    build = store.create_build(ImageBuild(image="debian", builder="b1", formats="qcow2,raw"))
+    assert len(build.id) == 32 and int(build.id, 16) >= 0
+    bpath = f"/nodepool/images/debian/builds/{build.id}"
+    assert raw_json(zk_raw, bpath)["formats"] == "qcow2,raw"
+    up = store.create_upload(ImageUpload(image="debian", build_id=build.id, provider="cloud1"))
+    up2 = store.create_upload(ImageUpload(image="debian", build_id=build.id, provider="cloud1"))
+    assert up.id == "0000000000" and up2.id == "0000000001"
+    assert raw_json(zk_raw, f"{bpath}/providers/cloud1/images/0000000000")["state"] == "uploading"
+    assert [u.id for u in store.list_uploads("debian", build.id, "cloud1")] == [up.id, up2.id]
+    assert store.get_upload("debian", build.id, "cloud1", up.id).provider == "cloud1"
+    with pytest.raises(NotFoundError):
+        store.create_upload(ImageUpload(image="debian", build_id="nope", provider="cloud1"))
+
+    store.set_image_paused("debian", True)
+    assert zk_raw.exists("/nodepool/images/debian/pause")
+    assert store.is_image_paused("debian")
+    store.set_image_paused("debian", False)
+    assert not store.is_image_paused("debian")
+    store.request_image_build("ubuntu")
+    store.request_image_build("ubuntu")
+    assert zk_raw.exists("/nodepool/images/ubuntu/request-build")
+    assert store.get_image_build_request("ubuntu") > 0
+    assert store.list_image_names() == ["debian", "ubuntu"]
+    store.remove_image_build_request("ubuntu")
+    assert store.get_image_build_request("ubuntu") is None
+
+    # a build lock must not show up as a build
+    with store.lock(f"/nodepool/images/debian/builds/lock"):
+        assert [b.id for b in store.list_builds("debian")] == [build.id]
+    store.delete_build("debian", build.id)
+    assert zk_raw.exists(bpath) is None
+    assert store.list_uploads() == []
+
+
+def test_component_registration_path_and_content(store, zk_raw):
+    comp = store.register_component(Component(kind="pool", hostname="host1", name="main",
+                                              provider_name="p1", supported_labels=["small"],
+                                              pool_id="host1-PoolWorker.p1-main-abc"))
+    assert comp.id.startswith("host1") and comp.id[len("host1"):].isdigit()
+    assert zk_raw.get_children("/nodepool/components/pool") == [comp.id]
+    data, stat = zk_raw.get(f"/nodepool/components/pool/{comp.id}")
+    assert stat.ephemeralOwner != 0
+    assert data.decode() == json.dumps(json.loads(data), sort_keys=True)   # sort_keys like upstream
+    d = json.loads(data)
+    assert d["kind"] == "pool" and d["id"] == "host1-PoolWorker.p1-main-abc"
+    assert d["supported_labels"] == ["small"] and d["provider_name"] == "p1"
+    comp.paused = True
+    store.update_component(comp)
+    assert raw_json(zk_raw, f"/nodepool/components/pool/{comp.id}")["paused"] is True
+    launcher = store.register_component(Component(kind="launcher", hostname="host1"))
+    assert "supported_labels" not in raw_json(zk_raw, f"/nodepool/components/launcher/{launcher.id}")
+    assert {c.kind for c in store.list_components()} == {"pool", "launcher"}
+    store.unregister_component(comp)
+    assert store.list_components("pool") == []
+
+
+# -- records written by others --------------------------------------------------------------------
+
+def test_zuul_style_request_is_seen_quickly(store, zk_raw):
+    watcher = store.watch()
+    path = zk_raw.create("/nodepool/requests/100-",
+                         json.dumps({"state": "requested", "node_types": ["small"],
+                                     "requestor": "zuul-scheduler", "zuul_private": 7}).encode(),
+                         ephemeral=True, sequence=True, makepath=True)
+    request_id = path.rsplit("/", 1)[1]
+    assert watcher.wait(WAIT)
+    wait_for(lambda: [r.id for r in store.list_requests()] == [request_id], what="request cached")
+    req = store.get_request(request_id)
+    assert req.extra == {"zuul_private": 7}
+    req.state = RequestState.PENDING
+    store.update_request(req)
+    d = raw_json(zk_raw, path)
+    assert d["zuul_private"] == 7 and d["state"] == "pending"    # unknown fields preserved
+    zk_raw.delete(path)
+    wait_for(lambda: store.list_requests() == [], what="request dropped from cache")
+
+
+def test_record_with_missing_or_unknown_fields_reads(store, zk_raw):
+    zk_raw.create("/nodepool/nodes/0000000077",
+                  json.dumps({"state": "ready", "type": "small", "future": {"x": 1}}).encode(),
+                  makepath=True)
+    node = store.get_node("0000000077")
+    assert node.state == NodeState.READY and node.type == ["small"] and node.username == "zuul"
+    assert node.extra == {"future": {"x": 1}}
+    wait_for(lambda: [n.id for n in store.list_nodes()] == ["0000000077"], what="node cached")
+    store.update_node(node)
+    assert raw_json(zk_raw, "/nodepool/nodes/0000000077")["future"] == {"x": 1}
+    assert store.get_node("0000000099") is None
+    assert store.get_request("100-0000000099") is None
+    assert store.get_build("debian", "abc") is None
+    # empty or garbage data never crashes readers
+    zk_raw.create("/nodepool/nodes/0000000078", b"", makepath=True)
+    zk_raw.create("/nodepool/nodes/0000000079", b"{not json", makepath=True)
+    assert store.get_node("0000000078") is None and store.get_node("0000000079") is None
+
+
+def test_update_conflicts_and_missing(store, make_store):
+    node = store.create_node(Node(state=NodeState.BUILDING))
+    other = make_store()
+    theirs = other.get_node(node.id)
+    theirs.state = NodeState.READY
+    other.update_node(theirs, check_version=True)
+    node.comment = "mine"
+    with pytest.raises(ConflictError):
+        store.update_node(node, check_version=True)
+    store.delete_node(node.id)
+    store.delete_node(node.id)     # missing is fine
+    with pytest.raises(NotFoundError):
+        store.update_node(theirs)
+    assert store.get_node(node.id) is None
+
+
+def test_cache_follows_writes_of_another_store(store, make_store):
+    other = make_store()
+    watcher = store.watch()
+    node = other.create_node(Node(state=NodeState.READY, type=["small"]))
+    assert watcher.wait(WAIT)
+    wait_for(lambda: [n.id for n in store.list_nodes()] == [node.id], what="node appears")
+    node.state = NodeState.IN_USE
+    other.update_node(node)
+    wait_for(lambda: store.list_nodes()[0].state == NodeState.IN_USE, what="update seen")
+    listed = store.list_nodes()[0]
+    listed.type.append("mutated")
+    assert store.list_nodes()[0].type == ["small"]      # copies, not the cache itself
+    other.delete_node(node.id)
+    wait_for(lambda: store.list_nodes() == [], what="delete seen")
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+def test_locks_interoperate_with_kazoo_recipe(store, zk_raw):
+    node = store.create_node(Node(state=NodeState.READY))
+    path = node_lock_path(node.id)
+    raw_lock = KazooLock(zk_raw, path, "zuul")
+    assert raw_lock.acquire(blocking=False)
+    assert store.is_locked(path)
+    wait_for(lambda: node.id in store.locked_node_ids(), what="lock seen in cache")
+    with pytest.raises(LockError):
+        store.lock_node(node.id)
+    raw_lock.release()
+    wait_for(lambda: node.id not in store.locked_node_ids(), what="unlock seen")
+
+    lock = store.lock_node(node.id, identifier="launcher")
+    assert node.id in store.locked_node_ids()
+    assert not KazooLock(zk_raw, path).acquire(blocking=False)
+    contenders = zk_raw.get_children(path)
+    assert len(contenders) == 1 and "__lock__" in contenders[0]
+    with pytest.raises(LockError):
+        store.lock_node(node.id)      # not re-entrant
+    lock.release()
+    assert not store.is_locked(path)
+    assert KazooLock(zk_raw, path).acquire(blocking=False)
+
+
+def test_request_lock_path_and_blocking_timeout(store, make_store, zk_raw):
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    other = make_store()
+    with other.lock_request(req.id):
+        assert zk_raw.get_children(request_lock_path(req.id))
+        wait_for(lambda: req.id in store.locked_request_ids(), what="request lock seen")
+        with pytest.raises(LockError):
+            store.lock_request(req.id, blocking=True, timeout=0.3)
+    got = []
+    held = other.lock_request(req.id)
+    t = threading.Thread(target=lambda: got.append(store.lock_request(req.id, blocking=True,
+                                                                        timeout=WAIT)))
+    t.start()
+    time.sleep(0.2)
+    held.release()
+    t.join(WAIT)
+    assert got and got[0].path == request_lock_path(req.id)
+    got[0].release()
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+def test_tls_connection(zookeeper_server, zk_chroot, zk_raw):
+    store = ZooKeeperStore(zookeeper_server.tls_hosts, chroot=zk_chroot,
+                           tls=zookeeper_server.tls, timeout=5.0)
+    store.start()
+    try:
+        node = store.create_node(Node(state=NodeState.READY))
+        assert zk_raw.exists(f"/nodepool/nodes/{node.id}")
+    finally:
+        store.stop()
+
+
+def test_missing_tls_file_is_one_clear_line(zookeeper_server, tmp_path):
+    ca, cert, key = zookeeper_server.tls
+    store = ZooKeeperStore(zookeeper_server.tls_hosts, tls=(ca, cert, str(tmp_path / "nokey")))
+    with pytest.raises(StoreError, match=r"TLS key file .*nokey.* does not exist"):
+        store.start()
+    bad = tmp_path / "garbage.pem"
+    bad.write_text("not a certificate\n")
+    store = ZooKeeperStore(zookeeper_server.tls_hosts, tls=(str(bad), cert, key))
+    with pytest.raises(StoreError, match=r"CA file .*garbage.pem"):
+        store.start()
+
+
+def test_wrong_ca_is_a_clear_error(zookeeper_server, tmp_path):
+    from fixtures.zookeeper import make_test_ca
+    other = make_test_ca(tmp_path / "other-ca")
+    _, cert, key = zookeeper_server.tls
+    store = ZooKeeperStore(zookeeper_server.tls_hosts, tls=(other["ca"], cert, key), timeout=2.0)
+    with pytest.raises(StoreError) as err:
+        store.start()
+    msg = str(err.value)
+    assert "\n" not in msg and zookeeper_server.tls_hosts in msg and "TLS" in msg
+
+
+def test_unreachable_server_fails_within_timeout():
+    from fixtures.zookeeper import _free_port
+    port = _free_port()
+    store = ZooKeeperStore(f"127.0.0.1:{port}", timeout=1.0)
+    done = []
+    t = threading.Thread(target=lambda: done.append(pytest.raises(StoreError, store.start)))
+    t.start()
+    t.join(WAIT)
+    assert done, "start() hung on an unreachable server"
+    msg = str(done[0].value)
+    assert f"127.0.0.1:{port}" in msg and "\n" not in msg
+
+
+def test_from_config(zookeeper_server, zk_chroot):
+    from nodepool.config.model import ZooKeeperServer as ZKCfg
+    host, port = zookeeper_server.hosts.split(":")
+
+    class Cfg:
+        zookeeper_servers = [ZKCfg(host=host, port=int(port), chroot=zk_chroot)]
+        zookeeper_tls = None
+        zookeeper_timeout = 4.0
+
+    store = ZooKeeperStore.from_config(Cfg)
+    assert store.hosts == zookeeper_server.hosts and store.chroot == zk_chroot
+    assert store.timeout == 4.0
+
+
+# -- session loss and server restart --------------------------------------------------------------
+
+def expire_session(zookeeper_server, store):
+    """Make the server expire ``store``'s session: a second client takes it over and closes it."""
+    session_id, password = store._client.client_id
+    thief = KazooClient(hosts=zookeeper_server.hosts, client_id=(session_id, password),
+                        timeout=5.0)
+    thief.start(timeout=WAIT)
+    thief.stop()
+    thief.close()
+
+
+def test_session_expiry_tells_listeners_and_reregisters(zookeeper_server, store, make_store,
+                                                        zk_raw):
+    events = []
+    store.add_session_listener(events.append)
+    node = store.create_node(Node(state=NodeState.READY))
+    lock = store.lock_node(node.id)
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    comp = store.register_component(Component(kind="launcher", hostname="hostx"))
+    old_session = store.session_id
+
+    expire_session(zookeeper_server, store)
+    wait_for(lambda: "lost" in events, what="lost notice")
+    wait_for(lambda: "connected" in events, what="connected notice")
+    assert events.index("lost") < events.index("connected")
+    assert store.session_id != old_session
+    assert zk_raw.exists(f"/nodepool/requests/{req.id}") is None      # ephemeral gone
+    assert not store.is_node_locked(node.id)
+    lock.release()                                                     # harmless
+    wait_for(lambda: [c.id for c in store.list_components("launcher")] == [comp.id],
+             what="component re-registered")
+    assert comp.id.startswith("hostx")
+    # the store works in the new session, and the cache follows again
+    watcher = store.watch()
+    other = make_store()
+    new = other.create_node(Node(state=NodeState.READY))
+    assert watcher.wait(WAIT)
+    wait_for(lambda: new.id in [n.id for n in store.list_nodes()], what="cache after reconnect")
+    with store.lock_node(node.id):
+        pass
+
+
+def test_server_restart_store_recovers(zookeeper_server, store, zk_restart):
+    node = store.create_node(Node(state=NodeState.READY))
+    zk_restart()
+    # writes work again once the client has reconnected (at most the store timeout away)
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            node.comment = "after restart"
+            store.update_node(node)
+            break
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert store.get_node(node.id).comment == "after restart"
+    watcher = store.watch()
+    created = store.create_node(Node(state=NodeState.READY))
+    wait_for(lambda: len(store.list_nodes()) == 2, what="cache after restart")
+    assert created.id in [n.id for n in store.list_nodes()]
+    assert watcher.wait(WAIT)
+
+
+def test_writes_while_server_down_raise_not_hang(zookeeper_server, store, zk_restart):
+    node = store.create_node(Node(state=NodeState.READY))
+    zookeeper_server.stop()
+    try:
+        node.comment = "x"
+        with pytest.raises(StoreError):
+            store.update_node(node)
+    finally:
+        zookeeper_server.start()
