@@ -29,11 +29,16 @@ DELETE_NOW_POLL_MAX = 2.0
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def _emit(ctx, args, listing, rows, now):
+def _show(ctx, args, name, **options):
+    """Print the listing ``name`` as a text table, or JSON with ``--json``."""
+    now = ctx.clock()
+    config = ctx.config
+    listing, rows = tables.read_listing(name, ctx.store, now, config=config, **options)
     if getattr(args, "json", False):
         ctx.print(tables.render_json(listing, rows))
     else:
         ctx.print(tables.render_text(listing, rows, now))
+    return 0
 
 
 def _get_node(ctx, node_id):
@@ -100,12 +105,7 @@ def _mark_upload_deleting(ctx, upload):
     arg("--json", action="store_true", help="print a JSON list of objects"),
 ])
 def cmd_list(ctx, args):
-    now = ctx.clock()
-    store = ctx.store
-    rows = tables.node_rows(store.list_nodes(), store.locked_node_ids(), now, args.detail)
-    listing = tables.NODE_LIST_DETAIL if args.detail else tables.NODE_LIST
-    _emit(ctx, args, listing, rows, now)
-    return 0
+    return _show(ctx, args, "node-list", detail=args.detail)
 
 
 @command("delete", "delete a node", [
@@ -185,18 +185,14 @@ def cmd_hold(ctx, args):
     arg("--json", action="store_true", help="print a JSON list of objects"),
 ])
 def cmd_request_list(ctx, args):
-    now = ctx.clock()
-    _emit(ctx, args, tables.REQUEST_LIST, tables.request_rows(ctx.store.list_requests()), now)
-    return 0
+    return _show(ctx, args, "request-list")
 
 
 @command("label-list", "list labels served by running launcher pools", [
     arg("--json", action="store_true", help="print a JSON list of objects"),
 ])
 def cmd_label_list(ctx, args):
-    rows = tables.label_rows(ctx.store.list_components("pool"))
-    _emit(ctx, args, tables.LABEL_LIST, rows, ctx.clock())
-    return 0
+    return _show(ctx, args, "label-list")
 
 
 @command("info", "show the store's records of one provider", [
@@ -290,47 +286,21 @@ def _validation_outcome(result, path):
              "Server ID, State, Age (hours))"),
 ])
 def cmd_image_list(ctx, args):
-    now = ctx.clock()
-    uploads = ctx.store.list_uploads()
-    if args.legacy:
-        _emit(ctx, args, tables.LEGACY_IMAGE_LIST, tables.legacy_upload_rows(uploads, now), now)
-    else:
-        _emit(ctx, args, tables.IMAGE_LIST, tables.upload_rows(uploads), now)
-    return 0
+    return _show(ctx, args, "image-list", legacy=args.legacy)
 
 
 @command("dib-image-list", "list image builds", [
     arg("--json", action="store_true", help="print a JSON list of objects"),
 ])
 def cmd_dib_image_list(ctx, args):
-    store = ctx.store
-    builds = store.list_builds()
-    paused = {i for i in {b.image for b in builds} if store.is_image_paused(i)}
-    _emit(ctx, args, tables.DIB_IMAGE_LIST, tables.build_rows(builds, paused), ctx.clock())
-    return 0
-
-
-def image_status_rows(store, config):
-    """Rows of ``image-status``: every image the store or the config knows."""
-    images = set(store.list_image_names())
-    if config is not None:
-        images.update(config.buildable_images())
-    paused = {i for i in images if store.is_image_paused(i)}
-    requests = {}
-    for i in images:
-        when = store.get_image_build_request(i)
-        if when is not None:
-            requests[i] = when
-    return tables.image_status_rows(images, paused, requests, store.list_builds())
+    return _show(ctx, args, "dib-image-list")
 
 
 @command("image-status", "show pause flags and manual build requests", [
     arg("--json", action="store_true", help="print a JSON list of objects"),
 ])
 def cmd_image_status(ctx, args):
-    rows = image_status_rows(ctx.store, ctx.config)
-    _emit(ctx, args, tables.IMAGE_STATUS, rows, ctx.clock())
-    return 0
+    return _show(ctx, args, "image-status")
 
 
 @command("image-build", "ask the builders to build an image now", [

@@ -6,7 +6,8 @@ values into cells (lists comma-joined, epoch ages as ``DD:HH:MM:SS``).  So ``nod
 and ``GET /node-list`` with ``Accept: application/json`` print the very same objects, and a text
 table and its JSON twin can never disagree about columns.
 
-Everything here is pure: records (and a clock reading) in, rows and strings out.
+The row builders and renderers are pure (records and a clock reading in, rows and strings out);
+``read_listing`` at the end is the one place that reads a store to feed them.
 """
 import json
 from dataclasses import dataclass
@@ -371,3 +372,51 @@ def render_json(listing, rows, fields=None):
     """A JSON list of row objects (only ``fields`` keys, if given)."""
     keys = [c.key for c in listing.select(fields)]
     return json.dumps([{k: row.get(k) for k in keys} for row in rows], default=str)
+
+
+# -- reading the store ----------------------------------------------------------------------------
+
+def image_status_from_store(store, config=None):
+    """Rows of ``image-status``: every image the store or the config knows."""
+    images = set(store.list_image_names())
+    if config is not None:
+        images.update(config.buildable_images())
+    paused = {i for i in images if store.is_image_paused(i)}
+    requests = {}
+    for image in images:
+        when = store.get_image_build_request(image)
+        if when is not None:
+            requests[image] = when
+    return image_status_rows(images, paused, requests, store.list_builds())
+
+
+def read_listing(name, store, now, config=None, detail=False, node_id=None, legacy=False):
+    """``(Listing, rows)`` for the listing ``name`` (the web path without ``/``).
+
+    Raises KeyError for an unknown listing name."""
+    if name == "node-list":
+        nodes = store.list_nodes()
+        if node_id is not None:
+            nodes = [n for n in nodes if n.id == node_id]
+        listing = NODE_LIST_DETAIL if detail else NODE_LIST
+        return listing, node_rows(nodes, store.locked_node_ids(), now, detail)
+    if name == "image-list":
+        uploads = store.list_uploads()
+        if legacy:
+            return LEGACY_IMAGE_LIST, legacy_upload_rows(uploads, now)
+        return IMAGE_LIST, upload_rows(uploads)
+    if name == "dib-image-list":
+        builds = store.list_builds()
+        paused = {i for i in {b.image for b in builds} if store.is_image_paused(i)}
+        return DIB_IMAGE_LIST, build_rows(builds, paused)
+    if name == "image-status":
+        return IMAGE_STATUS, image_status_from_store(store, config)
+    if name == "request-list":
+        return REQUEST_LIST, request_rows(store.list_requests())
+    if name == "label-list":
+        return LABEL_LIST, label_rows(store.list_components("pool"))
+    raise KeyError(name)
+
+
+LISTING_NAMES = ("node-list", "image-list", "dib-image-list", "image-status", "request-list",
+                 "label-list")
