@@ -93,6 +93,15 @@ def _split_hosts(hosts):
     return out
 
 
+_TLS_HINTS = {
+    "CERTIFICATE_VERIFY_FAILED": ": the server certificate is not signed by our CA file",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": ": the server does not trust our client certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": ": the server does not trust our client certificate",
+    "UNEXPECTED_EOF_WHILE_READING": ": is this a plain (non-TLS) port?",
+    "WRONG_VERSION_NUMBER": ": is this a plain (non-TLS) port?",
+}
+
+
 def _diagnose(hosts, ssl_ctx):
     """Why we cannot reach any server: one short phrase per host (best effort)."""
     reasons = []
@@ -104,7 +113,8 @@ def _diagnose(hosts, ssl_ctx):
                         pass
             reasons.append(f"{host}:{port} accepts connections but no session was established")
         except ssl.SSLError as e:
-            reasons.append(f"{host}:{port} TLS handshake failed ({e.reason or e})")
+            reasons.append(f"{host}:{port} TLS handshake failed ({e.reason or e}"
+                           f"{_TLS_HINTS.get(e.reason, '')})")
         except OSError as e:
             reasons.append(f"{host}:{port} {e.strerror or e}")
     return "; ".join(reasons) or "no server given"
@@ -252,15 +262,17 @@ class ZooKeeperStore(StateStore):
         self._stopping = True
         with self._held_lock:
             held = list(self._held.values())
-        for lock in held:
-            lock.release()
         with self._components_lock:
             components = list(self._components.values())
-        for component in components:
-            try:
-                self.unregister_component(component)
-            except StoreError:
-                pass
+        if self._connected.is_set():
+            # Tidy up explicitly while we can; otherwise closing the session removes them anyway.
+            for lock in held:
+                lock.release()
+            for component in components:
+                try:
+                    self.unregister_component(component)
+                except StoreError:
+                    pass
         self._events.put(None)
         self._session_events.put(None)
         client, self._client = self._client, None

@@ -389,7 +389,8 @@ def test_server_restart_store_recovers(zookeeper_server, store, zk_restart):
     assert watcher.wait(WAIT)
 
 
-def test_writes_while_server_down_raise_not_hang(zookeeper_server, store, zk_restart):
+def test_writes_while_server_down_raise_not_hang(zookeeper_server, make_store):
+    store = make_store(timeout=1.5)
     node = store.create_node(Node(state=NodeState.READY))
     zookeeper_server.stop()
     try:
