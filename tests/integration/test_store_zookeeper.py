@@ -399,3 +399,18 @@ def test_writes_while_server_down_raise_not_hang(zookeeper_server, make_store):
             store.update_node(node)
     finally:
         zookeeper_server.start()
+
+
+# -- the shared store contract (tests/store_contract.py, written by the SQLite engineer) -----------
+
+try:
+    from store_contract import StoreContract
+except ImportError:   # not landed yet: the ZooKeeper-specific tests above still run
+    StoreContract = None
+
+if StoreContract is not None:
+    class TestZooKeeperStoreContract(StoreContract):
+        @pytest.fixture
+        def store_factory(self, make_store):
+            """New started stores (separate sessions) sharing one fresh chroot."""
+            return make_store
