@@ -390,12 +390,17 @@ def image_status_from_store(store, config=None):
     return image_status_rows(images, paused, requests, store.list_builds())
 
 
-def read_listing(name, store, now, config=None, detail=False, node_id=None, legacy=False):
-    """``(Listing, rows)`` for the listing ``name`` (the web path without ``/``).
+def read_listing(name, store, now, config=None, detail=False, node_id=None, legacy=False,
+                 node_ids=None):
+    """``(Listing, rows)`` for the listing ``name`` (the web path without ``/``; ``nodes`` is
+    ``node-list``).  ``node_id`` / ``node_ids`` restrict the node listing.
 
     Raises KeyError for an unknown listing name."""
-    if name == "node-list":
-        nodes = store.list_nodes()
+    if name in ("node-list", "nodes"):
+        if node_ids is not None:
+            nodes = [n for n in (store.get_node(i) for i in node_ids) if n is not None]
+        else:
+            nodes = store.list_nodes()
         if node_id is not None:
             nodes = [n for n in nodes if n.id == node_id]
         listing = NODE_LIST_DETAIL if detail else NODE_LIST
