@@ -120,7 +120,6 @@ def cmd_delete(ctx, args):
         node = _get_node(ctx, node.id)        # re-read under the lock
         if args.now:
             _delete_now(ctx, node)
-            lock.released = True              # the lock went with the record
             _print_node(ctx, node, locked=False)
             return 0
         if node.state != NodeState.DELETING:
@@ -237,8 +236,16 @@ def cmd_erase(ctx, args):
 
 @command("config-validate", "validate the configuration file", needs_store=False)
 def cmd_config_validate(ctx, args):
-    from ..config import validate_config
-    result = validate_config(ctx.config_path, ctx.secure_path)
+    try:
+        from ..config import validate_config
+    except ImportError:           # fall back to the loader's own checks
+        from ..config import load_config as validate_config
+    try:
+        result = validate_config(ctx.config_path, ctx.secure_path)
+    except ConfigError as exc:
+        result = exc
+    if not isinstance(result, (ConfigError, tuple, list)) and not hasattr(result, "problems"):
+        result = None             # the loader returned a Config: nothing to report
     problems, warnings = _validation_outcome(result, ctx.config_path)
     for w in warnings:
         ctx.warn(f"warning: {w}")
