@@ -67,6 +67,30 @@ class Instance:
 
 
 @dataclass
+class RegisteredSlot:
+    """One node slot of a pre-existing host (static driver) that should exist as a node now.
+
+    ``answers`` is True when the host's last check succeeded, False when it failed (``error``
+    says why) and None while it has not been checked yet (the framework then leaves the slot
+    alone).  ``external_id`` is unique per slot (``host:port#slot``) and names the node record
+    that stands for it.
+    """
+    external_id: str
+    pool: str
+    labels: list
+    slot: int
+    interface_ip: str
+    username: str = "zuul"
+    connection_type: str = "ssh"
+    connection_port: int = 22
+    host_keys: list = field(default_factory=list)
+    python_path: Optional[str] = None
+    shell_type: Optional[str] = None
+    answers: Optional[bool] = None
+    error: Optional[str] = None
+
+
+@dataclass
 class CloudResource:
     """A taggable cloud object (instance, volume, image, floating IP...) for leak cleanup.
 
@@ -134,6 +158,13 @@ class Adapter(abc.ABC):
     #: True: at quota the pool pauses and keeps the request; False (static hosts): release it.
     pause_at_quota = True
 
+    #: True (static hosts): used nodes go back to ready instead of being deleted.
+    reuses_nodes = False
+
+    #: False (static hosts): the provider never creates instances; requests wait for a free
+    #: registered node instead (the planner defers rather than launching).
+    launches = True
+
     def __init__(self, provider, rate_limiter=None):
         """``provider`` is a ``config.model.Provider`` of this driver."""
         self.provider = provider
@@ -199,6 +230,15 @@ class Adapter(abc.ABC):
 
     def console_log(self, external_id):
         """The instance's console output, or None where the cloud has none."""
+        return None
+
+    def registered_nodes(self):
+        """For providers of pre-existing hosts: every ``RegisteredSlot`` that should exist now.
+
+        None (the default) for clouds, whose nodes are launched on request.  Called from the
+        worker loop every tick or few: must not block (host checks run in the background).
+        The worker reconciles node records against the answer (``ProviderWorker._reconcile``).
+        """
         return None
 
 

@@ -329,7 +329,8 @@ class Launcher:
                 cloud_limits=worker.quota_limits if worker.quota_limits else None,
                 unmanaged_usage=worker.unmanaged_usage(nodes),
                 ignore_provider_quota=pool.ignore_provider_quota,
-                max_concurrency=prov.max_concurrency, in_flight=worker.in_flight))
+                max_concurrency=prov.max_concurrency, in_flight=worker.in_flight,
+                launches=getattr(worker.adapter, "launches", True)))
         return views
 
     # -- requests ----------------------------------------------------------------------------------

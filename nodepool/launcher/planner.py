@@ -44,6 +44,7 @@ class PoolView:
     ignore_provider_quota: bool = False
     max_concurrency: int = -1
     in_flight: int = 0                   # launches in progress for the whole provider
+    launches: bool = True                # False (static hosts): only ready nodes are handed out
 
     @property
     def key(self):
@@ -272,6 +273,10 @@ def _try_pool(pv, req, free_ready, pool_usage, provider_usage, tenant_usage, in_
             launch.append(lbl)
     need = Resources.total(pv.cost(lbl) for lbl in launch)
     is_min_ready = req.requestor == MIN_READY_REQUESTOR
+    if launch and not pv.launches:
+        # a pool of registered hosts waits for one to be free; it never pauses (one busy or
+        # dead host must not hold up the pool's other labels)
+        return Defer(req.id, pv.key, f"no free registered node for {', '.join(sorted(set(launch)))}")
     if launch:
         if req.tenant_name and req.tenant_name in tenant_limits:
             if not tenant_limits[req.tenant_name].fits(tenant_usage[req.tenant_name], need):

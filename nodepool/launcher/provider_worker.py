@@ -15,12 +15,15 @@ import queue
 import random
 import threading
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 
 from ..drivers import get_driver
 from ..drivers.base import (META_LAUNCHER, META_NODE_ID, META_POOL, META_PROVIDER, LaunchSpec)
 from ..errors import (CloudError, InstanceNotFound, LabelConfigurationError, LaunchTimeout,
-                      NotFoundError, QuotaError, StoreError)
+                      LockError, NotFoundError, QuotaError, StoreError)
 from ..model.quota import Resources
+from ..model.records import Node
 from ..model.states import NodeState
 from . import planner
 from .nodescan import NodeScan
@@ -33,6 +36,8 @@ except ImportError:  # pragma: no cover - metrics module lands separately
 DELETE_TIMEOUT = 600
 QUOTA_CACHE_SECONDS = 300
 INSTANCE_LIST_SECONDS = 30
+RECONCILE_SECONDS = 2.0      # registered (static) hosts: compare slots and node records
+STATIC_LAUNCHER = "static driver"   # the ``launcher`` Nodepool writes on static nodes
 
 
 def _count(metric, *labels):
@@ -321,6 +326,8 @@ class ProviderWorker:
         self.cloud_image_ready = {}
         self._leak_suspects = set()
         self._last_leak_scan = 0.0
+        self.reconcile_interval = RECONCILE_SECONDS
+        self._last_reconcile = -1e9
         self.started = False
         self.start_error = None
         self.thread = threading.Thread(target=self._run, name=f"provider-{provider.name}",
@@ -425,6 +432,9 @@ class ProviderWorker:
                 and not self._retiring:
             self._last_leak_scan = now
             self._leak_scan()
+        if now - self._last_reconcile >= self.reconcile_interval and not self._retiring:
+            self._last_reconcile = now
+            self._reconcile_registered()
 
     def _drain_inbox(self):
         while True:
@@ -523,6 +533,92 @@ class ProviderWorker:
                 self.log.warning("leaked %s %s on %s: delete failed: %s", res.type, res.id,
                                  self.provider.name, exc)
 
+    # -- registered hosts (static driver) ---------------------------------------------------------
+    #
+    # Providers of pre-existing hosts answer ``adapter.registered_nodes()`` with the slots that
+    # should exist; clouds answer None and skip all of this.  The decision is the pure
+    # ``plan_registered_nodes``; the methods below only apply it, each under the node's lock.
+
+    def _reconcile_registered(self):
+        """Make node records match the adapter's registered slots (static hosts)."""
+        try:
+            slots = self.adapter.registered_nodes()
+        except Exception:
+            self.log.exception("provider %s: cannot list registered hosts", self.provider.name)
+            return
+        if slots is None:
+            return
+        try:
+            nodes = self.store.list_nodes()
+            locked = self.store.locked_node_ids()
+        except StoreError as exc:
+            self.log.warning("provider %s: registered hosts not reconciled: %s",
+                             self.provider.name, exc)
+            return
+        by_ext = {s.external_id: s for s in slots}
+        for action in plan_registered_nodes(self.provider.name, slots, nodes, locked):
+            try:
+                if isinstance(action, RegisterSlot):
+                    self._register_slot(by_ext[action.external_id])
+                else:
+                    self._with_node_lock(action.node_id, action, by_ext.get(action.external_id))
+            except StoreError as exc:
+                self.log.warning("provider %s: %s not applied: %s", self.provider.name,
+                                 action, exc)
+
+    def _register_slot(self, slot):
+        node = Node(state=NodeState.READY, provider=self.provider.name, pool=slot.pool,
+                    launcher=STATIC_LAUNCHER, cloud=self.provider.name)
+        apply_slot(node, slot)
+        node = self.store.create_node(node)
+        self.log.info("node %s registered: static host %s slot %d on %s/%s (%s)", node.id,
+                      slot.interface_ip, slot.slot, self.provider.name, slot.pool,
+                      ",".join(slot.labels))
+
+    def _with_node_lock(self, node_id, action, slot):
+        """Lock the node, re-check the plan against its current record, apply the action."""
+        try:
+            lock = self.store.lock_node(node_id)
+        except LockError:
+            return          # somebody is using it: next round
+        try:
+            node = self.store.get_node(node_id)
+            if node is None:
+                return
+            again = plan_registered_nodes(self.provider.name, [slot] if slot else [], [node],
+                                          set())
+            if type(action) not in {type(a) for a in again if a.node_id == node_id}:
+                return      # it changed since the snapshot
+            if isinstance(action, ReturnToReady):
+                node.allocated_to = None
+                node.user_data = None
+                node.hold_job = None
+                node.comment = None
+                node.hold_expiration = None
+                node.tenant_name = None
+                node.requestor = None
+                apply_slot(node, slot)
+                node.set_state(NodeState.READY)
+                self.store.update_node(node)
+                self.log.info("node %s (static host %s slot %s) back to ready after use",
+                              node.id, node.interface_ip, node.slot)
+            elif isinstance(action, RefreshSlot):
+                apply_slot(node, slot)
+                self.store.update_node(node)
+                self.log.info("node %s (static host %s slot %s) updated from the configuration",
+                              node.id, node.interface_ip, node.slot)
+            else:
+                self.store.delete_node(node_id)
+                lock.released = True          # the lock went with the record
+                if isinstance(action, TakeOutOfService):
+                    self.log.warning("node %s (static host %s slot %s) out of service: %s",
+                                     node.id, node.interface_ip, node.slot, action.reason)
+                else:
+                    self.log.info("node %s (static host %s slot %s) removed: %s", node.id,
+                                  node.interface_ip, node.slot, action.reason)
+        finally:
+            lock.release()
+
     def _write(self, node):
         self.store.update_node(node)
 
@@ -551,3 +647,117 @@ def choose_az(pool, adapter_azs, rng=random):
     """A random AZ from the pool's list, else from the cloud's (None when it has none)."""
     choices = list(pool.azs) or [a for a in adapter_azs if a]
     return rng.choice(choices) if choices else None
+
+
+# -- registered hosts: the pure decision ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegisterSlot:
+    """Create a ready node for an answering slot that has none."""
+    external_id: str
+    node_id: str = None
+
+
+@dataclass(frozen=True)
+class ReturnToReady:
+    """A used node of an answering host goes back to ready."""
+    node_id: str
+    external_id: str
+
+
+@dataclass(frozen=True)
+class RefreshSlot:
+    """A ready node's labels, pool, address or host keys differ from its slot: rewrite them."""
+    node_id: str
+    external_id: str
+
+
+@dataclass(frozen=True)
+class TakeOutOfService:
+    """The host stopped answering: drop its free node until it answers again."""
+    node_id: str
+    external_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ForgetNode:
+    """The node's slot left the configuration (or is a duplicate): drop the record."""
+    node_id: str
+    external_id: str
+    reason: str
+
+
+_SLOT_FIELDS = ("pool", "type", "interface_ip", "username", "connection_type", "connection_port",
+                "host_keys", "python_path", "shell_type", "slot")
+
+
+def apply_slot(node, slot):
+    """Copy a ``RegisteredSlot`` onto a node record."""
+    node.pool = slot.pool
+    node.type = list(slot.labels)
+    node.external_id = slot.external_id
+    node.hostname = slot.interface_ip
+    node.interface_ip = slot.interface_ip
+    node.public_ipv4 = slot.interface_ip if ":" not in slot.interface_ip else None
+    node.username = slot.username
+    node.connection_type = slot.connection_type
+    node.connection_port = slot.connection_port
+    node.ssh_port = slot.connection_port
+    node.host_keys = list(slot.host_keys)
+    node.python_path = slot.python_path
+    node.shell_type = slot.shell_type
+    node.slot = slot.slot
+
+
+def _slot_differs(node, slot):
+    probe = Node()
+    apply_slot(probe, slot)
+    return any(getattr(node, f) != getattr(probe, f) for f in _SLOT_FIELDS)
+
+
+def plan_registered_nodes(provider_name, slots, nodes, locked_node_ids):
+    """What to do so ``provider_name``'s node records match its registered ``slots``.
+
+    Only unlocked nodes are touched.  A slot whose host has not been checked yet
+    (``answers is None``) is left alone; in-use and held nodes are never touched.
+    """
+    by_ext = defaultdict(list)
+    for node in nodes:
+        if node.provider == provider_name and node.state != NodeState.DELETED:
+            by_ext[str(node.external_id)].append(node)
+    wanted = {s.external_id: s for s in slots}
+    actions = []
+
+    def free(node):
+        return node.id not in locked_node_ids and (
+            node.state == NodeState.USED
+            or (node.state == NodeState.READY and not node.allocated_to))
+
+    for ext, slot in wanted.items():
+        existing = sorted(by_ext.get(ext, []), key=lambda n: n.id or "")
+        if not existing:
+            if slot.answers:
+                actions.append(RegisterSlot(ext))
+            continue
+        node, duplicates = existing[0], existing[1:]
+        for dup in duplicates:
+            if free(dup):
+                actions.append(ForgetNode(dup.id, ext, "duplicate record of the same slot"))
+        if node.id in locked_node_ids:
+            continue
+        if node.state == NodeState.USED:
+            if slot.answers:
+                actions.append(ReturnToReady(node.id, ext))
+        elif node.state == NodeState.READY and not node.allocated_to:
+            if slot.answers is False:
+                actions.append(TakeOutOfService(node.id, ext, slot.error or "host does not answer"))
+            elif slot.answers and _slot_differs(node, slot):
+                actions.append(RefreshSlot(node.id, ext))
+    for ext, stale in by_ext.items():
+        if ext in wanted:
+            continue
+        for node in stale:
+            if free(node):
+                actions.append(ForgetNode(node.id, ext, "its host slot is no longer configured"))
+    return actions
