@@ -7,4 +7,5 @@ sys.path.insert(0, os.path.dirname(__file__))
 pytest_plugins = [
     "fixtures.zookeeper",
     "fixtures.status_data",
+    "fixtures.sshd",
 ]

@@ -51,7 +51,7 @@ def verify_host_keys(host, expected, scanned):
         offered = ", ".join(k.split()[0] for k in scanned) or "none"
         raise PermanentCloudError(
             f"static host {host}: host key mismatch: the configured host-key "
-            f"{missing[0].split()[0]} {missing[0].split()[-1][:16]}... is not among the keys "
+            f"{missing[0].split()[0]} ...{missing[0].split()[-1][-12:]} is not among the keys "
             f"it offers ({offered})")
     return scanned
 
