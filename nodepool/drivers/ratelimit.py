@@ -2,15 +2,18 @@
 
 One ``RateLimiter`` per provider, shared by every thread that calls that provider's API.  Each
 ``with limiter:`` block waits until at least ``1/rate`` seconds have passed since the previous
-call started.  A rate of 0 or less means unlimited.
+call started.  A rate of 0 or less means unlimited.  ``clock`` and ``sleep`` default to the real
+monotonic clock; tests pass a fake pair to check the spacing exactly, without waiting.
 """
 import threading
 import time
 
 
 class RateLimiter:
-    def __init__(self, name, rate):
+    def __init__(self, name, rate, clock=time.monotonic, sleep=time.sleep):
         self.name = name
+        self.clock = clock
+        self.sleep = sleep
         self.interval = 1.0 / rate if rate and rate > 0 else 0.0
         self._lock = threading.Lock()
         self._next = 0.0
@@ -20,18 +23,18 @@ class RateLimiter:
     def delay(self):
         """Seconds until the next call may start (0 if it may start now)."""
         with self._lock:
-            return max(0.0, self._next - time.monotonic())
+            return max(0.0, self._next - self.clock())
 
     def __enter__(self):
         with self._lock:
-            now = time.monotonic()
+            now = self.clock()
             start = max(now, self._next)
             self._next = start + self.interval
             self.calls += 1
             wait = start - now
             self.waited += wait
         if wait > 0:
-            time.sleep(wait)
+            self.sleep(wait)
         return self
 
     def __exit__(self, *exc):
