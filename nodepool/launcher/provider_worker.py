@@ -585,9 +585,7 @@ class ProviderWorker:
             node = self.store.get_node(node_id)
             if node is None:
                 return
-            again = plan_registered_nodes(self.provider.name, [slot] if slot else [], [node],
-                                          set())
-            if type(action) not in {type(a) for a in again if a.node_id == node_id}:
+            if not registered_action_applies(action, node, slot):
                 return      # it changed since the snapshot
             if isinstance(action, ReturnToReady):
                 node.allocated_to = None
@@ -716,6 +714,20 @@ def _slot_differs(node, slot):
     return any(getattr(node, f) != getattr(probe, f) for f in _SLOT_FIELDS)
 
 
+def _free_registered(node):
+    return node.state == NodeState.USED or (node.state == NodeState.READY
+                                            and not node.allocated_to)
+
+
+def registered_action_applies(action, node, slot):
+    """Re-check one planned action against the node's current record (taken under its lock)."""
+    if isinstance(action, ReturnToReady):
+        return node.state == NodeState.USED and slot is not None and bool(slot.answers)
+    if isinstance(action, (RefreshSlot, TakeOutOfService)):
+        return node.state == NodeState.READY and not node.allocated_to and slot is not None
+    return _free_registered(node)
+
+
 def plan_registered_nodes(provider_name, slots, nodes, locked_node_ids):
     """What to do so ``provider_name``'s node records match its registered ``slots``.
 
@@ -730,9 +742,7 @@ def plan_registered_nodes(provider_name, slots, nodes, locked_node_ids):
     actions = []
 
     def free(node):
-        return node.id not in locked_node_ids and (
-            node.state == NodeState.USED
-            or (node.state == NodeState.READY and not node.allocated_to))
+        return node.id not in locked_node_ids and _free_registered(node)
 
     for ext, slot in wanted.items():
         existing = sorted(by_ext.get(ext, []), key=lambda n: n.id or "")

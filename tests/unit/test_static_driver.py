@@ -178,3 +178,16 @@ def test_other_providers_nodes_are_ignored():
     other = record("1", slot(ext="x"))
     other.provider = "cloud"
     assert plan_registered_nodes("static", [s], [other], set()) == [RegisterSlot(s.external_id)]
+
+
+def test_actions_are_rechecked_against_the_current_record():
+    from nodepool.launcher.provider_worker import registered_action_applies
+    s = slot()
+    assert registered_action_applies(ReturnToReady("1", s.external_id),
+                                     record("1", s, state="used"), s)
+    assert not registered_action_applies(ReturnToReady("1", s.external_id),
+                                         record("1", s, state="ready"), s)
+    taken = record("1", s, allocated_to="100-1")
+    assert not registered_action_applies(TakeOutOfService("1", s.external_id, "x"), taken, s)
+    assert not registered_action_applies(ForgetNode("1", s.external_id, "x"), taken, s)
+    assert registered_action_applies(ForgetNode("2", s.external_id, "dup"), record("2", s), s)
