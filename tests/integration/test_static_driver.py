@@ -93,6 +93,69 @@ def test_hanging_and_dead_hosts_do_not_hold_up_an_answering_one(sshd_server):
         hang.close()                           # the pending keyscan gets a reset and exits
 
 
+# -- the provider worker alone, over a real ZooKeeper store ----------------------------------------
+
+@pytest.fixture
+def zk_store(zookeeper_server, zk_chroot):
+    from nodepool.store.zookeeper import ZooKeeperStore
+    store = ZooKeeperStore(zookeeper_server.hosts, chroot=zk_chroot)
+    store.start()
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def static_worker(zk_store, monkeypatch):
+    """Start a ProviderWorker for a hand-built static provider (no config file, no launcher)."""
+    from nodepool.drivers.static import DRIVER
+    from nodepool.config.model import Config
+    monkeypatch.setattr(static_adapter, "HOST_CHECK_INTERVAL", 0.3)
+    monkeypatch.setattr(provider_worker, "RECONCILE_SECONDS", 0.1)
+    workers = []
+
+    def start(*hosts):
+        prov = static_provider(*hosts)
+        DRIVER.finalize(prov, Config())
+        worker = provider_worker.ProviderWorker(prov, zk_store, "test-launcher", tick=0.02,
+                                                leak_interval=0)
+        worker.start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+        worker.join(10)
+
+
+def test_worker_registers_returns_and_takes_hosts_out(zk_store, static_worker, sshd_factory):
+    server = sshd_factory()
+    static_worker({"name": "127.0.0.1", "connection-port": server.port, "labels": "linux",
+                   "max-parallel-jobs": 2, "timeout": 2},
+                  {"name": "127.0.0.1", "connection-port": closed_port(), "labels": "linux"})
+    nodes = wait_until(lambda: len(zk_store.list_nodes()) == 2 and zk_store.list_nodes(),
+                       message="two slots of the answering host registered")
+    assert all(n.state == NodeState.READY and n.connection_port == server.port for n in nodes)
+    assert all(n.host_keys == server.public_keys and n.launcher == "static driver"
+               for n in nodes)
+    # a requestor used one: it comes back as ready, same record, fields cleared
+    used = nodes[0]
+    with zk_store.lock_node(used.id):
+        used = zk_store.get_node(used.id)
+        used.allocated_to, used.user_data = "100-0000000001", {"job": "x"}
+        used.set_state(NodeState.IN_USE)
+        used.set_state(NodeState.USED)
+        zk_store.update_node(used)
+    back = wait_until(lambda: (zk_store.get_node(used.id).state == NodeState.READY
+                               and zk_store.get_node(used.id)), message="used node ready again")
+    assert back.allocated_to is None and back.user_data is None
+    # the host goes away: its free nodes are taken out; it comes back: registered again
+    server.stop()
+    wait_until(lambda: not zk_store.list_nodes(), message="nodes of the dead host removed")
+    server.start()
+    wait_until(lambda: len(zk_store.list_nodes()) == 2, message="host registered again")
+
+
 # -- through the launcher -------------------------------------------------------------------------
 
 @pytest.fixture
