@@ -7,6 +7,7 @@ provider, pool, pool label, provider diskimage or cloud image, under their YAML 
 defaults filled in.  A driver reads its own options; nothing else does.
 """
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -182,6 +183,20 @@ class Config:
     build_log_retention: int = 7
     elements_dir: Optional[str] = None
     raw: Any = None
+    # things worth telling the operator that do not make the file invalid (unused labels...)
+    warnings: list = field(default_factory=list)
+    # {file path: st_mtime_ns} of the files this config was read from (main and secure)
+    source_mtimes: dict = field(default_factory=dict)
+
+    def files_changed(self):
+        """True when a file this config was read from was modified (or vanished) since."""
+        for path, mtime in self.source_mtimes.items():
+            try:
+                if os.stat(path).st_mtime_ns != mtime:
+                    return True
+            except OSError:
+                return True
+        return False
 
     def pools(self):
         """Every pool of every provider."""
