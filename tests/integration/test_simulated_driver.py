@@ -268,9 +268,10 @@ def test_instances_survive_a_new_adapter_object(tmp_path):
 
 def _create_in_child(state_file, prefix, count, go, results):
     """Runs in a spawned process: another launcher sharing the cloud account."""
-    adapter = SimulatedAdapter(make_provider(state_file, boot_time=0, quota={"instances": 30}))
+    adapter = SimulatedAdapter(make_provider(state_file, boot_time=0, api_latency=0.001,
+                                             quota={"instances": 60}))
     adapter.start()
-    go.wait(60)                    # both processes create at the same time
+    go.wait(60)                    # both processes start creating together
     created, refused = 0, 0
     for i in range(count):
         spec = spec_for(adapter, node_id=f"{prefix}{i:04d}")
@@ -286,12 +287,11 @@ def _create_in_child(state_file, prefix, count, go, results):
 def test_two_processes_share_one_state_file_without_corruption_or_overshoot(tmp_path):
     state_file = tmp_path / "cloud.json"
     ctx = multiprocessing.get_context("spawn")
-    results, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_create_in_child, args=(str(state_file), p, 20, go, results))
+    results, go = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_create_in_child, args=(str(state_file), p, 40, go, results))
              for p in ("1", "2")]
     for proc in procs:
         proc.start()
-    go.set()
     try:
         outcome = sorted(results.get(timeout=60) for _ in procs)
     finally:
@@ -301,14 +301,14 @@ def test_two_processes_share_one_state_file_without_corruption_or_overshoot(tmp_
                 proc.kill()
                 proc.join()
     assert [p.exitcode for p in procs] == [0, 0]
-    assert sum(created for _, created, _ in outcome) == 30          # quota 30 held exactly
-    assert sum(refused for _, _, refused in outcome) == 10
+    assert sum(created for _, created, _ in outcome) == 60          # quota 60 held exactly
+    assert sum(refused for _, _, refused in outcome) == 20
     instances = adapter_for(tmp_path).list_instances()
-    assert len(instances) == 30
-    assert len({i.external_id for i in instances}) == 30
-    assert len({i.public_ipv4 for i in instances}) == 30
+    assert len(instances) == 60
+    assert len({i.external_id for i in instances}) == 60
+    assert len({i.public_ipv4 for i in instances}) == 60
     node_ids = {i.node_id for i in instances}
-    assert len(node_ids) == 30 and {n[0] for n in node_ids} == {"1", "2"}
+    assert len(node_ids) == 60 and {n[0] for n in node_ids} == {"1", "2"}
 
 
 def test_unusable_state_file_is_a_clear_cloud_error(tmp_path):
