@@ -8,4 +8,5 @@ pytest_plugins = [
     "fixtures.zookeeper",
     "fixtures.status_data",
     "fixtures.sshd",
+    "fixtures.openstack",
 ]
