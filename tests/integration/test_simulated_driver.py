@@ -176,6 +176,19 @@ def test_api_errors_at_rate_one_raise_transient_errors_and_change_nothing(tmp_pa
     assert adapter.rate_limiter.calls == 3
 
 
+def test_a_failed_shared_listing_delays_waiting_launches_instead_of_failing_them(tmp_path):
+    clock = FakeClock()
+    adapter = adapter_for(tmp_path, clock, boot_time=5)
+    sm = adapter.create_state_machine(spec_for(adapter))
+    assert sm.advance() is None
+    clock.now += 5
+    adapter.api_error_rate = 1.0
+    assert sm.advance() is None and sm.advance() is None
+    assert adapter.list_errors == 2 and not sm.complete
+    adapter.api_error_rate = 0.0
+    assert sm.advance().ready
+
+
 def test_seed_makes_failures_repeatable(tmp_path):
     def outcomes(path):
         adapter = get_driver("simulated").adapter(make_provider(

@@ -1,7 +1,9 @@
 """The ``simulated`` driver: a cloud that runs on this machine.
 
-Its instances live in a state file of its own (not in the node store), so they survive a launcher
-restart and leak exactly like a real cloud's would.  Boot time, API latency, API error rate, boot
+Its instances and images live in a state file of its own (not in the node store): a SQLite
+database, whatever its name, shared safely by every process using the provider (launchers, the
+builder, the CLI), so instances survive a launcher restart and leak exactly like a real cloud's
+would.  ``cloud.py`` is the cloud itself, ``adapter.py`` the driver's client of it.  Boot time, API latency, API error rate, boot
 failure rate and quota are set per provider, so tests and benchmarks can model real clouds.
 """
 import os
@@ -50,7 +52,8 @@ class SimulatedDriver(Driver):
         }
 
     def finalize(self, provider, config):
-        """Default the state file to ``simulated-<provider>.json`` beside the embedded store."""
+        """Default the state file to ``simulated-<provider>.json`` beside the embedded store
+        (a SQLite file despite the suffix; SQLite adds ``-wal``/``-shm`` files next to it)."""
         if not provider.options.get("state-file"):
             base = os.path.dirname(os.path.abspath(config.embedded_store.path))
             provider.options["state-file"] = os.path.join(base, f"simulated-{provider.name}.json")

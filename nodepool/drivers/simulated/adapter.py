@@ -128,6 +128,7 @@ class SimulatedAdapter(Adapter):
         self.rng = random.Random(seed) if seed is not None else random.Random()
         self.list_interval = list_interval_for(boot_time, delete_time)
         self.api_calls = Counter()        # API calls made, by operation (for tests and bench)
+        self.list_errors = 0              # failed refreshes of the shared instance listing
         self._cloud = None
         self._cloud_args = dict(boot_time=boot_time, delete_time=delete_time,
                                 boot_failure_rate=float(opts.get("boot-failure-rate", 0.0)),
@@ -170,12 +171,21 @@ class SimulatedAdapter(Adapter):
 
     def _instance_view(self):
         """``(taken_at, {id: CloudInstance})``: the shared listing, refreshed by at most one list
-        call per ``list_interval`` (also after a failed attempt, so errors do not multiply)."""
+        call per ``list_interval``.
+
+        A failed refresh belongs to no single launch, so it is logged and the old listing kept:
+        the machines keep waiting and the next interval tries again (launch and delete timeouts
+        bound an outage).  Failed attempts also wait an interval, so errors do not multiply."""
         with self._view_lock:
             started = time.monotonic()
             if started - self._view_tried_at >= self.list_interval:
                 self._view_tried_at = started
-                self._store_view(started, self._api("list", self.cloud.list_instances))
+                try:
+                    self._store_view(started, self._api("list", self.cloud.list_instances))
+                except TransientCloudError as exc:
+                    self.list_errors += 1
+                    log.warning("provider %s: instance listing failed, keeping the last one: "
+                                "%s", self.provider.name, exc)
             return self._view_taken_at, self._view
 
     def _store_view(self, taken_at, instances):
