@@ -73,20 +73,22 @@ class Listing:
         self.ttl = ttl
         self.items = None
         self.started = -1.0
+        self._invalid = False
 
     def get(self, after=None):
         now = time.monotonic()
-        stale = self.items is None or now - self.started >= self.ttl
+        stale = self.items is None or self._invalid or now - self.started >= self.ttl
         if after is not None and self.started < after:
             stale = True
         if stale:
             started = time.monotonic()
             self.items = self._fetch()
             self.started = started
+            self._invalid = False
         return self.items
 
     def invalidate(self):
-        self.started = -1.0
+        self._invalid = True
 
 
 class OpenStackAdapter(Adapter):
