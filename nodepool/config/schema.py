@@ -44,12 +44,27 @@ def Number(minimum=None):
     return check
 
 
+def _not_a_string(value):
+    if isinstance(value, bool):
+        return v.Invalid("expected str, got a boolean (quote it: YAML reads yes/no/on/off as "
+                         "true/false)")
+    return v.Invalid("expected str")
+
+
 def Name(value):
     """A non-empty string naming an entry."""
     if not isinstance(value, str):
-        raise v.Invalid("expected str")
+        raise _not_a_string(value)
     if not value.strip():
         raise v.Invalid("must not be empty")
+    return value
+
+
+def MinReady(value):
+    """A count >= 0; -1 is accepted too, as old configs used it for "disabled" (it acts as 0)."""
+    value = Int()(value)
+    if value < -1:
+        raise v.Invalid(f"must be >= 0, got {value}")
     return value
 
 
@@ -68,7 +83,7 @@ def Bool(value):
 
 def Str(value):
     if not isinstance(value, str):
-        raise v.Invalid("expected str")
+        raise _not_a_string(value)
     return value
 
 
@@ -188,7 +203,7 @@ def merge_fields(common, extra):
 LABEL = {
     v.Required("name"): Name,
     # -1 is the documented "disabled" value of old configs; it acts like 0
-    v.Optional("min-ready", default=0): Int(-1),
+    v.Optional("min-ready", default=0): MinReady,
     v.Optional("max-ready-age", default=0): Int(0),
 }
 
