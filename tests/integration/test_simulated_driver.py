@@ -17,7 +17,8 @@ from nodepool.drivers.base import (META_BUILD_ID, META_NODE_ID, META_POOL, META_
                                    META_UPLOAD_ID, CloudResource, ImageUploadSpec, LaunchSpec)
 from nodepool.drivers.simulated import DRIVER
 from nodepool.drivers.simulated import cloud as simcloud
-from nodepool.drivers.simulated.adapter import DEFAULT_AZS, SimulatedAdapter
+from nodepool.drivers.simulated.adapter import (DEFAULT_AZS, SimulatedAdapter,
+                                                list_interval_for)
 from nodepool.errors import (InstanceNotFound, PermanentCloudError, QuotaError,
                              TransientCloudError)
 from nodepool.model.quota import Limits, Resources
@@ -245,6 +246,9 @@ def test_pure_quota_and_status_rules():
     assert status(ready_at=10, fails=0, delete_at=11, gone_at=12, now=11) == simcloud.DELETING
     assert status(ready_at=10, fails=0, delete_at=11, gone_at=12, now=12) == simcloud.GONE
     assert len({simcloud.addresses_for(n) for n in range(1, 600)}) == 599
+    assert list_interval_for(boot_time=60, delete_time=0) == 0.5     # never staler than 0.5 s
+    assert list_interval_for(boot_time=0.4, delete_time=0) == 0.1    # fast clouds poll faster
+    assert list_interval_for(boot_time=0, delete_time=0) == 0.1
 
 
 # -- delete --------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Its instances and images live in a state file of its own (not in the node store): a SQLite
 database, whatever its name, shared safely by every process using the provider (launchers, the
 builder, the CLI), so instances survive a launcher restart and leak exactly like a real cloud's
-would.  ``cloud.py`` is the cloud itself, ``adapter.py`` the driver's client of it.  Boot time, API latency, API error rate, boot
-failure rate and quota are set per provider, so tests and benchmarks can model real clouds.
+would.  ``cloud.py`` is the cloud itself, ``adapter.py`` the driver's client of it.  Boot time,
+API latency, API error rate, boot failure rate and quota are set per provider, so tests and
+benchmarks can model real clouds.
 """
 import os
 
@@ -25,7 +26,8 @@ class SimulatedDriver(Driver):
             v.Optional("boot-time", default=1.0): v.All(v.Coerce(float), v.Range(min=0)),
             v.Optional("delete-time", default=0.0): v.All(v.Coerce(float), v.Range(min=0)),
             v.Optional("api-latency", default=0.0): v.All(v.Coerce(float), v.Range(min=0)),
-            v.Optional("api-error-rate", default=0.0): v.All(v.Coerce(float), v.Range(min=0, max=1)),
+            v.Optional("api-error-rate", default=0.0): v.All(v.Coerce(float),
+                                                              v.Range(min=0, max=1)),
             v.Optional("boot-failure-rate", default=0.0): v.All(v.Coerce(float),
                                                                  v.Range(min=0, max=1)),
             v.Optional("upload-time", default=0.0): v.All(v.Coerce(float), v.Range(min=0)),

@@ -264,7 +264,8 @@ class SimulatedCloud:
                              (self.clock(),))
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:      # SQLite may already have rolled back (disk full)
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 
