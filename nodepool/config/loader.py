@@ -97,9 +97,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_unique_mapping(loader, node, deep=False):
-    loader.flatten_mapping(node)
+    # checked before flattening, as keys merged in by ``<<: *anchor`` may be overridden
     seen = {}
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             if key in seen:
@@ -109,6 +111,7 @@ def _construct_unique_mapping(loader, node, deep=False):
             seen[key] = key_node.start_mark.line
         except TypeError:
             pass            # unhashable key: construct_mapping reports it
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -388,16 +391,17 @@ class _Builder:
             provider = self.provider(where, raw, driver, config)
             config.providers[provider.name] = provider
             built.append((where, provider, driver))
-        self.image_formats(config)
-        self.unused_labels(config)
         for where, provider, driver in built:
             for key, message in driver.check_provider(provider, config) or []:
                 if not str(key).startswith("providers"):
                     key = f"{where}.{key}" if key else where
                 self.problem(key, message)
         if not self.problems:
+            # only a valid config is finalized; drivers may add pool labels or image formats
             for _, provider, driver in built:
                 driver.finalize(provider, config)
+            self.image_formats(config)
+            self.unused_labels(config)
         config.warnings = self.warnings
         return config
 

@@ -254,6 +254,16 @@ def test_bad_documents_are_one_clear_problem(tmp_path, body, fragment):
     assert problems[0][0] == "" and fragment in problems[0][1], problems
 
 
+def test_yaml_anchors_and_merge_keys_may_be_overridden(tmp_path):
+    body = """\
+    labels:
+      - &small {name: small, min-ready: 1}
+      - {<<: *small, name: small-b, min-ready: 3}
+    """
+    config = load_config(write(tmp_path, body))
+    assert config.labels["small-b"].min_ready == 3 and config.labels["small"].min_ready == 1
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "absent.yaml")
@@ -631,6 +641,8 @@ class TinyDriver(Driver):
     def finalize(self, provider, config):
         self.finalized.append(provider.name)
         provider.options["finalized"] = True
+        pool = provider.pools["main"]       # a driver may make pool labels of its own
+        pool.labels["extra"] = PoolLabel("extra", pool.name, provider.name)
 
     def adapter(self, provider, rate_limiter=None):
         raise NotImplementedError
@@ -644,7 +656,7 @@ def tiny(monkeypatch):
 
 
 TINY = """\
-labels: [{name: small}, {name: built}]
+labels: [{name: small}, {name: built}, {name: extra}]
 diskimages: [{name: debian, formats: [vhd]}]
 providers:
   - name: t
@@ -673,6 +685,7 @@ def test_driver_hooks_extend_the_schema(tmp_path, tiny):
     assert prov.diskimages["debian"].options == {"volume-size": 8}
     assert config.diskimages["debian"].formats == ["vhd", "raw"]
     assert tiny.finalized == ["t"]
+    assert config.warnings == []       # 'extra' is served: finalize() made its pool label
     assert prov.raw["regions"][0] == {"name": "r1", "weight": 1}
 
 
@@ -694,3 +707,8 @@ def test_driver_check_provider_problems(tmp_path, tiny):
     problems = problems_of(tmp_path, TINY.replace("https://cloud.example", "forbidden"))
     assert problems == [("providers[0].endpoint", "this endpoint is refused")]
     assert not tiny.finalized       # finalize runs only on a valid configuration
+
+
+def test_default_driver_is_openstack(tmp_path):
+    problems = problems_of(tmp_path, "providers:\n  - name: cloud1\n")
+    assert_problem(problems, "providers[0].cloud", "required key is missing")
