@@ -272,6 +272,16 @@ def test_missing_file_and_directory(tmp_path):
         load_config(tmp_path)
 
 
+def test_path_through_a_file_and_binary_content(tmp_path):
+    blocker = write(tmp_path, "labels: []\n", "plain")
+    with pytest.raises(ConfigError, match="cannot read file: Not a directory"):
+        load_config(os.path.join(blocker, "nodepool.yaml"))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"labels: [\xff\xfe]\n")
+    with pytest.raises(ConfigError, match="file is not UTF-8 text"):
+        load_config(binary)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_file(tmp_path):
     path = write(tmp_path, "labels: []\n")
@@ -600,6 +610,16 @@ def test_secure_file_problems_name_the_secure_file(tmp_path):
         load_config(main, secure)
     assert info.value.problems == [("diskimages[0].name", "diskimage 'debain' is not in the "
                                     "main config (did you mean 'debian'?)")]
+    # both files wrong: one error for the main file, the secure file's problems name it
+    bad_main = write(tmp_path, FULL + "bogus: 1\n")
+    secure = write(tmp_path, SECURE + "labels: []\n", "secure.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad_main, secure)
+    assert info.value.path == bad_main
+    assert info.value.problems == [("bogus", "unknown key"),
+                                   (f"{secure}: labels", "unknown key")]
+    assert validate_config(bad_main, secure) == [f"{bad_main}: bogus: unknown key",
+                                                 f"{secure}: labels: unknown key"]
     assert validate_config(main, tmp_path / "nope.yaml") == [
         f"{tmp_path}/nope.yaml: file does not exist"]
 
