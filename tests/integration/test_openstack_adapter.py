@@ -235,3 +235,29 @@ def test_leaked_ports_and_floating_ips_are_listed(openstack_cloud, openstack_pro
     finally:
         conn.network.delete_port(port, ignore_missing=True)
         conn.network.delete_ip(fip, ignore_missing=True)
+
+
+def test_nova_api_down_then_back(openstack_cloud, openstack_provider):
+    from nodepool.errors import TransientCloudError
+    prov = make_provider(openstack_provider, pool={"auto-floating-ip": False})
+    adapter = DRIVER.adapter(prov)
+    adapter.start()
+    adapter.flavor_for(prov.pools["main"].labels["small"])      # warm the memo
+    openstack_cloud.stop_service("nova-api")
+    try:
+        with pytest.raises(TransientCloudError, match=f"provider {openstack_provider}"):
+            adapter.create_state_machine(spec_for(prov, "0000000030")).advance()
+        with pytest.raises(TransientCloudError):
+            adapter.list_instances()
+    finally:
+        openstack_cloud.start_service("nova-api")
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            adapter.quota_limits()
+            break
+        except TransientCloudError:
+            assert time.monotonic() < deadline, "nova-api did not come back"
+            time.sleep(1)
+    inst = run(adapter.create_state_machine(spec_for(prov, "0000000031")))
+    run(adapter.delete_state_machine(inst.external_id))
