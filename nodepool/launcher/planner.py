@@ -320,8 +320,10 @@ def plan_min_ready(labels, nodes, requests, servable_labels):
             ready[node.type[0]] += 1
     pending = Counter()
     for req in requests:
+        # a fulfilled min-ready request's node is still allocated to it until it is finished
         if req.requestor == MIN_READY_REQUESTOR and req.state in (
-                RequestState.REQUESTED, RequestState.PENDING) and len(req.node_types) == 1:
+                RequestState.REQUESTED, RequestState.PENDING, RequestState.FULFILLED) \
+                and len(req.node_types) == 1:
             pending[req.node_types[0]] += 1
     actions = []
     for name, label in sorted(labels.items()):

@@ -266,14 +266,13 @@ def test_config_reload_applies_new_limits_without_dropping_work(launcher_env):
 def test_bad_config_reload_keeps_running_config(launcher_env):
     basic(launcher_env, min_ready=1)
     launcher = launcher_env.start_launcher()
-    store = launcher_env.store()
-    wait_until(lambda: ready_unallocated(store), message="ready node")
+    client = launcher_env.client()
+    wait_until(lambda: ready_unallocated(client.store), message="ready node")
     with open(launcher_env.config_path, "a") as f:
         f.write("bogus-key: 1\n")
     import os
     st = os.stat(launcher_env.config_path)
     os.utime(launcher_env.config_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    client = launcher_env.client()
     nodes = client.request(["small"], timeout=20)
     assert nodes and launcher.config.labels["small"].min_ready == 1
     client.release(nodes)

@@ -238,9 +238,18 @@ def test_min_ready_counts_ready_and_outstanding_requests():
     labels = {"small": Label("small", min_ready=3), "big": Label("big", min_ready=1),
               "none": Label("none")}
     nodes = [node("1"), node("2", allocated_to="100-1")]
-    reqs = [req("900-1", ["small"], requestor=planner.MIN_READY_REQUESTOR)]
+    reqs = [req("900-1", ["small"], requestor=planner.MIN_READY_REQUESTOR),
+            req("900-2", ["big"], requestor=planner.MIN_READY_REQUESTOR, state="failed")]
     actions = planner.plan_min_ready(labels, nodes, reqs, {"small", "big"})
     assert actions == [SubmitMinReady("big", 1), SubmitMinReady("small", 1)]
+
+
+def test_fulfilled_min_ready_request_still_counts_until_finished():
+    labels = {"small": Label("small", min_ready=1)}
+    reqs = [req("900-1", ["small"], requestor=planner.MIN_READY_REQUESTOR, state="fulfilled",
+                nodes=["1"])]
+    nodes = [node("1", allocated_to="900-1")]
+    assert planner.plan_min_ready(labels, nodes, reqs, {"small"}) == []
 
 
 def test_min_ready_skips_labels_nobody_serves():
