@@ -94,10 +94,11 @@ def AnyMapping(value):
     return value
 
 
-# -- containers that collect every problem ---------------------------------------------------------
+# -- containers that collect every problem --------------------------------------------------------
 
 def _literal_keys(fields):
-    """The key names of a dict schema, or None when it also accepts keys by type (``{str: int}``)."""
+    """The key names of a dict schema, or None when it also accepts keys by type
+    (``{str: int}``)."""
     names = []
     for key in fields:
         name = key.schema if isinstance(key, v.Marker) else key
@@ -300,7 +301,7 @@ TENANT_LIMIT = {
 TENANT_LIMIT_KEYS = ["max-servers", "max-cores", "max-ram", "max-volumes", "max-volume-gb"]
 
 
-# -- providers: common keys + the driver's ---------------------------------------------------------
+# -- providers: common keys + the driver's --------------------------------------------------------
 
 class ProviderEntry:
     """Validates one ``providers`` entry with the schema of the driver it names."""

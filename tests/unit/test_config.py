@@ -131,7 +131,7 @@ providers:
 """
 
 
-# -- valid configurations --------------------------------------------------------------------------
+# -- valid configurations -------------------------------------------------------------------------
 
 def test_full_example_builds_the_dataclasses(tmp_path):
     config = load_config(write(tmp_path, FULL))
@@ -237,7 +237,7 @@ def test_files_changed_follows_the_mtime(tmp_path):
     assert config.files_changed()
 
 
-# -- unreadable and malformed files ------------------------------------------------------------------
+# -- unreadable and malformed files ---------------------------------------------------------------
 
 @pytest.mark.parametrize("body, fragment", [
     ("", "file is empty"),
@@ -299,7 +299,7 @@ def test_error_text_names_file_key_and_problem(tmp_path):
     assert info.value.path == path
 
 
-# -- schema problems -----------------------------------------------------------------------------------
+# -- schema problems ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, key, fragment", [
     ("labels:\n  - name: a\n    min-ready: lots\n", "labels[0].min-ready", "expected int"),
@@ -391,7 +391,7 @@ def test_every_problem_is_collected(tmp_path):
                     "providers[1].rat"}
 
 
-# -- cross-checks ------------------------------------------------------------------------------------
+# -- cross-checks ---------------------------------------------------------------------------------
 
 def test_duplicate_names(tmp_path):
     body = """\
@@ -493,7 +493,7 @@ def test_validate_config_lists_problem_lines(tmp_path):
         f"{tmp_path}/absent.yaml: file does not exist"]
 
 
-# -- diskimages --------------------------------------------------------------------------------------
+# -- diskimages -----------------------------------------------------------------------------------
 
 def test_diskimage_inheritance(tmp_path):
     config = load_config(write(tmp_path, FULL))
@@ -543,7 +543,7 @@ def test_unknown_and_cyclic_parents(tmp_path):
     assert_problem(problems, "diskimages[4].parent", "cyclic: self -> self")
 
 
-# -- environment substitution and the secure file -----------------------------------------------------
+# -- environment substitution and the secure file -------------------------------------------------
 
 def test_environment_substitution(tmp_path, monkeypatch):
     monkeypatch.setenv("NODEPOOL_ZK_HOST", "zk.internal")
@@ -611,7 +611,7 @@ def test_secure_file_problems_name_the_secure_file(tmp_path):
     assert info.value.problems == [("diskimages[0].name", "diskimage 'debain' is not in the "
                                     "main config (did you mean 'debian'?)")]
     # both files wrong: one error for the main file, the secure file's problems name it
-    bad_main = write(tmp_path, FULL + "bogus: 1\n")
+    bad_main = write(tmp_path, FULL + "bogus: 1\n", "bad.yaml")
     secure = write(tmp_path, SECURE + "labels: []\n", "secure.yaml")
     with pytest.raises(ConfigError) as info:
         load_config(bad_main, secure)
@@ -624,7 +624,7 @@ def test_secure_file_problems_name_the_secure_file(tmp_path):
         f"{tmp_path}/nope.yaml: file does not exist"]
 
 
-# -- the driver hooks ----------------------------------------------------------------------------------
+# -- the driver hooks -----------------------------------------------------------------------------
 
 class TinyDriver(Driver):
     """A driver with keys at every level, its own defaults, checks and finalize step."""
