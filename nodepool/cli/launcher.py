@@ -56,6 +56,7 @@ def main(argv=None):
     setup_logging(args.debug, args.logconfig)
     from ..launcher.launcher import Launcher
     launcher = Launcher(args.config, args.secure, webapp=not args.no_webapp)
+    launcher.install_signal_handlers()
     try:
         launcher.start()
     except ConfigError as exc:

@@ -150,12 +150,15 @@ class Launcher:
                 self.store.stop()
         log.info("launcher %s stopped", self.launcher_name)
 
+    def install_signal_handlers(self):
+        """SIGTERM/SIGINT stop, SIGHUP reloads.  Call from the main thread before ``start()``
+        so a signal during start-up is not lost."""
+        signal.signal(signal.SIGTERM, lambda *a: self.stop())
+        signal.signal(signal.SIGINT, lambda *a: self.stop())
+        signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
+
     def run(self):
-        """Run until ``stop()``; SIGTERM/SIGINT stop, SIGHUP reloads (when in the main thread)."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *a: self.stop())
-            signal.signal(signal.SIGINT, lambda *a: self.stop())
-            signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
+        """Run until ``stop()``, then shut down."""
         try:
             while not self._stop.is_set():
                 try:
