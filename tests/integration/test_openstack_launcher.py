@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-launcher_fixtures = pytest.importorskip("fixtures.launcher",
-                                        reason="launcher fixtures need the embedded store")
+pytest.importorskip("nodepool.store.sqlite", reason="the embedded store has not landed yet")
+pytest.importorskip("fixtures.launcher", reason="launcher fixtures need the embedded store")
 from fixtures.launcher import launcher_env, wait_until  # noqa: E402,F401 (fixture)
 from nodepool.model import NodeState  # noqa: E402
 
