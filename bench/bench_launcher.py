@@ -33,8 +33,8 @@ from nodepool.store import open_store  # noqa: E402
 
 def write_config(path, min_ready, max_servers, boot_time, store_lines):
     with open(path, "w") as f:
+        f.write(store_lines + "\n")
         f.write(textwrap.dedent(f"""\
-            {store_lines}
             labels:
               - name: small
                 min-ready: {min_ready}
@@ -114,22 +114,30 @@ def main():
     ap.add_argument("--sequential", type=int, default=200)
     ap.add_argument("--boot-time", type=float, default=0.1)
     ap.add_argument("--store", default="sqlite", choices=["sqlite", "zookeeper"])
-    ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper for --store zookeeper")
+    ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper for --store zookeeper "
+                    "(default: start one from Debian's zookeeper package for the run)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="nodepool-bench-")
     results = {"store": args.store, "boot_time_s": args.boot_time}
+    zk_server = None
     try:
         if args.store == "sqlite":
             store_lines = f"embedded-store:\n  path: {tmp}/state.sqlite"
         else:
             if not args.zk:
-                ap.error("--store zookeeper needs --zk HOST:PORT")
+                sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "..", "tests"))
+                from fixtures.zookeeper import ZooKeeperServer
+                zk_server = ZooKeeperServer(os.path.join(tmp, "zookeeper"))
+                zk_server.start()
+                args.zk = zk_server.hosts
             host, port = args.zk.rsplit(":", 1)
             chroot = f"/bench-{os.getpid()}"
             store_lines = (f"zookeeper-servers:\n  - host: {host}\n    port: {port}\n"
-                           f"    chroot: {chroot}")
+                           f"    chroot: {chroot}\n"
+                           f"embedded-store:\n  path: {tmp}/unused.sqlite")
         config = os.path.join(tmp, "nodepool.yaml")
         log = open(os.path.join(tmp, "launcher.log"), "w")
 
@@ -200,6 +208,8 @@ def main():
                 proc.wait()
         except NameError:
             pass
+        if zk_server is not None:
+            zk_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
