@@ -159,13 +159,21 @@ def test_worker_registers_returns_and_takes_hosts_out(zk_store, static_worker, s
 # -- through the launcher -------------------------------------------------------------------------
 
 @pytest.fixture
-def static_env(tmp_path, monkeypatch):
-    """A launcher environment whose static hosts are checked and reconciled quickly."""
-    pytest.importorskip("nodepool.config.loader", reason="config loader not available")
-    from fixtures.launcher import LauncherEnv
+def static_env(request, tmp_path, monkeypatch):
+    """A launcher environment whose static hosts are checked and reconciled quickly.
+
+    The store does not matter to the static driver: the embedded SQLite store when it is
+    available, else a real ZooKeeper."""
+    from fixtures.launcher import LauncherEnv, zookeeper_yaml
     monkeypatch.setattr(static_adapter, "HOST_CHECK_INTERVAL", 0.3)
     monkeypatch.setattr(provider_worker, "RECONCILE_SECONDS", 0.1)
-    env = LauncherEnv(tmp_path)
+    store_yaml = None
+    try:
+        import nodepool.store.sqlite  # noqa: F401
+    except ImportError:
+        store_yaml = zookeeper_yaml(request.getfixturevalue("zookeeper_server"),
+                                    request.getfixturevalue("zk_chroot"))
+    env = LauncherEnv(tmp_path, store_yaml)
     yield env
     env.close()
 

@@ -62,6 +62,7 @@ def pool_label_names(pool):
 
 class StaticDriver(Driver):
     name = "static"
+    labels_need_image = False       # pool labels, when listed at all, are just names
     # static hosts make no API calls and never launch: rate and retries do not apply
     provider_defaults = {"rate": 0, "boot-timeout": 60, "launch-timeout": 3600,
                          "launch-retries": 1}
