@@ -191,3 +191,30 @@ def test_actions_are_rechecked_against_the_current_record():
     assert not registered_action_applies(TakeOutOfService("1", s.external_id, "x"), taken, s)
     assert not registered_action_applies(ForgetNode("1", s.external_id, "x"), taken, s)
     assert registered_action_applies(ForgetNode("2", s.external_id, "dup"), record("2", s), s)
+
+
+# -- through the config loader --------------------------------------------------------------------
+
+def test_example_config_loads():
+    import os
+    from nodepool.config import load_config
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = load_config(os.path.join(repo, "examples", "static.yaml"))
+    pool = config.providers["lab"].pools["rack-1"]
+    assert sorted(pool.labels) == ["arm64", "debian-bare-metal", "windows-2022"]
+    assert len(expand_slots(config.providers["lab"])) == 4
+
+
+def test_bad_static_config_names_the_host_entry(tmp_path):
+    from nodepool.config import load_config
+    from nodepool.errors import ConfigError
+    path = tmp_path / "nodepool.yaml"
+    path.write_text("labels:\n  - name: linux\nproviders:\n  - name: s\n    driver: static\n"
+                    "    pools:\n      - name: p\n        nodes:\n"
+                    "          - {name: h1, labels: [linux, nope]}\n"
+                    "          - {name: h1, labels: linux}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    text = str(info.value)
+    assert "providers[0].pools[0].nodes[0].labels: label nope is not a top-level label" in text
+    assert "providers[0].pools[0].nodes[1]: host h1 port 22 is already listed" in text

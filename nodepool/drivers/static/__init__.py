@@ -75,7 +75,7 @@ class StaticDriver(Driver):
         seen = {}
         for pool_index, pool in enumerate(provider.pools.values()):
             for i, node in enumerate(pool.options.get("nodes") or []):
-                where = f"providers.{provider.name}.pools.{pool.name}.nodes[{i}]"
+                where = f"pools[{pool_index}].nodes[{i}]"    # the loader adds providers[n]
                 key = (node["name"], node_port(node))
                 if key in seen:
                     problems.append((where, f"host {node['name']} port {key[1]} is already "
