@@ -3,9 +3,11 @@
 The adapter tests need only sshd.  The launcher tests run a launcher in this process against a
 real SQLite store file (``fixtures.launcher``) with host checks every fraction of a second.
 """
+import importlib.util
 import socket
 
 import pytest
+import voluptuous
 
 from nodepool.config.model import Pool, Provider
 from nodepool.drivers.static import node_schema
@@ -37,7 +39,7 @@ def closed_port():
 
 
 def static_provider(*hosts):
-    schema = __import__("voluptuous").Schema(node_schema())
+    schema = voluptuous.Schema(node_schema())
     pool = Pool(name="hosts", provider="static", options={"nodes": [schema(h) for h in hosts]})
     return Provider(name="static", driver="static", pools={"hosts": pool})
 
@@ -168,9 +170,7 @@ def static_env(request, tmp_path, monkeypatch):
     monkeypatch.setattr(static_adapter, "HOST_CHECK_INTERVAL", 0.3)
     monkeypatch.setattr(provider_worker, "RECONCILE_SECONDS", 0.1)
     store_yaml = None
-    try:
-        import nodepool.store.sqlite  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("nodepool.store.sqlite") is None:
         store_yaml = zookeeper_yaml(request.getfixturevalue("zookeeper_server"),
                                     request.getfixturevalue("zk_chroot"))
     env = LauncherEnv(tmp_path, store_yaml)
@@ -179,7 +179,7 @@ def static_env(request, tmp_path, monkeypatch):
 
 
 def host(port, labels="linux", **extra):
-    lines = [f"          - name: 127.0.0.1", f"            connection-port: {port}",
+    lines = ["          - name: 127.0.0.1", f"            connection-port: {port}",
              f"            labels: {labels}", "            timeout: 2"]
     lines += [f"            {k}: {v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
