@@ -323,6 +323,8 @@ class Launcher:
                 elif label.cloud_image and worker.cloud_image_ready.get(label.name) is False:
                     unavailable[label.name] = f"cloud image {label.cloud_image} not found"
             if not worker.started:
+                if not worker.start_error:
+                    continue          # still starting: neither take nor decline requests yet
                 for label in pool.labels:
                     unavailable[label] = f"provider {prov.name} is not available" + (
                         f": {worker.start_error}" if worker.start_error else "")

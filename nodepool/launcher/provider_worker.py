@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - metrics module lands separately
 DELETE_TIMEOUT = 600
 QUOTA_CACHE_SECONDS = 300
 INSTANCE_LIST_SECONDS = 30
+START_RETRY = 30
 RECONCILE_SECONDS = 2.0      # registered (static) hosts: compare slots and node records
 STATIC_LAUNCHER = "static driver"   # the ``launcher`` Nodepool writes on static nodes
 
@@ -387,14 +388,27 @@ class ProviderWorker:
 
     # -- the worker thread ------------------------------------------------------------------------
 
-    def _run(self):
+    def _try_start(self):
+        """Start the adapter; on failure keep the reason (pools decline with it) and retry."""
         try:
             self.adapter.start()
-            self.started = True
         except Exception as exc:
-            self.start_error = str(exc)
-            self.log.error("provider %s cannot start: %s", self.provider.name, exc)
+            if str(exc) != self.start_error:
+                self.log.error("provider %s cannot start (retrying every %ds): %s",
+                               self.provider.name, START_RETRY, exc)
+            self.start_error = str(exc) or type(exc).__name__
+            self._next_start = time.monotonic() + START_RETRY
+            return
+        if self.start_error:
+            self.log.info("provider %s started after earlier failures", self.provider.name)
+        self.start_error = None
+        self.started = True
+
+    def _run(self):
+        self._next_start = 0.0
         while not self._stop.is_set():
+            if not self.started and time.monotonic() >= self._next_start:
+                self._try_start()
             try:
                 self._iteration()
             except Exception:
