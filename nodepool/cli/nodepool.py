@@ -138,6 +138,10 @@ def _delete_now(ctx, node):
     if provider is None:
         raise CliError(f"node {node.id}: provider {node.provider!r} is not in "
                        f"{ctx.config.path}; cannot delete its instance (use delete without --now)")
+    if node.state != NodeState.DELETING:
+        # recorded first, so a launcher finishes the job if this process fails half way
+        node.set_state(NodeState.DELETING)
+        ctx.store.update_node(node)
     if node.external_id:
         try:
             adapter = get_driver(provider.driver).adapter(provider)
