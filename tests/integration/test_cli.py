@@ -216,3 +216,28 @@ def test_version_and_debug(status_env):
     debug = status_env.run_cli("--debug", "delete", "0000009999")
     assert debug.returncode == 1
     assert "not found" in debug.stderr.strip().splitlines()[-1]
+
+
+def test_delete_now_deletes_the_instance_in_the_cloud(status_env):
+    from nodepool.drivers import get_driver
+    from nodepool.drivers.base import LaunchSpec
+    provider = status_env.config.providers["sim"]
+    pool = provider.pools["main"]
+    adapter = get_driver(provider.driver).adapter(provider)
+    adapter.start()
+    try:
+        machine = adapter.create_state_machine(LaunchSpec(
+            hostname="np-cli", label=pool.labels["small"], pool=pool, metadata={}))
+        for _ in range(1000):
+            if machine.advance():
+                break
+        assert machine.external_id
+        node = status_env.store.create_node(Node(state="ready", provider="sim", pool="main",
+                                                 type=["small"],
+                                                 external_id=machine.external_id))
+        ok(status_env.run_cli("delete", node.id, "--now"))
+        assert status_env.store.get_node(node.id) is None
+        alive = [i for i in adapter.list_instances() if not i.deleted]
+        assert machine.external_id not in {i.external_id for i in alive}
+    finally:
+        adapter.stop()
