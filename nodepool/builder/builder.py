@@ -30,13 +30,13 @@ from ..config import load_config
 from ..drivers import get_driver
 from ..drivers.base import META_BUILD_ID, META_PROVIDER, META_UPLOAD_ID, ImageUploadSpec
 from ..errors import ConfigError, LockError, NodepoolError, StoreError
-from ..model.images import build_file_path, parse_build_file_name
+from ..model.images import build_base_path, build_file_path, parse_build_file_name
 from ..model.records import Component, ImageBuild, ImageUpload
 from ..model.states import BuildState, UploadState
 from ..store.base import (build_lock_path, image_build_lock_path, upload_lock_path,
                           upload_record_lock_path)
 from . import planner
-from .runner import prune_build_logs, run_build
+from .runner import kill_orphaned_build, prune_build_logs, run_build
 
 try:
     from .. import metrics
@@ -173,8 +173,9 @@ class Builder:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self):
-        """Load the config, open the store, clean up after a killed builder, start workers."""
+    def start(self, workers=True):
+        """Load the config, open the store, clean up after a killed builder, start workers
+        (tests pass ``workers=False`` and call ``build_once``/``upload_once``/``janitor_pass``)."""
         self.config = load_config(self.config_path, self.secure_path)
         if not self.config.images_dir:
             raise ConfigError(self.config_path, [("images-dir", "required by the builder")])
@@ -191,6 +192,8 @@ class Builder:
         self.component = self.store.register_component(Component(
             kind="builder", hostname=self.hostname, state="running"))
         self.cleanup_after_crash()
+        if not workers:
+            return
         self._spawn("janitor", self._janitor_loop)
         for i in range(self.build_workers):
             self._spawn(f"build-{i}", self._build_loop)
@@ -644,6 +647,11 @@ class Builder:
                 continue
             log.info("image %s build %s: left building by a previous run; marking failed",
                      build.image, build.id)
+            killed = kill_orphaned_build(build_base_path(self.config.images_dir, build.image,
+                                                         build.id))
+            if killed:
+                log.info("image %s build %s: killed leftover build processes %s", build.image,
+                         build.id, killed)
             remove_build_files(self.config.images_dir, build.image, build.id)
             build.set_state(BuildState.FAILED)
             _quiet_store(self.store.update_build, build)

@@ -319,14 +319,16 @@ def build_image(args, environ):
         raise ImageCreateError(f"output directory {out_dir} is not writable")
     progress(f"building {os.path.basename(output)}: formats {','.join(formats)}, "
              f"elements {' '.join(elements)}")
-    work = tempfile.mkdtemp(prefix=".image-create-", dir=out_dir)
+    # The work tree lives inside the build's own ``.d`` directory, so whoever removes a
+    # build's files also removes what a killed build left behind.
+    manifest_dir = f"{output}.d"
+    os.makedirs(manifest_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="work-", dir=manifest_dir)
     written = []
     try:
         root = os.path.join(work, "root")
         os.makedirs(root)
         manifest = write_root_tree(root, elements, environ, args.arch)
-        manifest_dir = f"{output}.d"
-        os.makedirs(manifest_dir, exist_ok=True)
         with open(os.path.join(manifest_dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
         payload = tar_bytes(root)

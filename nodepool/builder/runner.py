@@ -88,6 +88,32 @@ def prune_build_logs(log_dir, image, retention):
     return removed
 
 
+def kill_orphaned_build(base_path, proc_dir="/proc"):
+    """SIGKILL every process of ours still running a build of ``base_path`` (found by its
+    ``DIB_IMAGE_FILENAME``): what a killed builder left behind.  Returns the PIDs killed."""
+    marker = f"DIB_IMAGE_FILENAME={base_path}".encode()
+    killed = []
+    try:
+        pids = [int(name) for name in os.listdir(proc_dir) if name.isdigit()]
+    except OSError:
+        return killed
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            with open(os.path.join(proc_dir, str(pid), "environ"), "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in env:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    return killed
+
+
 def _kill_group(proc):
     for sig, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
         try:
