@@ -59,7 +59,7 @@ class ActiveRequest:
 
 class Launcher:
     def __init__(self, config_path, secure_path=None, hostname=None, webapp=True,
-                 loop_interval=1.0, cleanup_interval=5.0, leak_interval=60.0,
+                 loop_interval=1.0, cleanup_interval=1.0, leak_interval=60.0,
                  worker_tick=0.05, store=None):
         self.config_path = config_path
         self.secure_path = secure_path
@@ -177,6 +177,10 @@ class Launcher:
         finally:
             self.shutdown()
 
+    def _wake(self):
+        if self.watcher is not None:
+            self.watcher.notify()
+
     def _on_session(self, state):
         if state == "lost":
             self._session_lost.set()
@@ -203,6 +207,7 @@ class Launcher:
             requests = self.store.list_requests()
         else:
             self._finish_min_ready(requests)
+            self._delete_used(nodes, locked_nodes)
         self._progress_active(nodes, requests, components)
         views = self._pool_views(nodes)
         self._min_ready(nodes, requests, components, views)
@@ -262,7 +267,8 @@ class Launcher:
                 try:
                     worker = ProviderWorker(prov, self.store, self.launcher_name,
                                             tick=self.worker_tick,
-                                            leak_interval=self.leak_interval)
+                                            leak_interval=self.leak_interval,
+                                            on_change=self._wake)
                 except Exception as exc:
                     log.error("provider %s cannot be used: %s", name, exc)
                     continue
@@ -687,6 +693,14 @@ class Launcher:
                     self._reset_lost(action.request_id)
             elif isinstance(action, planner.FinishMinReady):
                 self._apply_finish_min_ready(action.request_id)
+
+    def _delete_used(self, nodes, locked_nodes):
+        """Between full cleanups, delete returned nodes at once: they hold quota."""
+        for node in nodes:
+            if node.state == NodeState.USED and node.id not in locked_nodes \
+                    and node.provider in self.workers \
+                    and not getattr(self.workers[node.provider].adapter, "reuses_nodes", False):
+                self._delete_node(node.id, "used")
 
     def _delete_node(self, node_id, reason):
         node = self.store.get_node(node_id)

@@ -299,10 +299,11 @@ class ProviderWorker:
     """Owns one provider's adapter and advances its state machines from one thread."""
 
     def __init__(self, provider, store, launcher_name, tick=0.05, leak_interval=60,
-                 instance_interval=INSTANCE_LIST_SECONDS):
+                 instance_interval=INSTANCE_LIST_SECONDS, on_change=None):
         self.provider = provider
         self.store = store
         self.launcher_name = launcher_name
+        self.on_change = on_change or (lambda: None)   # wakes the launcher loop
         self.tick = tick
         self.leak_interval = leak_interval
         self.instance_interval = instance_interval
@@ -403,6 +404,8 @@ class ProviderWorker:
             self.log.info("provider %s started after earlier failures", self.provider.name)
         self.start_error = None
         self.started = True
+        self._refresh_cloud_view(time.monotonic())
+        self.on_change()
 
     def _run(self):
         self._next_start = 0.0
