@@ -22,4 +22,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test,zookeeper,aws]'
+python3 -m pip install -q --disable-pip-version-check -e '.[test,zookeeper,aws,openstack]'
+
+# The OpenStack driver's tests run a real local OpenStack from Debian's packages (root only).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    bash tests/fixtures/openstack/install.sh
+fi

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-exec python3 -m pytest -n 2 -q -p no:cacheprovider "$@" tests
+exec python3 -m pytest -n 2 --dist loadgroup -q -p no:cacheprovider "$@" tests

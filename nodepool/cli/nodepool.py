@@ -22,7 +22,7 @@ from .common import (CLI_LOCK_IDENTIFIER, COMMANDS, LOCK_TIMEOUT, CliError, Comm
                      command)
 
 # Modules that register more subcommands when they exist (e.g. the client's ``request``).
-EXTRA_COMMAND_MODULES = ("nodepool.cli.request",)
+EXTRA_COMMAND_MODULES = ("nodepool.cli.request", "nodepool.cli.openstack_commands")
 
 DELETE_NOW_POLL_MAX = 2.0
 
