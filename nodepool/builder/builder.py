@@ -170,6 +170,8 @@ class Builder:
                       "janitor": threading.Event()}
         self._janitor_lock = threading.Lock()
         self.janitor_passes = 0
+        # bumped when the store session (and with it every lock we held) is lost
+        self.session_epoch = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -189,6 +191,7 @@ class Builder:
             from ..store import open_store
             self.store = open_store(self.config)
             self.store.start()
+        self.store.add_session_listener(self._on_session)
         self.component = self.store.register_component(Component(
             kind="builder", hostname=self.hostname, state="running"))
         self.cleanup_after_crash()
@@ -201,6 +204,11 @@ class Builder:
             self._spawn(f"upload-{i}", self._upload_loop)
         log.info("builder %s (%s) started: %d build and %d upload worker(s)", self.hostname,
                  self.builder_id, self.build_workers, self.upload_workers)
+
+    def _on_session(self, state):
+        if state == "lost":
+            self.session_epoch += 1
+            log.error("state store session lost: builds running now will be marked failed")
 
     def _spawn(self, name, target):
         thread = threading.Thread(target=self._guarded, args=(name, target),
@@ -367,6 +375,7 @@ class Builder:
                            shell_type=image.shell_type)
         self.store.create_build(build)
         started = time.monotonic()
+        epoch = self.session_epoch
         try:
             result = run_build(image, build.id, config.images_dir, config.build_log_dir,
                                elements_dir=config.elements_dir,
@@ -377,6 +386,9 @@ class Builder:
             error = f"cannot run the build: {exc}"
             log_path = config.build_log_dir
         prune_build_logs(config.build_log_dir, image.name, config.build_log_retention)
+        if error is None and self.session_epoch != epoch:
+            # Our build lock vanished with the session: another builder may have built too.
+            error = "the state store session was lost during the build"
         build = self.store.get_build(image.name, build.id) or build
         if error is None:
             build.set_state(BuildState.READY)

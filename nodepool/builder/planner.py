@@ -114,11 +114,12 @@ def uploads_needed(config, builds, uploads, local_build_ids=None):
     """
     active = {(u.image, u.build_id, u.provider) for u in uploads
               if _state(u) in (UploadState.READY.value, UploadState.UPLOADING.value)}
+    images = buildable_images(config)
     needed = []
     for prov_name, prov in sorted(config.providers.items()):
         fmt = provider_image_format(prov)
         for name, pimage in sorted(prov.diskimages.items()):
-            if pimage.pause or name not in buildable_images(config):
+            if pimage.pause or name not in images:
                 continue
             build = newest_ready_build(builds, name)
             if build is None or fmt not in build.format_list:
@@ -162,10 +163,11 @@ def kept_uploads(config, builds, uploads):
     """Keys ``(image, build_id, provider, upload_id)`` of the two newest ready uploads of each
     listed image-provider pair, across the image's ready builds."""
     ready_build_ids = {(b.image, b.id) for b in ready_builds(builds)}
+    pairs = listed_pairs(config)
     by_pair = {}
     for u in uploads:
         if (_state(u) == UploadState.READY.value and (u.image, u.build_id) in ready_build_ids
-                and (u.image, u.provider) in listed_pairs(config)):
+                and (u.image, u.provider) in pairs):
             by_pair.setdefault((u.image, u.provider), []).append(u)
     kept = set()
     for pair_uploads in by_pair.values():

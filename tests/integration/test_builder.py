@@ -333,6 +333,37 @@ def test_unknown_image_request_and_deleting_a_missing_build_are_harmless(env):
     assert builder.delete_build(DeleteBuild("no-such-image", "0" * 32, "test")) is True
 
 
+def test_build_finishing_after_a_lost_store_session_is_failed(env):
+    import threading
+    go = env.tmp / "go"
+    started = env.tmp / "started"
+    env.element("waits", f"""
+        touch {started}
+        while [ ! -e {go} ]; do sleep 0.05; done
+    """)
+    env.write_config(images={"ubuntu": {"elements": ["base", "waits"]}})
+    builder = env.builder()
+    store = env.open_store()
+    worker = threading.Thread(target=builder.build_once)
+    worker.start()
+    try:
+        wait_for(started.exists, "the build to start")
+        builder._on_session("lost")          # what the store tells its listeners
+    finally:
+        go.write_text("")
+        worker.join(60)
+    [build] = store.list_builds()
+    assert str(build.state) == "failed" and env.image_files() == []
+
+
+def test_builder_cli_rejects_bad_options(capsys):
+    from nodepool.cli.builder import main
+    assert main(["-c", "/nonexistent.yaml"]) == 2
+    assert "only foreground mode" in capsys.readouterr().err
+    assert main(["-f", "-c", "/nonexistent.yaml", "--build-workers", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
 class FailingUploads:
     """Wraps an adapter so uploads to one provider raise after the image was created."""
 
@@ -439,7 +470,8 @@ def _alive(pid):
 def start_builder_process(env):
     log = open(env.tmp / "builder.out", "ab")
     proc = subprocess.Popen([PYTHON, "-m", "nodepool.cli.builder", "-f", "-c",
-                             str(env.config_path), "--upload-workers", "2"],
+                             str(env.config_path), "--upload-workers", "2",
+                             "-p", str(env.tmp / "builder.pid")],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
     return proc
@@ -479,6 +511,7 @@ def test_builder_killed_mid_build_and_mid_upload_leaks_nothing(env, processes):
     proc = start_builder_process(env)
     processes.append(proc)
     wait_for(started.exists, "the build to start")
+    assert (env.tmp / "builder.pid").read_text().strip() == str(proc.pid)
     assert states(store.list_builds()) == ["building"]
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
