@@ -9,4 +9,5 @@ pytest_plugins = [
     "fixtures.status_data",
     "fixtures.sshd",
     "fixtures.openstack",
+    "fixtures.moto",
 ]
