@@ -78,8 +78,17 @@ class _Record:
         self.state_time = when if when is not None else _now()
 
     def copy(self):
+        """A copy whose list and dict fields can be changed without touching this record."""
         new = dataclasses.replace(self)
-        new.extra = dict(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(new, f.name, list(value))
+            elif isinstance(value, dict):
+                setattr(new, f.name, dict(value))
+        for attr in ("id", "version", "image", "build_id", "provider", "kind"):
+            if hasattr(self, attr):
+                setattr(new, attr, getattr(self, attr))
         return new
 
 
