@@ -552,6 +552,7 @@ class Builder:
                 except StoreError as exc:
                     log.error("janitor: %s: %s (will retry)", action, exc)
             self.remove_stale_local_files()
+            self.drop_uploaded_formats()
             for prov_name, prov in config.providers.items():
                 if prov.manages_images:
                     self.remove_leaked_images(prov_name)
@@ -618,6 +619,26 @@ class Builder:
                 removed.add((image, build_id))
                 remove_build_files(images_dir, image, build_id)
         return sorted(removed)
+
+    def drop_uploaded_formats(self):
+        """Apply ``delete-after-upload``: remove format files every provider has uploaded."""
+        dropped = []
+        for drop in planner.formats_to_drop(self.config, self.store.list_builds(),
+                                            self.store.list_uploads()):
+            path = build_file_path(self.config.images_dir, drop.image, drop.build_id, drop.format)
+            for suffix in ("",) + tuple(f".{c}" for c in CHECKSUM_SUFFIXES):
+                try:
+                    os.unlink(path + suffix)
+                    if not suffix:
+                        dropped.append(path)
+                        log.info("image %s build %s: %s uploaded everywhere; removed %s",
+                                 drop.image, drop.build_id, drop.format, path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.error("image %s build %s: cannot remove %s: %s", drop.image,
+                              drop.build_id, path + suffix, exc.strerror)
+        return dropped
 
     def remove_leaked_images(self, provider_name):
         """Delete cloud images tagged as uploads to this provider whose record is gone."""

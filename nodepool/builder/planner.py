@@ -262,6 +262,35 @@ def _build_deletion_reason(build, images, kept_build_ids, held_locks):
 
 # -- local files ------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class DropFormat:
+    """Remove one format's local file of a ready build (``delete-after-upload``)."""
+    image: str
+    build_id: str
+    format: str
+
+
+def formats_to_drop(config, builds, uploads):
+    """Local format files ``delete-after-upload`` lets go: for a ready build of such an image,
+    a format (not in ``keep-formats``) that every provider uploading in it has a ``ready`` upload
+    of this build in.  Formats no provider uploads are kept."""
+    ready_pairs = {(u.image, u.build_id, u.provider) for u in uploads
+                   if _state(u) == UploadState.READY.value}
+    drops = []
+    for b in sorted(builds, key=lambda b: (b.image, b.id or "")):
+        image = config.diskimages.get(b.image)
+        if image is None or not image.delete_after_upload or _state(b) != BuildState.READY.value:
+            continue
+        for fmt in b.format_list:
+            if fmt in (image.keep_formats or []):
+                continue
+            users = [name for name, prov in config.providers.items()
+                     if b.image in prov.diskimages and provider_image_format(prov) == fmt]
+            if users and all((b.image, b.id, p) in ready_pairs for p in users):
+                drops.append(DropFormat(b.image, b.id, fmt))
+    return drops
+
+
 def local_files_to_remove(file_names, builds):
     """Names (in images-dir) of build files whose build is gone, failed or being deleted.
 

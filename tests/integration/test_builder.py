@@ -287,7 +287,7 @@ def test_build_timeout_kills_the_whole_process_group(env):
     assert "build timed out after 1s" in (env.log_dir / f"ubuntu-{build.id}.log").read_text()
     sleeper = int(pidfile.read_text())
     deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{sleeper}") and time.monotonic() < deadline:
+    while _alive(sleeper) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(sleeper)
     assert env.image_files() == []
@@ -419,6 +419,18 @@ def test_post_upload_hook_failure_deletes_the_cloud_image(env):
     assert filename.endswith(".qcow2")
     (env.tmp / "hook-ok").write_text("")
     assert builder.upload_once() == 1
+
+
+def test_delete_after_upload_removes_uploaded_format_files(env):
+    env.write_config(images={"ubuntu": {"delete-after-upload": True, "formats": ["tar"]}})
+    builder = env.builder()
+    store = env.open_store()
+    build = build_and_upload(builder, store)
+    builder.janitor_pass()
+    base = f"ubuntu-{build.id}"
+    assert env.image_files() == sorted([f"{base}.d", f"{base}.tar", f"{base}.tar.md5",
+                                        f"{base}.tar.sha256"])
+    assert states(store.list_uploads()) == ["ready", "ready"]
 
 
 def test_leaked_cloud_images_are_removed(env):

@@ -234,6 +234,23 @@ def test_local_files_of_missing_failed_and_deleting_builds_are_removed():
         [f"u-{bid['c']}.qcow2", f"u-{bid['d']}.qcow2", f"u-{bid['e']}.qcow2", f"u-{bid['e']}.d"])
 
 
+def test_delete_after_upload_drops_formats_uploaded_everywhere_except_kept_ones():
+    config = make_config(providers={"a": ["ubuntu"], "b": ["ubuntu"], "r": ["ubuntu"]},
+                         delete_after_upload=True)
+    config.providers["r"].options["image-format"] = "raw"
+    config.diskimages["ubuntu"].formats = ["qcow2", "raw", "tar"]
+    bs = [build("ubuntu", "b1", t=1, formats="qcow2,raw,tar")]
+    ups = [upload("ubuntu", "b1", "a", "1"), upload("ubuntu", "b1", "r", "1")]
+    assert planner.formats_to_drop(config, bs, ups) == [
+        planner.DropFormat("ubuntu", "b1", "raw")]          # b has no qcow2 yet; tar: nobody
+    ups.append(upload("ubuntu", "b1", "b", "1"))
+    assert {d.format for d in planner.formats_to_drop(config, bs, ups)} == {"qcow2", "raw"}
+    config.diskimages["ubuntu"].keep_formats = ["qcow2"]
+    assert {d.format for d in planner.formats_to_drop(config, bs, ups)} == {"raw"}
+    config.diskimages["ubuntu"].delete_after_upload = False
+    assert planner.formats_to_drop(config, bs, ups) == []
+
+
 # -- the retention invariant ------------------------------------------------------------------------
 
 IMAGES = ("img-a", "img-b", "img-gone")
