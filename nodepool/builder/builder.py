@@ -193,7 +193,8 @@ class Builder:
             self.store.start()
         self.store.add_session_listener(self._on_session)
         self.component = self.store.register_component(Component(
-            kind="builder", hostname=self.hostname, state="running"))
+            kind="builder", hostname=self.hostname, state="running",
+            version_string=_package_version()))
         self.cleanup_after_crash()
         if not workers:
             return
@@ -247,7 +248,8 @@ class Builder:
         self.stop()
         deadline = time.monotonic() + 30
         for thread in self._threads:
-            thread.join(max(0.1, deadline - time.monotonic()))
+            uploading = thread.name.startswith("builder-upload")
+            thread.join(1.0 if uploading else max(0.1, deadline - time.monotonic()))
         with self._adapter_lock:
             for _, adapter in self._adapters.values():
                 try:
@@ -732,6 +734,11 @@ def _quiet_store(func, *args):
         func(*args)
     except StoreError as exc:
         log.error("state store: %s", exc)
+
+
+def _package_version():
+    from .. import __version__
+    return __version__
 
 
 def _mtime(path):
