@@ -105,6 +105,16 @@ def images_needing_build(config, builds, paused_images=(), build_requests=(), no
 
 # -- uploads ----------------------------------------------------------------------------------------
 
+WITHDRAWN_KEY = "withdrawn_from"
+
+
+def withdrawn_providers(build):
+    """Providers an operator withdrew this build from (``nodepool image-delete`` of its upload).
+
+    Kept in the build record (an extra JSON key other programs ignore), so that reverting a bad
+    image by deleting its upload is not undone by the next upload pass."""
+    return set(build.extra.get(WITHDRAWN_KEY) or [])
+
 def uploads_needed(config, builds, uploads, local_build_ids=None):
     """(build, provider) uploads to make: the newest ready build of each image, to every provider
     listing the image whose provider diskimage is not paused and whose format the build has, when
@@ -128,6 +138,8 @@ def uploads_needed(config, builds, uploads, local_build_ids=None):
                 continue
             if (name, build.id, prov_name) in active:
                 continue
+            if prov_name in withdrawn_providers(build):
+                continue      # an operator deleted this build's upload here: do not bring it back
             needed.append(UploadNeeded(name, build.id, prov_name, fmt))
     return needed
 

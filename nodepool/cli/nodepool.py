@@ -17,6 +17,7 @@ import traceback
 from .. import __version__
 from ..errors import ConfigError, LockError, NodepoolError
 from ..model.states import BuildState, NodeState, UploadState
+from ..builder.planner import WITHDRAWN_KEY, withdrawn_providers
 from . import tables
 from .common import (CLI_LOCK_IDENTIFIER, COMMANDS, LOCK_TIMEOUT, CliError, CommandContext, arg,
                      command)
@@ -93,6 +94,11 @@ def _mark_upload_deleting(ctx, upload):
     if upload.state != UploadState.DELETING:
         upload.set_state(UploadState.DELETING)
         ctx.store.update_upload(upload)
+    build = ctx.store.get_build(upload.image, upload.build_id)
+    if build is not None and upload.provider not in withdrawn_providers(build):
+        # the builder must not upload this build to this provider again (a revert sticks)
+        build.extra[WITHDRAWN_KEY] = sorted(withdrawn_providers(build) | {upload.provider})
+        ctx.store.update_build(build)
     ctx.print(f"upload {upload.id} of {upload.image} build {upload.build_id} on "
               f"{upload.provider} marked for deletion")
     _report_users(ctx, f"upload {upload.id}", _nodes_using(ctx, [upload.path]))

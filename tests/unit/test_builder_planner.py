@@ -322,3 +322,19 @@ def test_current_and_previous_ready_uploads_and_two_newest_builds_are_never_dele
                        upload_lock_path(u.image, u.build_id, u.provider) in held
                        for u in uploads if u.build_id == b.id)
             assert busy or (b.image, b.id) in deleted_builds
+
+
+def test_upload_withdrawn_by_an_operator_is_not_made_again():
+    """Reverting a bad image by deleting its upload must stick until the next build."""
+    from nodepool.builder.planner import WITHDRAWN_KEY, uploads_needed
+    from nodepool.config.model import Config, DiskImage, Provider, ProviderDiskImage
+    from nodepool.model import ImageBuild
+    config = Config(diskimages={"img": DiskImage("img", formats=["qcow2"])},
+                    providers={"p1": Provider("p1", "simulated",
+                                              diskimages={"img": ProviderDiskImage("img")}),
+                               "p2": Provider("p2", "simulated",
+                                              diskimages={"img": ProviderDiskImage("img")})})
+    bad = ImageBuild(image="img", id="b2", state="ready", state_time=2.0, formats="qcow2")
+    bad.extra[WITHDRAWN_KEY] = ["p1"]
+    needed = uploads_needed(config, [bad], [])
+    assert [(u.build_id, u.provider) for u in needed] == [("b2", "p2")]
