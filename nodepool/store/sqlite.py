@@ -21,14 +21,16 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 
 from ..errors import ConflictError, LockError, NotFoundError, SessionLostError, StoreError
 from ..model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
-from .base import ChangeWatcher, Lock, StateStore
+from .base import ChangeWatcher, Lock, StateStore, node_lock_path
 
 log = logging.getLogger("nodepool.store.sqlite")
 
-BUSY_TIMEOUT_MS = 5000
+COMPONENT_KINDS = ("launcher", "builder", "pool")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -61,12 +63,48 @@ CREATE TABLE IF NOT EXISTS components (
 
 
 def _process_start(pid):
-    """The kernel's start time of ``pid`` (guards against PID reuse), or None if it is gone."""
+    """The kernel's start time of ``pid`` (guards against PID reuse), or None if it is gone.
+
+    A zombie (killed, not yet reaped by its parent) counts as gone: it holds nothing any more.
+    """
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X", "x"):
+        return None
+    return fields[19]
+
+
+def _json_copy(value):
+    """Deep copy of JSON-like data (lists, dicts, scalars); much cheaper than copy.deepcopy."""
+    kind = type(value)
+    if kind is list:
+        return [_json_copy(v) for v in value]
+    if kind is dict:
+        return {k: _json_copy(v) for k, v in value.items()}
+    return value
+
+
+class _Cached:
+    """A parsed record kept between listings, with the attributes that need copying out."""
+
+    __slots__ = ("gen", "record", "containers")
+
+    def __init__(self, gen, record):
+        self.gen = gen
+        self.record = record
+        self.containers = tuple(k for k, v in vars(record).items() if type(v) in (list, dict))
+
+    def fresh(self):
+        """A copy the caller may mutate freely (lists and dicts are copied too)."""
+        new = object.__new__(type(self.record))
+        attrs = dict(vars(self.record))
+        for key in self.containers:
+            attrs[key] = _json_copy(attrs[key])
+        new.__dict__ = attrs
+        return new
 
 
 def _pid_alive(pid):
@@ -80,11 +118,19 @@ def _pid_alive(pid):
 
 
 class SQLiteStore(StateStore):
-    def __init__(self, path, session_timeout=10.0, hostname=None, poll_interval=0.005):
-        self.path = os.path.abspath(path)
+    """The embedded store (see the module docstring).
+
+    ``busy_timeout`` is how long a write waits for another process's transaction before giving
+    up with a StoreError; transactions here last microseconds, so only a stuck process hits it.
+    """
+
+    def __init__(self, path, session_timeout=10.0, hostname=None, poll_interval=0.005,
+                 busy_timeout=5.0):
+        self.path = os.path.abspath(str(path))
         self.session_timeout = float(session_timeout)
         self.hostname = hostname or socket.gethostname()
         self.poll_interval = poll_interval
+        self.busy_timeout = float(busy_timeout)
         self._local = threading.local()
         self._connections = []
         self._conn_lock = threading.Lock()
@@ -93,14 +139,15 @@ class SQLiteStore(StateStore):
         self._pstart = _process_start(self._pid)
         self._stop = threading.Event()
         self._threads = []
-        self._watchers = []
+        self._watchers = weakref.WeakSet()
         self._watch_lock = threading.Lock()
-        self._watch_started = False
+        self._poller = None
         self._components = {}           # id -> Component we registered
+        self._components_lock = threading.Lock()
         self._cache_lock = threading.Lock()
-        self._node_cache = {}           # id -> (gen, Node)
-        self._request_cache = {}
-        self._gens = {"nodes": -1, "requests": -1}
+        self._caches = {"nodes": {}, "requests": {}}     # table -> {id: _Cached}
+        self._ordered = {"nodes": [], "requests": []}    # table -> [_Cached] in listing order
+        self._gens = {"nodes": None, "requests": None}
         self._started = False
 
     # -- connections -------------------------------------------------------------------------------
@@ -116,27 +163,29 @@ class SQLiteStore(StateStore):
 
     def _connect(self):
         try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
                                    isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
     def _error(self, exc):
-        text = str(exc)
+        """One line naming the file and the problem, in place of a raw sqlite3 error."""
         if isinstance(exc, StoreError):
             return exc
-        if "not a database" in text or "malformed" in text or "file is encrypted" in text:
-            return StoreError(f"state store {self.path} is not a valid SQLite database "
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        low = text.lower()
+        if "not a database" in low or "malformed" in low or "encrypted" in low:
+            return StoreError(f"state store {self.path} is not a usable SQLite database "
                               f"(corrupt or another kind of file): {text}")
-        if "locked" in text or "busy" in text:
+        if "locked" in low or "busy" in low:
             return StoreError(f"state store {self.path} is locked by another process "
-                              f"(waited {BUSY_TIMEOUT_MS / 1000:g}s): {text}")
-        if "unable to open" in text or "readonly" in text or "read-only" in text:
+                              f"(waited {self.busy_timeout:g}s): {text}")
+        if "unable to open" in low or "readonly" in low or "read-only" in low:
             return StoreError(f"cannot open state store {self.path} for writing: {text} "
-                              f"(check the directory exists and is writable)")
+                              f"(check the path and its permissions)")
         return StoreError(f"state store {self.path}: {text}")
 
     def _tx(self, fn, immediate=True):
@@ -165,31 +214,68 @@ class SQLiteStore(StateStore):
         except sqlite3.Error as exc:
             raise self._error(exc) from None
 
+    def _close_connections(self):
+        with self._conn_lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._connections.clear()
+        self._local = threading.local()
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self):
+        if self._started:
+            return self
+        self._check_path()
+        try:
+            self._init_schema()
+            self._open_session()
+        except BaseException:
+            self._close_connections()
+            raise
+        self._stop.clear()
+        self._started = True
+        hb = threading.Thread(target=self._heartbeat_loop, name="store-heartbeat", daemon=True)
+        hb.start()
+        self._threads = [hb]
+        with self._watch_lock:
+            if len(self._watchers):
+                self._start_poller()
+        return self
+
+    def _check_path(self):
         directory = os.path.dirname(self.path)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the directory of state store {self.path}: "
                              f"{exc.strerror}") from None
+        if os.path.isdir(self.path):
+            raise StoreError(f"state store {self.path} is a directory, not a database file")
         if os.path.exists(self.path) and not os.access(self.path, os.R_OK | os.W_OK):
             raise StoreError(f"cannot open state store {self.path}: permission denied")
+
+    def _init_schema(self):
         conn = self._conn()
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            # Read first: on a file that is not a database this fails before anything is written.
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
             if mode.lower() != "wal":
-                log.warning("state store %s: journal mode is %s, not WAL", self.path, mode)
-            conn.executescript(SCHEMA)
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode.lower() != "wal":
+                    log.warning("state store %s: journal mode is %s, not WAL", self.path, mode)
+            have = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+            if not {"meta", "sessions", "nodes", "requests", "locks", "builds", "uploads",
+                    "upload_seq", "image_flags", "components"} <= have:
+                self._tx(lambda c: [c.execute(stmt) for stmt in SCHEMA.split(";")
+                                    if stmt.strip()])
         except sqlite3.Error as exc:
             raise self._error(exc) from None
-        self._open_session()
-        self._started = True
-        hb = threading.Thread(target=self._heartbeat_loop, name="store-heartbeat", daemon=True)
-        hb.start()
-        self._threads.append(hb)
-        return self
 
     def _open_session(self):
         sid = f"{self.hostname}-{self._pid}-{uuid.uuid4().hex[:12]}"
@@ -206,36 +292,33 @@ class SQLiteStore(StateStore):
             return
         self._started = False
         self._stop.set()
-        for t in self._threads:
-            if t is not threading.current_thread():
+        for t in self._threads + [self._poller]:
+            if t is not None and t is not threading.current_thread():
                 t.join(5)
+        self._threads = []
+        self._poller = None
         sid = self._session
         try:
             self._tx(lambda conn: self._drop_session(conn, sid))
         except StoreError as exc:
             log.warning("could not remove our session from %s: %s", self.path, exc)
-        with self._conn_lock:
-            for conn in self._connections:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._connections.clear()
-        self._local = threading.local()
+        self._notify_watchers()
+        self._close_connections()
 
     @property
     def session_id(self):
         return self._session
 
     def _drop_session(self, conn, sid):
-        changed = conn.execute("DELETE FROM requests WHERE session=?", (sid,)).rowcount
-        if changed:
+        if conn.execute("DELETE FROM requests WHERE session=?", (sid,)).rowcount:
             self._bump(conn, "requests")
         conn.execute("DELETE FROM locks WHERE session=?", (sid,))
         conn.execute("DELETE FROM components WHERE session=?", (sid,))
         conn.execute("DELETE FROM sessions WHERE id=?", (sid,))
 
     def _alive(self, row, now):
+        """Whether a session row is live: fresh heartbeat, and on this host a running process
+        that is the same one (start time) that opened it."""
         sid, pid, pstart, hostname, heartbeat = row
         if heartbeat is None or now - heartbeat > self.session_timeout:
             return False
@@ -245,7 +328,7 @@ class SQLiteStore(StateStore):
             if not _pid_alive(pid):
                 return False
             started = _process_start(pid)
-            if started is not None and pstart is not None and started != pstart:
+            if started is None or (pstart is not None and started != pstart):
                 return False
         return True
 
@@ -257,19 +340,38 @@ class SQLiteStore(StateStore):
     def _reap(self, conn):
         live, every = self._live_sessions(conn)
         for sid in every - live:
-            log.info("state store: session %s is gone; releasing its locks and ephemerals", sid)
+            log.info("state store %s: session %s is gone; removing its locks, ephemeral "
+                     "requests and components", self.path, sid)
             self._drop_session(conn, sid)
+        return every - live
 
     def _heartbeat_loop(self):
-        interval = max(0.2, self.session_timeout / 3)
-        while not self._stop.wait(interval):
+        """Beat every ``session_timeout/3``; between beats look (read only, cheap) for dead
+        sessions of this host every second, so a killed process's locks go quickly."""
+        beat_every = max(0.2, self.session_timeout / 3)
+        check_every = min(1.0, beat_every)
+        next_beat = time.monotonic() + beat_every
+        while not self._stop.wait(check_every):
             try:
-                lost = self._tx(self._beat)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + beat_every
+                    lost = self._tx(self._beat)
+                else:
+                    lost = False
+                    live, every = self._live_sessions()
+                    if self._session not in every:
+                        lost = True
+                    elif every - live and self._tx(self._reap):
+                        self._notify_watchers()
             except StoreError as exc:
                 log.warning("state store heartbeat failed: %s", exc)
                 continue
-            if lost:
-                self._recover_session()
+            if lost and not self._stop.is_set():
+                try:
+                    self._recover_session()
+                except StoreError as exc:
+                    log.warning("state store %s: could not open a new session: %s",
+                                self.path, exc)
 
     def _beat(self, conn):
         cur = conn.execute("UPDATE sessions SET heartbeat=? WHERE id=?",
@@ -280,35 +382,53 @@ class SQLiteStore(StateStore):
         return False
 
     def _recover_session(self):
-        log.error("state store session %s was expired by another process (were we frozen?); "
-                  "our locks and ephemeral records are gone", self._session)
+        log.error("state store %s: session %s was expired by another process (were we frozen?); "
+                  "our locks and ephemeral requests are gone", self.path, self._session)
         self._notify_session("lost")
         self._open_session()
-        for comp in list(self._components.values()):
+        with self._components_lock:
+            components = list(self._components.values())
+        for comp in components:
             self._insert_component(comp)
         self._notify_session("connected")
+        self._notify_watchers()
 
     # -- change notification ----------------------------------------------------------------------
 
     def watch(self):
         watcher = ChangeWatcher()
         with self._watch_lock:
-            self._watchers.append(watcher)
-            if not self._watch_started:
-                self._watch_started = True
-                t = threading.Thread(target=self._poll_loop, name="store-watch", daemon=True)
-                t.start()
-                self._threads.append(t)
+            self._watchers.add(watcher)
+            if self._started:
+                self._start_poller()
         return watcher
 
+    def _start_poller(self):
+        """Called with ``_watch_lock`` held."""
+        if self._poller is None or not self._poller.is_alive():
+            self._poller = threading.Thread(target=self._poll_loop, name="store-watch",
+                                            daemon=True)
+            self._poller.start()
+
     def _poll_loop(self):
-        conn = self._connect()
+        """Notify watchers whenever any connection commits (``PRAGMA data_version`` moves);
+        ends when the store stops or no watcher is left."""
+        try:
+            conn = self._connect()
+        except StoreError as exc:
+            log.warning("state store change poller cannot connect: %s", exc)
+            return
         last = None
         try:
             while not self._stop.wait(self.poll_interval):
+                with self._watch_lock:
+                    if not len(self._watchers):
+                        self._poller = None
+                        return
                 try:
                     version = conn.execute("PRAGMA data_version").fetchone()[0]
                 except sqlite3.Error:
+                    self._stop.wait(0.5)
                     continue
                 if version != last:
                     if last is not None:
@@ -326,11 +446,10 @@ class SQLiteStore(StateStore):
     # -- generic record helpers --------------------------------------------------------------------
 
     def _bump(self, conn, table):
-        conn.execute("INSERT INTO meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET "
-                     "value = value + 1", (f"gen:{table}",))
-        return conn.execute("SELECT value FROM meta WHERE key=?", (f"gen:{table}",)).fetchone()[0]
+        return self._next(conn, f"gen:{table}")
 
     def _next(self, conn, key):
+        """Advance and return a counter; counters only grow, so ids are never reused."""
         conn.execute("INSERT INTO meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET "
                      "value = value + 1", (key,))
         return conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0]
@@ -339,16 +458,16 @@ class SQLiteStore(StateStore):
         if not self._started or self._session is None:
             raise SessionLostError(f"state store {self.path} is not started")
 
-    def _write_record(self, table, record, check_version, extra_where=""):
+    def _write_record(self, table, what, record, check_version):
         data = json.dumps(record.to_dict())
 
         def fn(conn):
             row = conn.execute(f"SELECT version FROM {table} WHERE id=?", (record.id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"{table[:-1]} {record.id} does not exist")
+                raise NotFoundError(f"{what} {record.id} does not exist (any more)")
             if check_version and record.version is not None and row[0] != record.version:
-                raise ConflictError(f"{table[:-1]} {record.id} changed (version {row[0]}, "
-                                    f"ours {record.version})")
+                raise ConflictError(f"{what} {record.id} changed since version "
+                                    f"{record.version} (now {row[0]})")
             gen = self._bump(conn, table)
             conn.execute(f"UPDATE {table} SET data=?, version=?, gen=? WHERE id=?",
                          (data, row[0] + 1, gen, record.id))
@@ -357,18 +476,19 @@ class SQLiteStore(StateStore):
         self._notify_watchers()
         return record
 
-    def _cached_list(self, table, cls, cache):
-        """All records of ``table``, reparsing only rows whose ``gen`` changed."""
-        rows = self._read(f"SELECT value FROM meta WHERE key=?", (f"gen:{table}",))
-        gen = rows[0][0] if rows else 0
+    def _cached_list(self, table, cls, order):
+        """All records of ``table`` as fresh objects in ``order``; only rows whose ``gen``
+        changed since the last call are read and parsed again."""
         with self._cache_lock:
+            rows = self._read("SELECT value FROM meta WHERE key=?", (f"gen:{table}",))
+            gen = rows[0][0] if rows else 0
             if gen != self._gens[table]:
-                current = self._read(f"SELECT id, gen FROM {table}")
-                ids = {rid: g for rid, g in current}
-                for rid in list(cache):
-                    if rid not in ids:
-                        del cache[rid]
-                stale = [rid for rid, g in ids.items() if rid not in cache or cache[rid][0] != g]
+                cache = self._caches[table]
+                current = dict(self._read(f"SELECT id, gen FROM {table}"))
+                for rid in [rid for rid in cache if rid not in current]:
+                    del cache[rid]
+                stale = [rid for rid, g in current.items()
+                         if rid not in cache or cache[rid].gen != g]
                 if stale:
                     if len(stale) > 500:
                         fetched = self._read(f"SELECT id, data, version, gen FROM {table}")
@@ -377,12 +497,15 @@ class SQLiteStore(StateStore):
                         fetched = self._read(
                             f"SELECT id, data, version, gen FROM {table} WHERE id IN ({marks})",
                             stale)
+                    wanted = set(stale)
                     for rid, data, version, g in fetched:
-                        if rid in stale:
-                            cache[rid] = (g, cls.from_dict(json.loads(data), id=rid,
-                                                           version=version))
+                        if rid in wanted:
+                            cache[rid] = _Cached(g, cls.from_dict(json.loads(data), id=rid,
+                                                                   version=version))
+                self._ordered[table] = sorted(cache.values(), key=lambda c: order(c.record))
                 self._gens[table] = gen
-            return [rec.copy() for _, rec in cache.values()]
+            ordered = self._ordered[table]
+        return [c.fresh() for c in ordered]
 
     # -- nodes -------------------------------------------------------------------------------------
 
@@ -410,16 +533,16 @@ class SQLiteStore(StateStore):
         return Node.from_dict(json.loads(rows[0][0]), id=str(node_id), version=rows[0][1])
 
     def list_nodes(self):
-        return sorted(self._cached_list("nodes", Node, self._node_cache), key=lambda n: n.id)
+        return self._cached_list("nodes", Node, lambda n: n.id)
 
     def update_node(self, node, check_version=False):
-        return self._write_record("nodes", node, check_version)
+        return self._write_record("nodes", "node", node, check_version)
 
     def delete_node(self, node_id):
         def fn(conn):
             if conn.execute("DELETE FROM nodes WHERE id=?", (str(node_id),)).rowcount:
                 self._bump(conn, "nodes")
-            conn.execute("DELETE FROM locks WHERE path=?", (f"/nodepool/nodes/{node_id}/lock",))
+            conn.execute("DELETE FROM locks WHERE path=?", (node_lock_path(node_id),))
         self._tx(fn)
         self._notify_watchers()
 
@@ -433,6 +556,8 @@ class SQLiteStore(StateStore):
         now = time.time()
         request.created_time = request.created_time or now
         request.state_time = request.state_time or now
+        if not request.event_id:
+            request.event_id = uuid.uuid4().hex
 
         def fn(conn):
             seq = self._next(conn, "seq:request")
@@ -453,11 +578,10 @@ class SQLiteStore(StateStore):
         return NodeRequest.from_dict(json.loads(rows[0][0]), id=request_id, version=rows[0][1])
 
     def list_requests(self):
-        return sorted(self._cached_list("requests", NodeRequest, self._request_cache),
-                      key=NodeRequest.sort_key)
+        return self._cached_list("requests", NodeRequest, NodeRequest.sort_key)
 
     def update_request(self, request, check_version=False):
-        return self._write_record("requests", request, check_version)
+        return self._write_record("requests", "request", request, check_version)
 
     def delete_request(self, request_id):
         def fn(conn):
@@ -473,8 +597,9 @@ class SQLiteStore(StateStore):
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
-            if self._try_lock(path, identifier):
-                return Lock(self, path, self._session)
+            sid = self._try_lock(path, identifier)
+            if sid:
+                return Lock(self, path, sid)
             if not blocking or (deadline is not None and time.monotonic() >= deadline):
                 raise LockError(f"lock {path} is held by another process")
             time.sleep(delay)
@@ -487,7 +612,7 @@ class SQLiteStore(StateStore):
             row = conn.execute("SELECT session FROM locks WHERE path=?", (path,)).fetchone()
             if row is not None:
                 if row[0] == sid:
-                    raise LockError(f"lock {path} is already held by this process "
+                    raise LockError(f"lock {path} is already held by this session "
                                     f"(locks are not re-entrant)")
                 srow = conn.execute("SELECT * FROM sessions WHERE id=?", (row[0],)).fetchone()
                 if srow is not None and self._alive(srow, time.time()):
@@ -495,7 +620,7 @@ class SQLiteStore(StateStore):
                 conn.execute("DELETE FROM locks WHERE path=?", (path,))
             conn.execute("INSERT INTO locks VALUES (?,?,?,?)",
                          (path, sid, identifier, time.time()))
-            return True
+            return sid
         got = self._tx(fn)
         if got:
             self._notify_watchers()
@@ -538,6 +663,8 @@ class SQLiteStore(StateStore):
     # -- images ------------------------------------------------------------------------------------
 
     def create_build(self, build):
+        if not build.image:
+            raise ValueError("an image build needs build.image set")
         build.id = build.id or uuid.uuid4().hex
         build.state_time = build.state_time or time.time()
 
@@ -601,6 +728,10 @@ class SQLiteStore(StateStore):
 
         def fn(conn):
             key = (upload.image, upload.build_id, upload.provider)
+            if conn.execute("SELECT 1 FROM builds WHERE image=? AND id=?",
+                            key[:2]).fetchone() is None:
+                raise NotFoundError(f"build {upload.build_id} of image {upload.image} "
+                                    f"does not exist")
             conn.execute("INSERT INTO upload_seq VALUES (?,?,?,1) ON CONFLICT DO UPDATE SET "
                          "seq = seq + 1", key)
             seq = conn.execute("SELECT seq FROM upload_seq WHERE image=? AND build_id=? AND "
@@ -696,13 +827,18 @@ class SQLiteStore(StateStore):
 
     def register_component(self, component):
         self._check_session()
+        if component.kind not in COMPONENT_KINDS:
+            raise StoreError(f"component kind {component.kind!r} is not one of "
+                             f"{', '.join(COMPONENT_KINDS)}")
+        component.hostname = component.hostname or self.hostname
 
         def fn(conn):
             seq = self._next(conn, "seq:component")
-            component.id = f"{component.hostname or self.hostname}{seq:010d}"
+            component.id = f"{component.hostname}{seq:010d}"
         self._tx(fn)
         self._insert_component(component)
-        self._components[component.id] = component
+        with self._components_lock:
+            self._components[component.id] = component
         return component
 
     def _insert_component(self, component):
@@ -720,14 +856,25 @@ class SQLiteStore(StateStore):
             cur = conn.execute("UPDATE components SET data=?, version=version+1 WHERE id=?",
                                (data, component.id))
             if cur.rowcount == 0:
-                raise NotFoundError(f"component {component.id} is not registered")
-        self._tx(fn)
-        self._components[component.id] = component
+                raise NotFoundError(f"component {component.kind}/{component.id} is not "
+                                    f"registered")
+            return conn.execute("SELECT version FROM components WHERE id=?",
+                                (component.id,)).fetchone()[0]
+        try:
+            component.version = self._tx(fn)
+        except NotFoundError:
+            with self._components_lock:
+                registered = component.id in self._components
+            if not registered:
+                raise
+            self._insert_component(component)   # our session was replaced meanwhile
+            return component
         self._notify_watchers()
         return component
 
     def unregister_component(self, component):
-        self._components.pop(component.id, None)
+        with self._components_lock:
+            self._components.pop(component.id, None)
         self._tx(lambda conn: conn.execute("DELETE FROM components WHERE id=?", (component.id,)))
         self._notify_watchers()
 
@@ -739,7 +886,7 @@ class SQLiteStore(StateStore):
                               "WHERE kind=?", (kind,))
         live, _ = self._live_sessions()
         out = []
-        for cid, ckind, data, version, session in sorted(rows):
+        for cid, ckind, data, version, session in sorted(rows, key=lambda r: (r[1], r[0])):
             if session not in live:
                 continue
             comp = Component.from_dict(json.loads(data), id=cid, version=version)

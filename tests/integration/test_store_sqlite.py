@@ -1,0 +1,440 @@
+"""SQLiteStore on a real file: the shared store contract, plus what only the embedded store does
+(several processes on one file, PID-based session liveness, clear errors on bad files)."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from nodepool.errors import LockError, StoreError
+from nodepool.model.records import Component, Node, NodeRequest
+from nodepool.model.states import NodeState
+from nodepool.store.base import node_lock_path
+from nodepool.store.sqlite import SQLiteStore
+
+from store_contract import StoreContract, eventually, new_node
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WAIT = 20.0
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "state" / "nodepool.sqlite")
+
+
+@pytest.fixture
+def make_store(db_path):
+    stores = []
+
+    def make(path=None, **kw):
+        store = SQLiteStore(path or db_path, **kw)
+        store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.stop()
+
+
+class TestSQLiteStoreContract(StoreContract):
+    @pytest.fixture
+    def store_factory(self, make_store):
+        """New started stores (separate sessions) on one fresh database file."""
+        return make_store
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+class Child:
+    """A Python snippet run as a separate process against the store; talks by lines."""
+
+    def __init__(self, code, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+
+    def line(self):
+        text = self.proc.stdout.readline()
+        if not text:
+            raise AssertionError(f"child exited: {self.proc.wait()} {self.proc.stderr.read()}")
+        return text.strip()
+
+    def finish(self, timeout=WAIT):
+        """Close stdin (the child's cue to stop cleanly) and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(WAIT)
+
+    def close(self):
+        self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream and not stream.closed:
+                stream.close()
+
+
+@pytest.fixture
+def children():
+    started = []
+
+    def start(code, *args):
+        child = Child(code, *args)
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.close()
+
+
+LOCK_RACER = """
+    import os, sys, time
+    from nodepool.errors import LockError
+    from nodepool.store.sqlite import SQLiteStore
+    path, go = sys.argv[1], sys.argv[2]
+    store = SQLiteStore(path).start()
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    try:
+        store.lock("/nodepool/nodes/0000000001/lock")
+        print("won", flush=True)
+    except LockError:
+        print("lost", flush=True)
+    sys.stdin.read()
+    store.stop()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_race_for_one_lock_and_exactly_one_wins(db_path, tmp_path, children,
+                                                              make_store):
+    make_store()          # create the file first so both racers open an existing database
+    go = tmp_path / "go"
+    racers = [children(LOCK_RACER, db_path, go) for _ in range(2)]
+    assert [r.line() for r in racers] == ["ready", "ready"]
+    go.touch()
+    results = sorted(r.line() for r in racers)
+    assert results == ["lost", "won"]
+    observer = make_store()
+    assert observer.is_node_locked("0000000001")
+    for r in racers:
+        assert r.finish() == 0
+    assert not observer.is_node_locked("0000000001")
+
+
+HOLDER = """
+    import sys
+    from nodepool.model.records import NodeRequest
+    from nodepool.store.sqlite import SQLiteStore
+    store = SQLiteStore(sys.argv[1], session_timeout=float(sys.argv[2])).start()
+    store.lock_node("0000000005")
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    print(req.id, flush=True)
+    sys.stdin.read()
+    store.stop()
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_process_loses_its_lock_and_ephemeral_request(db_path, children, make_store):
+    # A long session timeout: recovery must come from noticing the process is gone.
+    observer = make_store(session_timeout=60)
+    holder = children(HOLDER, db_path, 60)
+    request_id = holder.line()
+    assert observer.get_request(request_id) is not None
+    assert observer.is_node_locked("0000000005")
+    with pytest.raises(LockError):
+        observer.lock_node("0000000005")
+    holder.kill()
+    lock = observer.lock_node("0000000005", blocking=True, timeout=WAIT)
+    assert lock.path == node_lock_path("0000000005")
+    eventually(lambda: observer.get_request(request_id) is None, timeout=WAIT,
+               what="the dead process's ephemeral request to vanish")
+    assert request_id not in [r.id for r in observer.list_requests()]
+
+
+ALLOCATOR = """
+    import json, os, sys, time
+    from nodepool.model.records import Node, NodeRequest
+    from nodepool.store.sqlite import SQLiteStore
+    path, go = sys.argv[1], sys.argv[2]
+    store = SQLiteStore(path).start()
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    nodes = [store.create_node(Node(state="ready", type=["x"])).id for _ in range(40)]
+    reqs = [store.submit_request(NodeRequest(node_types=["x"]), ephemeral=False).id
+            for _ in range(10)]
+    print(json.dumps([nodes, reqs]), flush=True)
+    store.stop()
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_allocation_from_four_processes_gives_unique_ids(db_path, tmp_path, children,
+                                                                    make_store):
+    store = make_store()
+    go = tmp_path / "go"
+    procs = [children(ALLOCATOR, db_path, go) for _ in range(4)]
+    assert [p.line() for p in procs] == ["ready"] * 4
+    go.touch()
+    results = [json.loads(p.line()) for p in procs]
+    for p in procs:
+        assert p.finish() == 0
+    node_ids = [i for nodes, _ in results for i in nodes]
+    request_ids = [i for _, reqs in results for i in reqs]
+    assert len(set(node_ids)) == 160
+    assert len(set(request_ids)) == 40
+    assert sorted(n.id for n in store.list_nodes()) == sorted(node_ids)
+    assert sorted(r.id for r in store.list_requests()) == sorted(request_ids)
+    for nodes, _ in results:       # each process saw its own ids grow
+        assert nodes == sorted(nodes)
+
+
+# -- bad files ---------------------------------------------------------------------------------
+
+def one_line_naming(exc_info, path, *words):
+    text = str(exc_info.value)
+    assert "\n" not in text
+    assert path in text
+    for word in words:
+        assert word in text.lower()
+
+
+def test_missing_directory_is_created(tmp_path):
+    path = tmp_path / "a" / "b" / "state.sqlite"
+    with SQLiteStore(str(path)) as store:
+        store.create_node(new_node())
+    assert path.exists()
+
+
+def test_corrupt_file_is_a_clear_error_and_stays_untouched(tmp_path):
+    path = tmp_path / "state.sqlite"
+    garbage = b"this is not a database, just some text\n" * 200
+    path.write_bytes(garbage)
+    with pytest.raises(StoreError) as exc_info:
+        SQLiteStore(str(path)).start()
+    one_line_naming(exc_info, str(path), "not a usable sqlite database")
+    assert path.read_bytes() == garbage
+
+
+def test_damaged_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "state.sqlite"
+    with SQLiteStore(str(path)) as store:
+        store.create_node(new_node())
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)        # wreck the schema page, keep the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as exc_info:
+        SQLiteStore(str(path)).start()
+    one_line_naming(exc_info, str(path))
+    assert path.read_bytes() == bytes(data)
+
+
+def test_path_under_a_file_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = str(blocker / "state.sqlite")
+    with pytest.raises(StoreError) as exc_info:
+        SQLiteStore(path).start()
+    one_line_naming(exc_info, path, "directory")
+
+
+def test_directory_as_path_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError) as exc_info:
+        SQLiteStore(str(tmp_path)).start()
+    one_line_naming(exc_info, str(tmp_path), "directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_unwritable_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "state.sqlite"
+    with SQLiteStore(str(path)):
+        pass
+    path.chmod(0o400)
+    with pytest.raises(StoreError) as exc_info:
+        SQLiteStore(str(path)).start()
+    one_line_naming(exc_info, str(path))
+
+
+LOCKER = """
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    sys.stdin.read()
+    conn.execute("ROLLBACK")
+    conn.close()
+"""
+
+
+@pytest.mark.slow
+def test_database_locked_too_long_is_a_clear_error_and_data_survives(db_path, children):
+    with SQLiteStore(db_path) as store:
+        kept = store.create_node(new_node(comment="keep me"))
+    writer = SQLiteStore(db_path, busy_timeout=0.3).start()
+    try:
+        locker = children(LOCKER, db_path)
+        assert locker.line() == "locked"
+        with pytest.raises(StoreError) as exc_info:
+            SQLiteStore(db_path, busy_timeout=0.3).start()
+        one_line_naming(exc_info, db_path, "locked")
+        with pytest.raises(StoreError) as exc_info:
+            writer.create_node(new_node())
+        one_line_naming(exc_info, db_path, "locked")
+        assert writer.get_node(kept.id).comment == "keep me"    # WAL readers still read
+        assert locker.finish() == 0
+        writer.create_node(new_node())
+    finally:
+        writer.stop()
+    with SQLiteStore(db_path) as store:
+        assert [n.comment for n in store.list_nodes()] == ["keep me", None]
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+def raw(db_path):
+    return sqlite3.connect(db_path, isolation_level=None, timeout=10)
+
+
+def test_wal_mode_and_sessions_rows(db_path, make_store):
+    a, b = make_store(), make_store()
+    conn = raw(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    rows = conn.execute("SELECT id, pid FROM sessions").fetchall()
+    assert sorted(r[0] for r in rows) == sorted([a.session_id, b.session_id])
+    assert {r[1] for r in rows} == {os.getpid()}
+    a.stop()
+    assert [r[0] for r in conn.execute("SELECT id FROM sessions")] == [b.session_id]
+    conn.close()
+
+
+def test_lock_of_a_reused_pid_session_is_free(db_path, make_store):
+    """Our own PID with another process start time: that session's process is long dead."""
+    store = make_store()
+    conn = raw(db_path)
+    conn.execute("INSERT INTO sessions VALUES ('ghost', ?, 'not-our-start', ?, ?)",
+                 (os.getpid(), store.hostname, time.time()))
+    conn.execute("INSERT INTO locks VALUES (?, 'ghost', 'old', ?)",
+                 (node_lock_path("0000000009"), time.time()))
+    conn.close()
+    assert not store.is_node_locked("0000000009")
+    store.lock_node("0000000009").release()
+
+
+def test_session_of_another_host_lives_until_its_heartbeat_is_old(db_path, make_store):
+    store = make_store(session_timeout=5)
+    conn = raw(db_path)
+    conn.execute("INSERT INTO sessions VALUES ('remote', 1, 'x', 'elsewhere', ?)", (time.time(),))
+    conn.execute("INSERT INTO locks VALUES (?, 'remote', NULL, ?)",
+                 (node_lock_path("0000000001"), time.time()))
+    assert store.is_node_locked("0000000001")
+    with pytest.raises(LockError):
+        store.lock_node("0000000001")
+    conn.execute("UPDATE sessions SET heartbeat=? WHERE id='remote'", (time.time() - 60,))
+    conn.close()
+    assert not store.is_node_locked("0000000001")
+    store.lock_node("0000000001").release()
+
+
+@pytest.mark.slow
+def test_lost_session_is_replaced_and_components_reregistered(db_path, make_store):
+    store = make_store(session_timeout=0.9)
+    other = make_store()
+    events = []
+    store.add_session_listener(events.append)
+    comp = store.register_component(Component(kind="launcher"))
+    store.lock_node("0000000002")
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    old_session = store.session_id
+    # What another process does to a session that missed its heartbeats (we were frozen):
+    conn = raw(db_path)
+    conn.execute("BEGIN IMMEDIATE")
+    for table in ("locks", "requests", "components"):
+        conn.execute(f"DELETE FROM {table} WHERE session=?", (old_session,))
+    conn.execute("DELETE FROM sessions WHERE id=?", (old_session,))
+    conn.execute("COMMIT")
+    conn.close()
+    eventually(lambda: events == ["lost", "connected"], timeout=WAIT, what="session replaced")
+    assert store.session_id != old_session
+    assert [c.id for c in other.list_components("launcher")] == [comp.id]
+    assert other.get_request(req.id) is None
+    assert not other.is_node_locked("0000000002")
+    store.lock_node("0000000002").release()
+
+
+def test_stop_and_start_again(db_path):
+    store = SQLiteStore(db_path)
+    store.start()
+    first = store.session_id
+    store.lock_node("0000000001")
+    store.stop()
+    store.start()
+    try:
+        assert store.session_id != first
+        store.lock_node("0000000001").release()
+        watcher = store.watch()
+        other = SQLiteStore(db_path).start()
+        other.create_node(new_node())
+        other.stop()
+        assert watcher.wait(WAIT)
+    finally:
+        store.stop()
+
+
+# -- listing cache -----------------------------------------------------------------------------
+
+def test_listing_reparses_only_changed_rows(db_path, make_store, monkeypatch):
+    a, b = make_store(), make_store()
+    nodes = [a.create_node(new_node()) for _ in range(30)]
+    assert len(a.list_nodes()) == 30
+    parsed = []
+    original = Node.from_dict.__func__
+
+    def counting(cls, data, id=None, version=None):
+        parsed.append(id)
+        return original(cls, data, id=id, version=version)
+    monkeypatch.setattr(Node, "from_dict", classmethod(counting))
+    assert len(a.list_nodes()) == 30
+    assert parsed == []
+    nodes[4].state = NodeState.USED
+    b.update_node(nodes[4])
+    b.delete_node(nodes[7].id)
+    listed = a.list_nodes()
+    assert parsed == [nodes[4].id]
+    assert len(listed) == 29
+    assert listed[4].state == NodeState.USED and listed[4].version == nodes[4].version
+
+
+def test_watchers_only_poll_while_they_exist(make_store):
+    store = make_store()
+    watcher = store.watch()
+    assert store._poller is not None and store._poller.is_alive()
+    poller = store._poller
+    del watcher
+    poller.join(WAIT)
+    assert not poller.is_alive()
+    again = store.watch()
+    other = make_store()
+    other.create_node(new_node())
+    assert again.wait(WAIT)
