@@ -171,6 +171,7 @@ class AwsAdapter(Adapter):
         self.retry_delays = RETRY_DELAYS
         self.sleep = time.sleep
         self.upload_poll = UPLOAD_POLL
+        self.upload_grace = UPLOAD_GRACE
         self._clients = {}
         self._client_lock = threading.Lock()
         self._sizes = {}                   # instance type -> (vcpus, ram MiB)
@@ -308,25 +309,32 @@ class AwsAdapter(Adapter):
     def image_info(self, image_id):
         """``describe_images`` entry of one AMI (cached); PermanentCloudError if missing."""
         def fetch():
-            images = self.ec2(f"describe image {image_id}", "describe_images",
-                              ImageIds=[image_id]).get("Images") or []
+            try:
+                images = self.ec2(f"describe image {image_id}", "describe_images", True,
+                                  ImageIds=[image_id]).get("Images") or []
+            except InstanceNotFound:
+                return None
             return images[0] if images else None
         image = self._remember(("image", image_id), fetch)
         if image is None:
             self.forget(("image", image_id))
-            raise PermanentCloudError(f"{self.what}: image {image_id} not found")
+            raise InstanceNotFound(f"{self.what}: image {image_id} not found")
         return image
 
-    def cloud_image_info(self, cloud_image):
+    def cloud_image_info(self, cloud_image, label_name=None):
         """The AMI of a ``cloud-images`` entry, by ``image-id`` or newest matching
         ``image-filters`` (cached); LabelConfigurationError when there is none."""
         opts = cloud_image.options
+        subject = f"{self.what}: " + (f"label {label_name}: " if label_name else "") + \
+            f"cloud image {cloud_image.name}"
         if opts.get("image-id"):
             try:
                 return self.image_info(opts["image-id"])
+            except InstanceNotFound:
+                pass
             except PermanentCloudError as exc:
-                raise LabelConfigurationError(f"{exc} (cloud image {cloud_image.name})") \
-                    from exc
+                raise LabelConfigurationError(f"{subject}: {exc}") from exc
+            raise LabelConfigurationError(f"{subject}: image {opts['image-id']} not found")
         filters = [{"Name": f["name"], "Values": list(f["values"])}
                    for f in opts.get("image-filters") or []]
         key = ("filters", cloud_image.name, repr(filters))
@@ -337,8 +345,8 @@ class AwsAdapter(Adapter):
         image = self._remember(key, fetch)
         if image is None:
             self.forget(key)
-            raise LabelConfigurationError(f"{self.what}: cloud image {cloud_image.name}: no "
-                                          f"image matches image-filters {filters}")
+            raise LabelConfigurationError(f"{subject}: no image matches image-filters "
+                                          f"{filters}")
         return image
 
     def pool_uses_internal_ip(self, pool_name):
@@ -491,25 +499,38 @@ class AwsAdapter(Adapter):
                                         self._meta(tag_dict(snap.get("Tags")))),
                           snap.get("StartTime")))
         if self.bucket:
-            s3 = self.client("s3")
-            for obj in self.paginate("list our objects", "s3", "list_objects_v2", "Contents",
-                                     Bucket=self.bucket, Prefix=self._object_prefix()):
-                key = obj["Key"]
-                try:
-                    tagging = self.call(f"tags of object {key}",
-                                        lambda k=key: s3.get_object_tagging(Bucket=self.bucket,
-                                                                            Key=k),
-                                        missing_ok=True)
-                except InstanceNotFound:
-                    continue
-                tags = tag_dict(tagging.get("TagSet"))
-                if tags.get(META_PROVIDER) != self.provider.name:
-                    continue
-                items.append((CloudResource("object", key, self._meta(tags), key),
-                              obj.get("LastModified")))
+            items.extend(self._our_objects())
         now = datetime.datetime.now(datetime.timezone.utc)
-        out.extend(leak_candidates(items, live_uploads, live_snapshots, now))
+        out.extend(leak_candidates(items, live_uploads, live_snapshots, now,
+                                   self.upload_grace))
         return out
+
+    def _our_objects(self):
+        """(CloudResource, last modified) of S3 objects tagged with our provider.  A missing
+        bucket is logged, not raised: volumes and snapshots are still worth cleaning."""
+        s3 = self.client("s3")
+        items = []
+        try:
+            objects = self.paginate("list our objects", "s3", "list_objects_v2", "Contents",
+                                    Bucket=self.bucket, Prefix=self._object_prefix())
+        except PermanentCloudError as exc:
+            self.log.warning("%s: S3 objects not checked for leaks: %s", self.what, exc)
+            return items
+        for obj in objects:
+            key = obj["Key"]
+            try:
+                tagging = self.call(f"tags of object {key}",
+                                    lambda k=key: s3.get_object_tagging(Bucket=self.bucket,
+                                                                        Key=k),
+                                    missing_ok=True)
+            except InstanceNotFound:
+                continue
+            tags = tag_dict(tagging.get("TagSet"))
+            if tags.get(META_PROVIDER) != self.provider.name:
+                continue
+            items.append((CloudResource("object", key, self._meta(tags), key),
+                          obj.get("LastModified")))
+        return items
 
     def delete_resource(self, resource):
         what = f"delete {resource.type} {resource.id}"
@@ -559,8 +580,17 @@ class AwsAdapter(Adapter):
         image = images[0]
         self.ec2(f"deregister image {external_id}", "deregister_image", True,
                  ImageId=external_id)
-        for bdm in image.get("BlockDeviceMappings") or []:
-            snap = (bdm.get("Ebs") or {}).get("SnapshotId")
+        snapshots = {(bdm.get("Ebs") or {}).get("SnapshotId")
+                     for bdm in image.get("BlockDeviceMappings") or []}
+        tags = tag_dict(image.get("Tags"))
+        if tags.get(META_UPLOAD_ID) and tags.get(META_PROVIDER) == self.provider.name:
+            # the snapshot we made for it, even if the AMI does not name it
+            snapshots.update(s["SnapshotId"] for s in self.paginate(
+                f"snapshots of image {external_id}", "ec2", "describe_snapshots", "Snapshots",
+                OwnerIds=["self"], Filters=self._our_filter() + [
+                    {"Name": f"tag:{META_UPLOAD_ID}", "Values": [tags[META_UPLOAD_ID]]},
+                    {"Name": f"tag:{META_BUILD_ID}", "Values": [tags.get(META_BUILD_ID, "")]}]))
+        for snap in sorted(s for s in snapshots if s):
             if snap:
                 try:
                     self.ec2(f"delete snapshot {snap} of image {external_id}",
@@ -623,7 +653,7 @@ class CreateInstance(StateMachine):
         if spec.image_external_id:
             try:
                 return adapter.image_info(spec.image_external_id)
-            except PermanentCloudError as exc:
+            except InstanceNotFound as exc:
                 raise PermanentCloudError(f"{self._what()}: label {label.name}: uploaded "
                                           f"image {spec.image_external_id} of diskimage "
                                           f"{label.diskimage} not found") from exc
@@ -631,10 +661,7 @@ class CreateInstance(StateMachine):
         if cloud_image is None:
             raise LabelConfigurationError(f"{self._what()}: label {label.name}: cloud image "
                                           f"{label.cloud_image!r} is not configured")
-        try:
-            return adapter.cloud_image_info(cloud_image)
-        except LabelConfigurationError as exc:
-            raise LabelConfigurationError(f"label {label.name}: {exc}") from exc
+        return adapter.cloud_image_info(cloud_image, f"{label.name} (node {spec.node_id})")
 
     def run_arguments(self, image):
         """The ``run_instances`` arguments for this launch (pure but for the spec)."""
