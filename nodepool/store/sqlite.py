@@ -77,31 +77,43 @@ def _process_start(pid):
     return fields[19]
 
 
+_CONTAINERS = (list, dict)
+
+
 def _json_copy(value):
     """Deep copy of JSON-like data (lists, dicts, scalars); much cheaper than copy.deepcopy."""
     kind = type(value)
     if kind is list:
-        return [_json_copy(v) for v in value]
+        return [_json_copy(v) if type(v) in _CONTAINERS else v for v in value]
     if kind is dict:
-        return {k: _json_copy(v) for k, v in value.items()}
+        return {k: (_json_copy(v) if type(v) in _CONTAINERS else v) for k, v in value.items()}
     return value
+
+
+def _is_flat(value):
+    items = value.values() if type(value) is dict else value
+    return not any(type(v) in _CONTAINERS for v in items)
 
 
 class _Cached:
     """A parsed record kept between listings, with the attributes that need copying out."""
 
-    __slots__ = ("gen", "record", "containers")
+    __slots__ = ("gen", "record", "flat", "nested")
 
     def __init__(self, gen, record):
         self.gen = gen
         self.record = record
-        self.containers = tuple(k for k, v in vars(record).items() if type(v) in (list, dict))
+        containers = [k for k, v in vars(record).items() if type(v) in _CONTAINERS]
+        self.flat = tuple(k for k in containers if _is_flat(getattr(record, k)))
+        self.nested = tuple(k for k in containers if k not in self.flat)
 
     def fresh(self):
         """A copy the caller may mutate freely (lists and dicts are copied too)."""
-        new = object.__new__(type(self.record))
-        attrs = dict(vars(self.record))
-        for key in self.containers:
+        new = object.__new__(self.record.__class__)
+        attrs = self.record.__dict__.copy()
+        for key in self.flat:
+            attrs[key] = attrs[key].copy()
+        for key in self.nested:
             attrs[key] = _json_copy(attrs[key])
         new.__dict__ = attrs
         return new
