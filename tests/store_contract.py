@@ -509,7 +509,9 @@ class StoreContract:
                                               priority=50, pool_id="host-a-PoolWorker.p1-main"))
         builder = b.register_component(Component(kind="builder", hostname="host-b"))
         assert launcher.id and pool.id and builder.id
-        assert len({launcher.id, pool.id, builder.id}) == 3
+        # ids are unique within a kind (ZooKeeper numbers each kind's children separately)
+        every = {(c.kind, c.id) for c in (launcher, pool, builder)}
+        assert len(every) == 3
         pools = eventually(lambda: b.list_components("pool"), what="pool registration")
         assert [c.id for c in pools] == [pool.id]
         assert pools[0].kind == "pool"
@@ -517,7 +519,7 @@ class StoreContract:
         assert pools[0].pool_id == "host-a-PoolWorker.p1-main"
         assert (pools[0].name, pools[0].provider_name, pools[0].priority) == ("main", "p1", 50)
         assert [c.version_string for c in b.list_components("launcher")] == ["1.0"]
-        assert {c.id for c in a.list_components()} == {launcher.id, pool.id, builder.id}
+        assert {(c.kind, c.id) for c in a.list_components()} == every
         pool.paused = True
         pool.supported_labels = ["small"]
         a.update_component(pool)
