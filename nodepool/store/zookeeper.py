@@ -127,6 +127,8 @@ class _Cache:
         self.lock = threading.Lock()
         self.records = {"node": {}, "request": {}}       # id -> (record, mzxid)
         self.lockers = {"node": {}, "request": {}}       # id -> set of contender names
+        # bumped by our own lock/unlock: an event-thread listing taken before it is stale
+        self.local_changes = {"node": {}, "request": {}}
 
     def put(self, kind, record, mzxid):
         with self.lock:
@@ -139,9 +141,18 @@ class _Cache:
             self.records[kind].pop(record_id, None)
             if kind == "node":
                 self.lockers["node"].pop(record_id, None)
+                self.local_changes["node"].pop(record_id, None)
 
-    def set_lockers(self, kind, record_id, names):
+    def local_mark(self, kind, record_id):
         with self.lock:
+            return self.local_changes[kind].get(record_id, 0)
+
+    def set_lockers(self, kind, record_id, names, mark=None):
+        """Replace the contenders seen for a record, unless our own lock or unlock happened
+        since ``mark`` was taken (then the listing predates it; the next event corrects it)."""
+        with self.lock:
+            if mark is not None and self.local_changes[kind].get(record_id, 0) != mark:
+                return
             if names:
                 self.lockers[kind][record_id] = set(names)
             else:
@@ -149,10 +160,15 @@ class _Cache:
 
     def add_locker(self, kind, record_id, name):
         with self.lock:
+            self._bump_local(kind, record_id)
             self.lockers[kind].setdefault(record_id, set()).add(name)
+
+    def _bump_local(self, kind, record_id):
+        self.local_changes[kind][record_id] = self.local_changes[kind].get(record_id, 0) + 1
 
     def remove_locker(self, kind, record_id, name):
         with self.lock:
+            self._bump_local(kind, record_id)
             names = self.lockers[kind].get(record_id)
             if names is not None:
                 names.discard(name)
@@ -451,11 +467,14 @@ class ZooKeeperStore(StateStore):
             else:
                 self._fetch_into_cache(kind, record_id)
         elif kind == "node-lock":
+            mark = self._cache.local_mark("node", record_id)
             self._cache.set_lockers("node", record_id,
-                                    self._contenders(P.node_path(record_id) + "/lock"))
+                                    self._contenders(P.node_path(record_id) + "/lock"), mark)
         elif kind == "request-lock":
+            mark = self._cache.local_mark("request", record_id)
             self._cache.set_lockers("request", record_id,
-                                    self._contenders(f"{P.REQUEST_LOCK_ROOT}/{record_id}"))
+                                    self._contenders(f"{P.REQUEST_LOCK_ROOT}/{record_id}"),
+                                    mark)
 
     def _contenders(self, lock_path):
         return [c for c in self._children(lock_path) if P.is_lock_contender(c)]
