@@ -263,7 +263,8 @@ def test_missing_ami_by_id(aws):
     config, adapter = aws(cloud_image="image-id: ami-0000dead")
     label = config.providers["aws1"].pools["main"].labels["small"]
     assert adapter.label_ready(label) is False
-    with pytest.raises(LabelConfigurationError, match="aws1.*label small.*image ami-0000dead not found"):
+    with pytest.raises(LabelConfigurationError,
+                       match="aws1.*label small.*image ami-0000dead not found"):
         run_machine(adapter.create_state_machine(spec_for(config, "small")))
 
 

@@ -173,3 +173,15 @@ providers:
     assert "instance-type is required" in text
     assert "exactly one of image-id and image-filters" in text
     assert "object-storage.bucket-name is required" in text
+
+
+def test_example_config_loads():
+    import os
+    from nodepool.config import load_config
+    here = os.path.dirname(os.path.abspath(__file__))
+    config = load_config(os.path.join(here, "..", "..", "examples", "aws.yaml"))
+    prov = config.providers["aws-us-east-1"]
+    assert prov.rate == 2.0 and prov.boot_timeout == 180
+    assert prov.cloud_images["ubuntu-jammy"].options["image-filters"]
+    assert prov.pools["main"].labels["debian-built"].diskimage == "debian"
+    assert config.diskimages["debian"].formats == ["raw"]

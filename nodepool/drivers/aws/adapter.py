@@ -25,7 +25,7 @@ from ..base import (META_BUILD_ID, META_NODE_ID, META_POOL, META_PROVIDER, META_
 from . import DEFAULT_IMAGE_FORMAT
 from .errors import is_retryable, translate_error
 from .quotas import quota_code
-from .tags import instance_tags, s3_tagging, tag_dict, tag_list, tag_specifications
+from .tags import instance_tags, tag_dict, tag_specifications
 
 LIST_TTL = 1.0             # seconds one instance listing is shared before it is refreshed
 MEMO_TTL = 300             # image lookups, AZs: re-read this often
@@ -358,7 +358,7 @@ class AwsAdapter(Adapter):
         return instance_view(raw, self.region, self._sizes,
                              self.pool_uses_internal_ip(meta.get(META_POOL)))
 
-    # -- adapter contract: instances ----------------------------------------------------------------
+    # -- adapter contract: instances ---------------------------------------------------------------
 
     def create_state_machine(self, spec):
         return CreateInstance(self, spec)
@@ -409,7 +409,7 @@ class AwsAdapter(Adapter):
             return False
         return True
 
-    # -- quota --------------------------------------------------------------------------------------
+    # -- quota -------------------------------------------------------------------------------------
 
     def quota_for_label(self, label):
         itype = label.options.get("instance-type")
@@ -453,7 +453,7 @@ class AwsAdapter(Adapter):
         value = (answer.get("Quota") or {}).get("Value")
         return None if value is None else int(value)
 
-    # -- leaks ----------------------------------------------------------------------------------------
+    # -- leaks -------------------------------------------------------------------------------------
 
     def _our_filter(self):
         return [{"Name": f"tag:{META_PROVIDER}", "Values": [self.provider.name]}]
@@ -553,7 +553,7 @@ class AwsAdapter(Adapter):
         except InstanceNotFound:
             pass
 
-    # -- images -------------------------------------------------------------------------------------
+    # -- images ------------------------------------------------------------------------------------
 
     def _object_prefix(self):
         return f"nodepool/{self.provider.name}/"

@@ -64,7 +64,7 @@ class ImageUpload:
         adapter.log.info("%s: registered %s (%s)", self.what, image_id, method)
         return image_id
 
-    # -- steps --------------------------------------------------------------------------------------
+    # -- steps -------------------------------------------------------------------------------------
 
     def put_object(self, key):
         adapter = self.adapter
@@ -187,7 +187,7 @@ class ImageUpload:
         self.tag([image_id])
         return image_id
 
-    # -- helpers ------------------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------------------
 
     def tag(self, resource_ids):
         self.adapter.ec2(f"{self.what}: tag {', '.join(resource_ids)}", "create_tags",
