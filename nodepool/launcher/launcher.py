@@ -417,13 +417,18 @@ class Launcher:
             if not action.launch:
                 self._fulfil(ar, req)
                 return
-            req.set_state(RequestState.PENDING)
-            self.store.update_request(req)
-            self.active[req.id] = ar
-            ar.az = self._set_az(ar, worker, pool)
-            for i, (label, node_id) in enumerate(ar.slots):
-                if node_id is None:
-                    self._launch(ar, i, label, req, pool, worker)
+            with self._pool_lock(pool):
+                # other launchers may have filled the pool since our snapshot
+                self.store.sync_nodes()
+                if not planner.fits_now(view, action.launch, self.store.list_nodes()):
+                    raise _Retry()
+                req.set_state(RequestState.PENDING)
+                self.store.update_request(req)
+                self.active[req.id] = ar
+                ar.az = self._set_az(ar, worker, pool)
+                for i, (label, node_id) in enumerate(ar.slots):
+                    if node_id is None:
+                        self._launch(ar, i, label, req, pool, worker)
             log.info("request %s accepted by %s: %d ready node(s) assigned, %d launching",
                      req.id, pool.key, len(action.assign), len(action.launch))
         except _Retry:
@@ -435,6 +440,14 @@ class Launcher:
             self._release_nodes(taken, req.id if req else action.request_id)
             _quiet(rlock.release)
             self.active.pop(action.request_id, None)
+
+    def _pool_lock(self, pool):
+        """Serialises launch decisions for one pool across launchers (held for milliseconds)."""
+        try:
+            return self.store.lock(f"/nodepool/launcher-locks/{pool.provider}/{pool.name}",
+                                   blocking=True, timeout=30, identifier=self.launcher_name)
+        except LockError:
+            raise _Retry()
 
     def _set_az(self, ar, worker, pool):
         for _, node_id in ar.slots:

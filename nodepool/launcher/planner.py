@@ -300,6 +300,26 @@ def _try_pool(pv, req, free_ready, pool_usage, provider_usage, tenant_usage, in_
     return Accept(req.id, pv.key, tuple(assign), tuple(launch))
 
 
+def fits_now(pv, labels, nodes):
+    """Whether launching ``labels`` in ``pv``'s pool stays within the pool's limits and the
+    cloud's quota, given every node record there is now (checked again under the pool lock,
+    so launchers racing for the last slots cannot both take them)."""
+    views = {pv.key: pv}
+    need = Resources.total(pv.cost(lbl) for lbl in labels)
+    pool_used = Resources.total(node_cost(n, views) for n in nodes
+                                if n.provider == pv.provider and n.pool == pv.pool.name
+                                and n.state != NodeState.DELETED)
+    if not pv.pool.limits.fits(pool_used, need):
+        return False
+    if pv.cloud_limits is not None and not pv.ignore_provider_quota:
+        prov_used = Resources.total(node_cost(n, views) for n in nodes
+                                    if n.provider == pv.provider
+                                    and n.state != NodeState.DELETED) + pv.unmanaged_usage
+        if not pv.cloud_limits.fits(prov_used, need):
+            return False
+    return True
+
+
 def request_failed(request, registered_pool_ids):
     """True when every registered pool has declined the request (so it can never be served)."""
     return bool(registered_pool_ids) and set(registered_pool_ids) <= set(request.declined_by)

@@ -295,6 +295,11 @@ class StateStore(abc.ABC):
     def lock_request(self, request_id, blocking=False, timeout=None, identifier=None):
         return self.lock(request_lock_path(request_id), blocking, timeout, identifier)
 
+    def sync_nodes(self):
+        """Make ``list_nodes`` include every node record committed (by anyone) before this
+        call.  Stores that read the database directly need nothing; cached stores catch up.
+        Used under a pool lock so two launchers never both fill the last slot of a pool."""
+
     def locked_node_ids(self):
         """Ids of nodes whose lock anyone holds.  Called every launcher loop: implementations
         should answer from one query or a cache; this default asks node by node."""

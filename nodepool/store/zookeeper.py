@@ -681,6 +681,18 @@ class ZooKeeperStore(StateStore):
     def is_locked(self, path):
         return bool(self._contenders(path))
 
+    def sync_nodes(self):
+        """Catch the node cache up with the server: list the node znodes (after a ``sync``)
+        and fetch the ones the watch has not delivered yet."""
+        self._wait_connected()
+        self._wait(self._client.sync_async(P.NODE_ROOT), f"sync {P.NODE_ROOT}")
+        present = set(self._children(P.NODE_ROOT))
+        known = {n.id for n in self._cache.values("node")}
+        for node_id in present - known:
+            self._fetch_into_cache("node", node_id)
+        for node_id in known - present:
+            self._cache.drop("node", node_id)
+
     def locked_node_ids(self):
         return self._cache.locked_ids("node")
 

@@ -84,3 +84,33 @@ def test_two_launcher_processes_share_requests_without_double_allocation(launche
         client.release(client.accept(r))
     wait_until(lambda: not [n for n in store.list_nodes() if n.state != NodeState.DELETED],
                timeout=60, message="all nodes deleted")
+
+
+def test_two_launchers_racing_never_exceed_max_servers(launcher_env):
+    launcher_env.write(CONFIG.format(min_ready=0, boot_time=0.3).replace(
+        "max-servers: 20", "max-servers: 3"))
+    launcher_env.spawn_launcher()
+    launcher_env.spawn_launcher()
+    client = launcher_env.client()
+    store = client.store
+    wait_until(lambda: len(store.list_components("pool")) == 2, message="two pool workers")
+    reqs = [client.submit(["small"]) for _ in range(9)]
+    most = 0
+    served = 0
+    pending = list(reqs)
+    deadline_checks = 0
+    while pending and deadline_checks < 6000:
+        deadline_checks += 1
+        store.sync_nodes()
+        live = [n for n in store.list_nodes() if n.state != NodeState.DELETED]
+        most = max(most, len(live))
+        for r in list(pending):
+            got = store.get_request(r.id)
+            if got.state == RequestState.FULFILLED:
+                client.release(client.accept(got))
+                pending.remove(r)
+                served += 1
+        import time
+        time.sleep(0.01)
+    assert served == 9
+    assert most <= 3, f"{most} nodes existed at once in a pool with max-servers 3"
