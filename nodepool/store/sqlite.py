@@ -271,23 +271,45 @@ class SQLiteStore(StateStore):
             raise StoreError(f"cannot open state store {self.path}: permission denied")
 
     def _init_schema(self):
+        """Switch to WAL and create the tables.  Several processes may do this at once on a
+        new file; SQLite answers some of those races with an immediate "locked" that the busy
+        handler does not cover, so those are retried until the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return self._init_schema_once()
+            except sqlite3.OperationalError as exc:
+                text = str(exc).lower()
+                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                    raise self._error(exc) from None
+                time.sleep(0.01)
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    def _init_schema_once(self):
         conn = self._conn()
-        try:
-            # Read first: on a file that is not a database this fails before anything is written.
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        # Read first: on a file that is not a database this fails before anything is written.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode.lower() != "wal":
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    log.warning("state store %s: journal mode is %s, not WAL", self.path, mode)
-            have = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
-            if not {"meta", "sessions", "nodes", "requests", "locks", "builds", "uploads",
-                    "upload_seq", "image_flags", "components"} <= have:
-                self._tx(lambda c: [c.execute(stmt) for stmt in SCHEMA.split(";")
-                                    if stmt.strip()])
-        except sqlite3.Error as exc:
-            raise self._error(exc) from None
+                log.warning("state store %s: journal mode is %s, not WAL", self.path, mode)
+        have = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+        if not {"meta", "sessions", "nodes", "requests", "locks", "builds", "uploads",
+                "upload_seq", "image_flags", "components"} <= have:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def _open_session(self):
         sid = f"{self.hostname}-{self._pid}-{uuid.uuid4().hex[:12]}"

@@ -175,10 +175,10 @@ ALLOCATOR = """
     from nodepool.model.records import Node, NodeRequest
     from nodepool.store.sqlite import SQLiteStore
     path, go = sys.argv[1], sys.argv[2]
-    store = SQLiteStore(path).start()
     print("ready", flush=True)
     while not os.path.exists(go):
         time.sleep(0.001)
+    store = SQLiteStore(path).start()       # all at once, on a file that does not exist yet
     nodes = [store.create_node(Node(state="ready", type=["x"])).id for _ in range(40)]
     reqs = [store.submit_request(NodeRequest(node_types=["x"]), ephemeral=False).id
             for _ in range(10)]
@@ -190,7 +190,6 @@ ALLOCATOR = """
 @pytest.mark.slow
 def test_concurrent_allocation_from_four_processes_gives_unique_ids(db_path, tmp_path, children,
                                                                     make_store):
-    store = make_store()
     go = tmp_path / "go"
     procs = [children(ALLOCATOR, db_path, go) for _ in range(4)]
     assert [p.line() for p in procs] == ["ready"] * 4
@@ -198,6 +197,7 @@ def test_concurrent_allocation_from_four_processes_gives_unique_ids(db_path, tmp
     results = [json.loads(p.line()) for p in procs]
     for p in procs:
         assert p.finish() == 0
+    store = make_store()
     node_ids = [i for nodes, _ in results for i in nodes]
     request_ids = [i for _, reqs in results for i in reqs]
     assert len(set(node_ids)) == 160
