@@ -438,21 +438,24 @@ class SQLiteStore(StateStore):
         return watcher
 
     def _start_poller(self):
-        """Called with ``_watch_lock`` held."""
-        if self._poller is None or not self._poller.is_alive():
-            self._poller = threading.Thread(target=self._poll_loop, name="store-watch",
-                                            daemon=True)
-            self._poller.start()
-
-    def _poll_loop(self):
-        """Notify watchers whenever any connection commits (``PRAGMA data_version`` moves);
-        ends when the store stops or no watcher is left."""
+        """Called with ``_watch_lock`` held.  The baseline ``data_version`` is read here, before
+        ``watch()`` returns, so a commit right after it is never missed."""
+        if self._poller is not None and self._poller.is_alive():
+            return
         try:
             conn = self._connect()
-        except StoreError as exc:
-            log.warning("state store change poller cannot connect: %s", exc)
+            baseline = conn.execute("PRAGMA data_version").fetchone()[0]
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("state store %s: change poller cannot start: %s", self.path, exc)
+            self._poller = None
             return
-        last = None
+        self._poller = threading.Thread(target=self._poll_loop, args=(conn, baseline),
+                                        name="store-watch", daemon=True)
+        self._poller.start()
+
+    def _poll_loop(self, conn, last):
+        """Notify watchers whenever any connection commits (``PRAGMA data_version`` moves);
+        ends when the store stops or no watcher is left."""
         try:
             while not self._stop.wait(self.poll_interval):
                 with self._watch_lock:
@@ -465,9 +468,8 @@ class SQLiteStore(StateStore):
                     self._stop.wait(0.5)
                     continue
                 if version != last:
-                    if last is not None:
-                        self._notify_watchers()
                     last = version
+                    self._notify_watchers()
         finally:
             conn.close()
 

@@ -438,3 +438,13 @@ def test_watchers_only_poll_while_they_exist(make_store):
     other = make_store()
     other.create_node(new_node())
     assert again.wait(WAIT)
+
+
+def test_a_write_right_after_watch_is_not_missed(make_store):
+    # Long session timeouts: no heartbeat commit can stand in for the missed change.
+    store, other = make_store(session_timeout=300), make_store(session_timeout=300)
+    for _ in range(5):
+        watcher = store.watch()
+        other.create_node(new_node())
+        assert watcher.wait(WAIT)
+        del watcher
