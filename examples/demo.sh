@@ -5,7 +5,7 @@
 # uploaded.  Stops the daemons it started when done.  DEMO_SECONDS=N to watch longer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check .
+python3 -m pip install -q --disable-pip-version-check -e .
 CONFIG=examples/embedded.yaml
 STATE=var
 mkdir -p "$STATE"

@@ -210,6 +210,7 @@ class ZooKeeperStore(StateStore):
         self._components_lock = threading.Lock()
         self._watchers = []
         self._cache = _Cache()
+        self._assured_lock_paths = set()     # lock parents known to exist
         self._events = queue.Queue()
         self._session_events = queue.Queue()
         self._threads = []
@@ -573,6 +574,7 @@ class ZooKeeperStore(StateStore):
             self._cache.put(kind, _clone(record), stat.mzxid)
 
     def delete_node(self, node_id):
+        self._assured_lock_paths.discard(P.node_path(node_id) + "/lock")
         path = P.node_path(node_id)
         data, stat = self._get_or_none(path)
         if stat is None:
@@ -633,8 +635,19 @@ class ZooKeeperStore(StateStore):
         self._wait_connected()
         generation = self._generation
         recipe = KazooLock(self._client, path, identifier)
+        if path in self._assured_lock_paths:
+            recipe.assured_path = True      # skip the exists/create round trip
         try:
-            acquired = recipe.acquire(blocking=blocking, timeout=timeout)
+            try:
+                acquired = recipe.acquire(blocking=blocking, timeout=timeout)
+            except kze.NoNodeError:
+                # the lock's parent was removed since we last used it: ensure it again
+                self._assured_lock_paths.discard(path)
+                recipe = KazooLock(self._client, path, identifier)
+                acquired = recipe.acquire(blocking=blocking, timeout=timeout)
+            self._assured_lock_paths.add(path)
+            if len(self._assured_lock_paths) > 20000:
+                self._assured_lock_paths.clear()
         except kze.LockTimeout:
             raise LockError(f"lock {path}: not acquired within {timeout}s") from None
         except kze.SessionExpiredError:
