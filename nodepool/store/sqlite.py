@@ -5,8 +5,12 @@ It behaves like the ZooKeeper store so the daemons cannot tell them apart:
 * Each store object owns a *session* row with its PID, the process start time (so a reused PID
   is not mistaken for a live one) and a heartbeat.  A session is dead when its heartbeat is older
   than ``session_timeout`` or, on this host, its process is gone; a dead session's locks,
-  ephemeral requests and component registrations are removed by whichever process notices first.
-  A ``kill -9``'d launcher therefore loses its locks within one heartbeat, not a timeout.
+  ephemeral requests and component registrations are removed by whichever process notices first
+  (every store looks for dead sessions of its host each second; lock acquisition treats a dead
+  holder's lock as free at once).  A ``kill -9``'d launcher therefore loses its locks within
+  about a second, not a session timeout.
+* If our own session was expired (we were frozen longer than ``session_timeout``), listeners
+  hear ``"lost"``, a new session is opened, our components are registered again, ``"connected"``.
 * Locks are rows keyed by Nodepool's lock paths.
 * ``watch()`` wakes on any process's commit: a poller thread reads ``PRAGMA data_version``
   every ``poll_interval`` (a few microseconds per check) while at least one watcher exists.

@@ -448,3 +448,15 @@ def test_a_write_right_after_watch_is_not_missed(make_store):
         other.create_node(new_node())
         assert watcher.wait(WAIT)
         del watcher
+
+
+@pytest.mark.slow
+def test_killed_but_unreaped_process_counts_as_gone(db_path, children, make_store):
+    """A zombie (its parent has not waited for it yet) holds nothing any more."""
+    observer = make_store(session_timeout=60)
+    holder = children(HOLDER, db_path, 60)
+    request_id = holder.line()
+    os.kill(holder.proc.pid, signal.SIGKILL)        # no wait(): it stays a zombie meanwhile
+    observer.lock_node("0000000005", blocking=True, timeout=WAIT)
+    eventually(lambda: observer.get_request(request_id) is None, timeout=WAIT,
+               what="the zombie's ephemeral request to vanish")
