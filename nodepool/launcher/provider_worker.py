@@ -74,9 +74,23 @@ class LaunchJob:
             logging.getLogger("nodepool.launcher.launch"),
             {"node": node.id})
 
+    def _log_console(self, extid):
+        """Log the console of a server that failed to boot, when its label asks for it."""
+        label = self.pool.labels.get(self.node.type[0]) if self.node.type else None
+        if not extid or not label or not label.options.get("console-log"):
+            return
+        try:
+            output = self.worker.adapter.console_log(extid)
+        except Exception as exc:
+            self.log.warning("node %s: console log of %s unavailable: %s", self.node.id, extid, exc)
+            return
+        if output:
+            self.log.info("node %s: console log of %s:\n%s", self.node.id, extid, output)
+
     def _fail_attempt(self, exc):
         self.worker._count_launch(self.pool, self.node, exc)
         extid = (self.machine.external_id if self.machine else None) or self.node.external_id
+        self._log_console(extid)
         if self.attempt < self.provider.launch_retries:
             self.log.warning("node %s launch attempt %d/%d failed on %s: %s; retrying",
                              self.node.id, self.attempt, self.provider.launch_retries,

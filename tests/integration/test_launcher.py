@@ -276,3 +276,61 @@ def test_bad_config_reload_keeps_running_config(launcher_env):
     nodes = client.request(["small"], timeout=20)
     assert nodes and launcher.config.labels["small"].min_ready == 1
     client.release(nodes)
+
+
+def test_launch_timeout_fails_attempts_and_cleans_up(launcher_env):
+    launcher_env.write("""\
+labels:
+  - name: slow
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: 30
+    launch-timeout: 0.3
+    launch-retries: 2
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        labels:
+          - name: slow
+            cloud-image: img
+""")
+    launcher_env.start_launcher()
+    client = launcher_env.client()
+    req = client.wait(client.submit(["slow"]).id, timeout=30)
+    assert req.state == RequestState.FAILED
+    reasons = " ".join(req.extra["declined_reasons"].values())
+    assert "launch-timeout" in reasons and "after 2 attempt(s)" in reasons
+    wait_until(lambda: not cloud_instances(launcher_env), message="timed-out instances deleted")
+
+
+def test_api_errors_are_retried_per_node_and_daemon_keeps_serving(launcher_env):
+    launcher_env.write("""\
+labels:
+  - name: small
+providers:
+  - name: flaky
+    driver: simulated
+    boot-time: 0.05
+    api-error-rate: 0.3
+    seed: 7
+    launch-retries: 5
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        labels:
+          - name: small
+            cloud-image: img
+""")
+    launcher = launcher_env.start_launcher()
+    client = launcher_env.client()
+    reqs = [client.submit(["small"]) for _ in range(5)]
+    done = [client.wait(r.id, timeout=60) for r in reqs]
+    assert all(r.state in (RequestState.FULFILLED, RequestState.FAILED) for r in done)
+    assert sum(r.state == RequestState.FULFILLED for r in done) >= 3
+    assert launcher.thread.is_alive()
+    for r in done:
+        if r.state == RequestState.FULFILLED:
+            client.release(client.accept(r))
