@@ -15,6 +15,7 @@ so the provider's ``rate`` holds whatever the adapter does.
 import abc
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from ..model.quota import Limits, Resources
@@ -125,6 +126,36 @@ class ImageUploadSpec:
     md5: Optional[str] = None
     sha256: Optional[str] = None
     timeout: float = 3600
+
+
+def request_namespace(request):
+    """The request attributes that ``dynamic-tags``/``dynamic-instance-properties`` format
+    strings may use (Nodepool's names), for a request or for none."""
+    if request is None:
+        return SimpleNamespace(id=None, labels=[], requestor=None, requestor_data=None,
+                               relative_priority=0, event_id=None, created_time=None,
+                               tenant_name=None)
+    return SimpleNamespace(id=request.id, labels=list(request.node_types),
+                           requestor=request.requestor, requestor_data=request.requestor_data,
+                           relative_priority=request.relative_priority,
+                           event_id=request.event_id, created_time=request.created_time,
+                           tenant_name=request.tenant_name)
+
+
+def apply_image_access(instance, provider, label):
+    """Copy the connection settings (and, for cloud images, the login) of the label's image
+    config onto a booted ``Instance``."""
+    image = (provider.cloud_images.get(label.cloud_image) if label.cloud_image
+             else provider.diskimages.get(label.diskimage))
+    if image is None:
+        return instance
+    instance.connection_type = image.connection_type
+    instance.connection_port = image.connection_port
+    if label.cloud_image:
+        instance.username = image.username
+        instance.python_path = image.python_path
+        instance.shell_type = image.shell_type
+    return instance
 
 
 class StateMachine(abc.ABC):

@@ -21,7 +21,7 @@ from ...errors import (CloudError, InstanceNotFound, LabelConfigurationError,
                        PermanentCloudError, QuotaError, TransientCloudError)
 from ...model.quota import Limits, Resources
 from ..base import (META_BUILD_ID, META_NODE_ID, META_POOL, META_PROVIDER, META_UPLOAD_ID,
-                    Adapter, CloudResource, Instance, StateMachine)
+                    Adapter, CloudResource, Instance, StateMachine, apply_image_access)
 from . import DEFAULT_IMAGE_FORMAT
 from .errors import is_retryable, translate_error
 from .quotas import quota_code
@@ -749,15 +749,7 @@ class CreateInstance(StateMachine):
             log.warning("%s: size of %s unknown: %s", self._what(), raw.get("InstanceType"), exc)
         inst = instance_view(raw, adapter.region, adapter._sizes,
                              bool(self.spec.pool.options.get("use-internal-ip")))
-        image = (adapter.provider.cloud_images.get(label.cloud_image) if label.cloud_image
-                 else adapter.provider.diskimages.get(label.diskimage))
-        if image is not None:
-            inst.connection_type = image.connection_type
-            inst.connection_port = image.connection_port
-            if label.cloud_image:
-                inst.username = image.username
-                inst.python_path = image.python_path
-                inst.shell_type = image.shell_type
+        apply_image_access(inst, adapter.provider, label)
         self.complete = True
         return inst
 

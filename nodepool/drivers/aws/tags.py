@@ -5,8 +5,9 @@ AWS tags are string pairs: keys at most 128 characters, values at most 256.  Our
 hide them.
 """
 import logging
-from types import SimpleNamespace
 from urllib.parse import urlencode
+
+from ..base import request_namespace
 
 MAX_KEY = 128
 MAX_VALUE = 256
@@ -14,17 +15,6 @@ MAX_VALUE = 256
 log = logging.getLogger("nodepool.drivers.aws")
 
 
-def request_namespace(request):
-    """The request attributes ``dynamic-tags`` may format (Nodepool's names)."""
-    if request is None:
-        return SimpleNamespace(id=None, labels=[], requestor=None, requestor_data=None,
-                               relative_priority=0, event_id=None, created_time=None,
-                               tenant_name=None)
-    return SimpleNamespace(id=request.id, labels=list(request.node_types),
-                           requestor=request.requestor, requestor_data=request.requestor_data,
-                           relative_priority=request.relative_priority,
-                           event_id=request.event_id, created_time=request.created_time,
-                           tenant_name=request.tenant_name)
 
 
 def clean(tags):

@@ -8,7 +8,6 @@ SDK and HTTP errors are turned into ``nodepool.errors`` classes naming the provi
 import base64
 import logging
 import time
-from types import SimpleNamespace
 
 import keystoneauth1.exceptions as ks_exc
 import openstack
@@ -18,7 +17,7 @@ from ...errors import (CloudError, InstanceNotFound, LabelConfigurationError,
                        PermanentCloudError, QuotaError, TransientCloudError)
 from ...model.quota import Limits, Resources
 from ..base import (META_BUILD_ID, META_PROVIDER, META_UPLOAD_ID, Adapter, CloudResource,
-                    Instance, StateMachine)
+                    Instance, StateMachine, apply_image_access, request_namespace)
 from ..ratelimit import RateLimiter
 from . import DEFAULT_IMAGE_FORMAT
 from .flavors import choose_flavor
@@ -412,17 +411,6 @@ class OpenStackAdapter(Adapter):
         return (out or {}).get("output")
 
 
-def request_namespace(request):
-    """The request attributes dynamic-instance-properties may format (Nodepool's names)."""
-    if request is None:
-        return SimpleNamespace(id=None, labels=[], requestor=None, requestor_data=None,
-                               relative_priority=0, event_id=None, created_time=None,
-                               tenant_name=None)
-    return SimpleNamespace(id=request.id, labels=list(request.node_types),
-                           requestor=request.requestor, requestor_data=request.requestor_data,
-                           relative_priority=request.relative_priority,
-                           event_id=request.event_id, created_time=request.created_time,
-                           tenant_name=request.tenant_name)
 
 
 def server_metadata(spec, provider_name, image_name):
@@ -599,15 +587,7 @@ class CreateServer(StateMachine):
             inst.interface_ip = floating_ip if not (
                 self.adapter.connection().config.config.get("private")) else inst.interface_ip
         label = self.spec.label
-        image = (self.adapter.provider.cloud_images.get(label.cloud_image) if label.cloud_image
-                 else self.adapter.provider.diskimages.get(label.diskimage))
-        if image is not None:
-            inst.connection_type = image.connection_type
-            inst.connection_port = image.connection_port
-            if hasattr(image, "username") and label.cloud_image:
-                inst.username = image.username
-                inst.python_path = image.python_path
-                inst.shell_type = image.shell_type
+        apply_image_access(inst, self.adapter.provider, label)
         self.complete = True
         return inst
 
