@@ -1,8 +1,7 @@
 """``nodepool-builder``: run the image builder daemon."""
 import sys
 
-from ..errors import ConfigError, StoreError
-from .launcher import daemon_parser, setup_logging, write_pidfile
+from .launcher import check_foreground, daemon_parser, run_daemon, setup_logging
 
 
 def main(argv=None):
@@ -13,30 +12,18 @@ def main(argv=None):
     parser.add_argument("--upload-workers", type=int, default=4, metavar="N",
                         help="number of upload workers (default 4)")
     args = parser.parse_args(argv)
-    if not (args.foreground or args.debug):
-        print("nodepool-builder: only foreground mode is supported; run it with -f under "
-              "your service manager (systemd, supervisord)", file=sys.stderr)
-        return 2
     if args.build_workers < 1 or args.upload_workers < 1:
         print("nodepool-builder: --build-workers and --upload-workers must be at least 1",
               file=sys.stderr)
         return 2
+    if not check_foreground("nodepool-builder", args):
+        return 2
     setup_logging(args.debug, args.logconfig)
     from ..builder.builder import Builder
-    builder = Builder(args.config, args.secure, build_workers=args.build_workers,
-                      upload_workers=args.upload_workers)
-    builder.install_signal_handlers()
-    try:
-        builder.start()
-    except ConfigError as exc:
-        print(f"nodepool-builder: invalid configuration:\n{exc}", file=sys.stderr)
-        return 1
-    except StoreError as exc:
-        print(f"nodepool-builder: {exc}", file=sys.stderr)
-        return 1
-    write_pidfile(args.pidfile)
-    builder.run()
-    return 0
+    return run_daemon("nodepool-builder",
+                      Builder(args.config, args.secure, build_workers=args.build_workers,
+                              upload_workers=args.upload_workers),
+                      args.pidfile)
 
 
 if __name__ == "__main__":

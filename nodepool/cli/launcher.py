@@ -45,30 +45,42 @@ def daemon_parser(prog, description):
     return parser
 
 
+def check_foreground(prog, args):
+    """Daemons run in the foreground under a service manager; say so instead of forking."""
+    if args.foreground or args.debug:
+        return True
+    print(f"{prog}: only foreground mode is supported; run it with -f under your service "
+          "manager (systemd, supervisord)", file=sys.stderr)
+    return False
+
+
+def run_daemon(prog, daemon, pidfile):
+    """Start a daemon (launcher or builder) and run it until it is stopped; exit code."""
+    daemon.install_signal_handlers()
+    try:
+        daemon.start()
+    except ConfigError as exc:
+        print(f"{prog}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    write_pidfile(pidfile)
+    daemon.run()
+    return 0
+
+
 def main(argv=None):
     parser = daemon_parser("nodepool-launcher", "Keep pools of ready nodes and serve requests.")
     parser.add_argument("--no-webapp", action="store_true", help="do not serve the status API")
     args = parser.parse_args(argv)
-    if not (args.foreground or args.debug):
-        print("nodepool-launcher: only foreground mode is supported; run it with -f under "
-              "your service manager (systemd, supervisord)", file=sys.stderr)
+    if not check_foreground("nodepool-launcher", args):
         return 2
     setup_logging(args.debug, args.logconfig)
     from ..launcher.launcher import Launcher
-    launcher = Launcher(args.config, args.secure, webapp=not args.no_webapp)
-    launcher.install_signal_handlers()
-    try:
-        launcher.start()
-    except ConfigError as exc:
-        print(f"nodepool-launcher: invalid configuration:\n{exc}", file=sys.stderr)
-        return 1
-    except StoreError as exc:
-        print(f"nodepool-launcher: {exc}", file=sys.stderr)
-        return 1
-    write_pidfile(args.pidfile)
-    launcher.run()
-    return 0
-
+    return run_daemon("nodepool-launcher",
+                      Launcher(args.config, args.secure, webapp=not args.no_webapp),
+                      args.pidfile)
 
 if __name__ == "__main__":
     sys.exit(main())
