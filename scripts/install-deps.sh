@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v java >/dev/null 2>&1 && [ -d /usr/share/zookeeper ] || need_apt+=(zookeeper)
+command -v java >/dev/null 2>&1 && [ -f /usr/share/java/zookeeper.jar ] || need_apt+=(zookeeper)
 command -v ssh-keyscan >/dev/null 2>&1 || need_apt+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v mke2fs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
@@ -15,6 +15,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian packages: ${need_apt[*]}"
         export DEBIAN_FRONTEND=noninteractive
+        # packages must not start services (no init system here; tests start their own)
+        [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     else
