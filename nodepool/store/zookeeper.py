@@ -2,6 +2,9 @@
 
 Nodes and requests are served from in-memory caches fed by one persistent recursive watch on
 ``/nodepool`` (each event fetches only the changed znode); everything else is read on demand.
+The caches start on first use (a client that only submits and waits on its own request never
+reads every node), and events of our own writes fetch nothing: the write already updated the
+cache.  Component listings are kept until the watch reports a change below ``components``.
 Locks are kazoo ``Lock`` recipes at Nodepool's paths.  Calls never wait longer than the session
 timeout for a ZooKeeper answer: a suspended connection raises ``StoreError`` rather than hang or
 pretend a write succeeded.
@@ -13,6 +16,7 @@ import os
 import queue
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -176,9 +180,36 @@ class _Cache:
                     del self.lockers[kind][record_id]
 
     def replace(self, kind, records, lockers):
+        """Take a fresh walk, but keep a cached record newer than the walk's copy (a write of
+        ours that landed while the walk was reading)."""
         with self.lock:
+            old = self.records[kind]
+            for record_id, (record, mzxid) in records.items():
+                mine = old.get(record_id)
+                if mine is not None and mine[1] > mzxid:
+                    records[record_id] = mine
             self.records[kind] = records
             self.lockers[kind] = lockers
+
+    def has(self, kind, record_id):
+        with self.lock:
+            return record_id in self.records[kind]
+
+    def contender_event(self, kind, record_id, name, created):
+        """Apply one lock contender's create/delete straight from the event path (no read)."""
+        with self.lock:
+            if created:
+                self.lockers[kind].setdefault(record_id, set()).add(name)
+            else:
+                names = self.lockers[kind].get(record_id)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del self.lockers[kind][record_id]
+
+    def clear_lockers(self, kind, record_id):
+        with self.lock:
+            self.lockers[kind].pop(record_id, None)
 
     def values(self, kind):
         with self.lock:
@@ -214,6 +245,15 @@ class ZooKeeperStore(StateStore):
         self._events = queue.Queue()
         self._session_events = queue.Queue()
         self._threads = []
+        self._watching = False        # the recursive watch is on (watch(), caches, components)
+        self._caching = False         # node/request caches are maintained
+        self._lazy_lock = threading.Lock()
+        # path -> number of our own set_data calls whose CHANGED event has not been seen yet
+        self._own_sets = {}
+        self._own_sets_lock = threading.Lock()
+        self._released_contenders = set()   # our released lock contenders, delete event pending
+        self._components_gen = 0            # bumped by every component change we hear of
+        self._components_cache = {}         # kind -> (gen, [Component])
 
     @classmethod
     def from_config(cls, config):
@@ -264,14 +304,46 @@ class ZooKeeperStore(StateStore):
                              f"/nodepool tree: {e!r}") from e
         self._client = client
         self._stopping = False
+        self._watching = self._caching = False
         self._connected.set()
         client.add_listener(self._on_state)
         for target, name in ((self._event_loop, "zk-cache"), (self._session_loop, "zk-session")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self._add_watch()
-        self._rewalk()
+
+    def _ensure_watch(self):
+        """Start the recursive watch on first need (watch(), caches, component listing)."""
+        if self._watching:
+            return
+        with self._lazy_lock:
+            if self._watching:
+                return
+            self._wait_connected()
+            self._add_watch()
+            self._components_gen += 1
+            self._watching = True
+
+    def _ensure_caches(self):
+        """Fill the node/request caches on first use.  The walk runs on the event thread, so it
+        is ordered with the watch events: a change after the walk's read arrives after it."""
+        if self._caching:
+            return
+        with self._lazy_lock:
+            if self._caching:
+                return
+            if self._client is None:
+                raise StoreError("ZooKeeper store is not started")
+        self._ensure_watch()
+        with self._lazy_lock:
+            if self._caching:
+                return
+            done = threading.Event()
+            self._events.put(("rewalk", done))
+            if not done.wait(max(self.timeout, 30.0)):
+                raise StoreError(f"ZooKeeper at {self._describe()}: the first read of nodes "
+                                 f"and requests did not finish in time")
+            self._caching = True
 
     def stop(self):
         if self._client is None:
@@ -312,6 +384,7 @@ class ZooKeeperStore(StateStore):
         return f"{client.client_id[0]:x}"
 
     def watch(self):
+        self._ensure_watch()
         w = ChangeWatcher()
         self._watchers.append(w)
         return w
@@ -351,10 +424,13 @@ class ZooKeeperStore(StateStore):
                 elif state == KazooState.SUSPENDED:
                     log.warning("ZooKeeper connection suspended (%s)", self._describe())
                 elif state == KazooState.CONNECTED:
-                    self._add_watch()
+                    if self._watching:
+                        self._add_watch()
+                    self._components_gen += 1
                     if lost:
                         self._reregister_components()
-                    self._events.put("rewalk")
+                    if self._caching:
+                        self._events.put(("rewalk", None))
                     if lost:
                         lost = False
                         log.info("ZooKeeper session re-established (%s)", self._describe())
@@ -369,6 +445,38 @@ class ZooKeeperStore(StateStore):
     def _on_watch_event(self, event):
         if event.type != EventType.NONE and event.path:
             self._events.put((event.type, event.path))
+
+    # Our own writes: ZooKeeper sends a session its watch events in zxid order.  Counting the
+    # set_data calls we are about to make on a path (counted before sending), the first CHANGED
+    # events of that path while the count is positive can skip the fetch: by the time all our
+    # writes' events are seen, every foreign write's event came later and is fetched, and our
+    # own writes put their result in the cache (``_Cache.put`` keeps the newest mzxid).  A write
+    # that fails (no event) takes its count back and queues a re-read of the path.
+
+    def _own_set_begin(self, path):
+        with self._own_sets_lock:
+            self._own_sets[path] = self._own_sets.get(path, 0) + 1
+
+    def _own_set_failed(self, path):
+        with self._own_sets_lock:
+            left = self._own_sets.get(path, 0) - 1
+            if left > 0:
+                self._own_sets[path] = left
+            else:
+                self._own_sets.pop(path, None)
+        self._events.put(("refetch", path))
+
+    def _own_set_seen(self, path):
+        """True when this CHANGED event may be ours (see above): consume one count."""
+        with self._own_sets_lock:
+            left = self._own_sets.get(path, 0)
+            if left <= 0:
+                return False
+            if left == 1:
+                del self._own_sets[path]
+            else:
+                self._own_sets[path] = left - 1
+            return True
 
     def _wait_connected(self):
         if self._client is None:
@@ -449,8 +557,16 @@ class ZooKeeperStore(StateStore):
             if item is None or self._stopping:
                 return
             try:
-                if item == "rewalk":
-                    self._rewalk()
+                if item[0] == "rewalk":
+                    try:
+                        self._rewalk()
+                    finally:
+                        if item[1] is not None:
+                            item[1].set()
+                elif item[0] == "refetch":
+                    kind, record_id = P.classify(item[1])
+                    if kind in ("node", "request") and self._caching:
+                        self._fetch_into_cache(kind, record_id)
                 else:
                     self._apply_event(*item)
             except StoreError as e:
@@ -465,17 +581,35 @@ class ZooKeeperStore(StateStore):
         if kind in ("node", "request"):
             if event_type == EventType.DELETED:
                 self._cache.drop(kind, record_id)
-            else:
-                self._fetch_into_cache(kind, record_id)
-        elif kind == "node-lock":
-            mark = self._cache.local_mark("node", record_id)
-            self._cache.set_lockers("node", record_id,
-                                    self._contenders(P.node_path(record_id) + "/lock"), mark)
-        elif kind == "request-lock":
-            mark = self._cache.local_mark("request", record_id)
-            self._cache.set_lockers("request", record_id,
-                                    self._contenders(f"{P.REQUEST_LOCK_ROOT}/{record_id}"),
-                                    mark)
+                return
+            ours = event_type == EventType.CHANGED and self._own_set_seen(path)
+            if not self._caching:
+                return
+            if event_type == EventType.CREATED or ours:
+                # a new znode already cached is one we wrote (ids are never reused); a change
+                # of ours is already cached (write-through): nothing to read
+                if self._cache.has(kind, record_id):
+                    return
+            self._fetch_into_cache(kind, record_id)
+        elif kind in ("node-lock", "request-lock"):
+            if not self._caching:
+                return
+            cache_kind = "node" if kind == "node-lock" else "request"
+            parent, _, name = path.rpartition("/")
+            lock_dir = (P.node_path(record_id) + "/lock" if kind == "node-lock"
+                        else f"{P.REQUEST_LOCK_ROOT}/{record_id}")
+            if parent == lock_dir and P.is_lock_contender(name):
+                created = event_type == EventType.CREATED
+                if name in self._released_contenders:
+                    # ours, already released: its create is old news, its delete ends it
+                    if not created:
+                        self._released_contenders.discard(name)
+                    return
+                self._cache.contender_event(cache_kind, record_id, name, created)
+            elif path == lock_dir and event_type == EventType.DELETED:
+                self._cache.clear_lockers(cache_kind, record_id)
+        elif path.startswith(P.COMPONENT_ROOT):
+            self._components_gen += 1
 
     def _contenders(self, lock_path):
         return [c for c in self._children(lock_path) if P.is_lock_contender(c)]
@@ -500,6 +634,8 @@ class ZooKeeperStore(StateStore):
 
     def _rewalk(self):
         """Read both trees again (at start and after a reconnect: events may have been missed)."""
+        with self._own_sets_lock:
+            self._own_sets.clear()
         for kind, root, lock_root in (("node", P.NODE_ROOT, None),
                                       ("request", P.REQUEST_ROOT, P.REQUEST_LOCK_ROOT)):
             self._wait_connected()
@@ -555,6 +691,7 @@ class ZooKeeperStore(StateStore):
         return self._record_from("node", node_id, data, stat)
 
     def list_nodes(self):
+        self._ensure_caches()
         return sorted((_clone(n) for n in self._cache.values("node")), key=lambda n: n.id)
 
     def update_node(self, node, check_version=False):
@@ -562,13 +699,24 @@ class ZooKeeperStore(StateStore):
 
     def _update(self, kind, path, record, check_version):
         version = record.version if check_version and record.version is not None else -1
+        cached = kind in ("node", "request")
+        if cached:
+            self._own_set_begin(path)
         try:
             stat = self._set(path, _encode(record), version)
         except kze.NoNodeError:
+            if cached:
+                self._own_set_failed(path)
             raise NotFoundError(f"{kind} {record.id} does not exist (any more)") from None
         except kze.BadVersionError:
+            if cached:
+                self._own_set_failed(path)
             raise ConflictError(f"{kind} {record.id} changed since version {record.version}") \
                 from None
+        except BaseException:
+            if cached:
+                self._own_set_failed(path)
+            raise
         record.version = stat.version
         if kind in ("node", "request"):
             self._cache.put(kind, _clone(record), stat.mzxid)
@@ -583,10 +731,13 @@ class ZooKeeperStore(StateStore):
         if d is not None:
             # Like Nodepool: mark it deleted first, so a racing lock holder sees why it vanished.
             d["state"] = "deleted"
+            self._own_set_begin(path)
             try:
                 self._set(path, json.dumps(d).encode("utf-8"), stat.version)
-            except (kze.NoNodeError, kze.BadVersionError):
-                pass
+            except BaseException:
+                self._own_set_failed(path)
+                if not isinstance(sys.exc_info()[1], (kze.NoNodeError, kze.BadVersionError)):
+                    raise
         self._delete(path, recursive=True)
         self._cache.drop("node", node_id)
 
@@ -616,6 +767,7 @@ class ZooKeeperStore(StateStore):
         return self._record_from("request", request_id, data, stat)
 
     def list_requests(self):
+        self._ensure_caches()
         return sorted((_clone(r) for r in self._cache.values("request")),
                       key=lambda r: r.sort_key())
 
@@ -684,6 +836,10 @@ class ZooKeeperStore(StateStore):
         if generation != self._generation or self._client is None:
             recipe.is_acquired = False   # the session that held it is gone, and so is the lock
             return
+        if contender and self._caching:
+            if len(self._released_contenders) > 10000:
+                self._released_contenders.clear()    # delete events never seen (lost session)
+            self._released_contenders.add(contender)
         try:
             self._wait_connected()
             recipe.release()
@@ -697,6 +853,7 @@ class ZooKeeperStore(StateStore):
     def sync_nodes(self):
         """Catch the node cache up with the server: list the node znodes (after a ``sync``)
         and fetch the ones the watch has not delivered yet."""
+        self._ensure_caches()
         self._wait_connected()
         self._wait(self._client.sync_async(P.NODE_ROOT), f"sync {P.NODE_ROOT}")
         present = set(self._children(P.NODE_ROOT))
@@ -707,9 +864,11 @@ class ZooKeeperStore(StateStore):
             self._cache.drop("node", node_id)
 
     def locked_node_ids(self):
+        self._ensure_caches()
         return self._cache.locked_ids("node")
 
     def locked_request_ids(self):
+        self._ensure_caches()
         return self._cache.locked_ids("request")
 
     # -- images ------------------------------------------------------------------------------------
@@ -862,6 +1021,7 @@ class ZooKeeperStore(StateStore):
                                   ephemeral=True, sequence=True)
         component.id = path.rsplit("/", 1)[1]
         component.version = stat.version
+        self._components_gen += 1
 
     def _reregister_components(self):
         with self._components_lock:
@@ -875,6 +1035,7 @@ class ZooKeeperStore(StateStore):
         try:
             stat = self._set(path, _encode(component, sort_keys=True))
             component.version = stat.version
+            self._components_gen += 1
         except kze.NoNodeError:
             with self._components_lock:
                 registered = id(component) in self._components
@@ -888,17 +1049,36 @@ class ZooKeeperStore(StateStore):
             self._components.pop(id(component), None)
         if component.id:
             self._delete(f"{P.component_root(component.kind)}/{component.id}")
+            self._components_gen += 1
 
     def list_components(self, kind=None):
+        """Components, re-read only after the watch reported a change below ``components``
+        (launchers list pools on every pass)."""
+        self._ensure_watch()
+        gen = self._components_gen
+        cached = self._components_cache.get(kind)
+        if cached is not None and cached[0] == gen:
+            return [_clone(c) for c in cached[1]]
+        found = self._read_components(kind)
+        self._components_cache[kind] = (gen, found)
+        return [_clone(c) for c in found]
+
+    def _read_components(self, kind):
         kinds = [kind] if kind else self._children(P.COMPONENT_ROOT)
-        found = []
+        self._wait_connected()
+        gets = []
         for k in kinds:
             for name in self._children(P.component_root(k)):
-                data, stat = self._get_or_none(f"{P.component_root(k)}/{name}")
-                if stat is None:
-                    continue
-                comp = Component.from_dict(_decode(data, f"component {k}/{name}") or {},
-                                           id=name, version=stat.version)
-                comp.kind = comp.kind or k
-                found.append(comp)
+                path = f"{P.component_root(k)}/{name}"
+                gets.append((k, name, path, self._client.get_async(path)))
+        found = []
+        for k, name, path, result in gets:
+            try:
+                data, stat = self._wait(result, f"get {path}")
+            except kze.NoNodeError:
+                continue
+            comp = Component.from_dict(_decode(data, f"component {k}/{name}") or {},
+                                       id=name, version=stat.version)
+            comp.kind = comp.kind or k
+            found.append(comp)
         return sorted(found, key=lambda c: (c.kind, c.id))
