@@ -643,10 +643,11 @@ class Launcher:
         for comp in components:
             servable |= set(comp.supported_labels or [])
         for view in views:
-            # labels this launcher serves only with missing images would churn
-            for label in view.unavailable_labels:
+            # labels this launcher serves only with missing images would churn, and labels only
+            # pools that never launch (static hosts) serve are ready by registration already
+            for label in list(view.unavailable_labels) + list(view.pool.labels):
                 if all(label in v.unavailable_labels or label not in v.pool.labels
-                       for v in views):
+                       or not v.launches for v in views):
                     servable.discard(label)
         for action in planner.plan_min_ready(self.config.labels, nodes, requests, servable):
             for _ in range(action.count):
