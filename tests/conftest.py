@@ -5,6 +5,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 pytest_plugins = [
+    "fixtures.launcher",
     "fixtures.zookeeper",
     "fixtures.status_data",
     "fixtures.sshd",

@@ -14,7 +14,6 @@ by the leak scan.
 """
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 
 from ..config import load_config
 from ..errors import ConfigError, LockError, NotFoundError, StoreError
-from ..model.quota import Limits
 from ..model.records import Component, Node, NodeRequest
 from ..model.states import NodeState, RequestState
 from ..store import open_store
@@ -193,7 +191,6 @@ class Launcher:
         if self._session_lost.is_set():
             self._handle_session_lost()
         self._maybe_reload()
-        self._collect_finished_launches()
         nodes = self.store.list_nodes()
         requests = self.store.list_requests()
         components = self.store.list_components("pool")
@@ -500,12 +497,6 @@ class Launcher:
         ar.node_locks[node.id] = nlock
         spec = build_launch_spec(node, pool, plabel, self.launcher_name, image_ext_id, req)
         worker.submit_launch(node, nlock, spec, pool)
-
-    def _collect_finished_launches(self):
-        """Drain launch results (the node records are already written by the workers)."""
-        for worker in list(self.workers.values()) + self.retired:
-            while not worker.finished.empty():
-                worker.finished.get_nowait()
 
     def _progress_active(self, nodes, requests, components):
         """Fulfil, decline or relaunch the requests this launcher is handling."""

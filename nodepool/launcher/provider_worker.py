@@ -22,7 +22,6 @@ from ..drivers import get_driver
 from ..drivers.base import (META_LAUNCHER, META_NODE_ID, META_POOL, META_PROVIDER, LaunchSpec)
 from ..errors import (CloudError, InstanceNotFound, LabelConfigurationError, LaunchTimeout,
                       LockError, NotFoundError, QuotaError, StoreError)
-from ..model.quota import Resources
 from ..model.records import Node
 from ..model.states import NodeState
 from . import planner
@@ -330,7 +329,6 @@ class ProviderWorker:
         self.launches = {}       # node id -> LaunchJob
         self.deletes = {}        # node id -> DeleteJob
         self.orphans = {}        # external id -> OrphanDelete
-        self.finished = queue.Queue()   # LaunchJob results for the launcher thread
         self._lock = threading.Lock()
         # cloud view (read by the launcher thread; replaced wholesale, never mutated)
         self.instances = []
@@ -451,8 +449,7 @@ class ProviderWorker:
         self._refresh_cloud_view(now)
         for node_id, job in list(self.launches.items()):
             if job.step():
-                del self.launches[node_id]
-                self.finished.put(job)
+                del self.launches[node_id]   # the node record tells the launcher
         for node_id, job in list(self.deletes.items()):
             if job.step():
                 del self.deletes[node_id]

@@ -5,7 +5,7 @@ instances ``running`` at once, so host-key scanning is off (no sshd behind moto'
 """
 import pytest
 
-from fixtures.launcher import sqlite_launcher_env, wait_until  # noqa: F401 (fixture)
+from fixtures.launcher import wait_until
 from fixtures.moto import REGION
 from nodepool.drivers.base import META_NODE_ID, META_POOL, META_PROVIDER
 from nodepool.model import NodeState, RequestState

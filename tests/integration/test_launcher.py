@@ -6,7 +6,7 @@ processes for the restart and crash paths.
 """
 import pytest
 
-from fixtures.launcher import launcher_env, wait_until  # noqa: F401 (fixture)
+from fixtures.launcher import wait_until
 from nodepool.client import RequestFailed
 from nodepool.drivers.base import LaunchSpec, META_NODE_ID, META_POOL, META_PROVIDER
 from nodepool.model import Node, NodeState, RequestState

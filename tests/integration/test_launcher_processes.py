@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from fixtures.launcher import launcher_env, wait_until  # noqa: F401 (fixture)
+from fixtures.launcher import wait_until
 from nodepool.model import NodeState, RequestState
 
 pytestmark = pytest.mark.slow

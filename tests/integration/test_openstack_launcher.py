@@ -1,16 +1,14 @@
 """End to end: the launcher with an OpenStack provider on the real local cloud.
 
-Skipped until the embedded store is importable (``fixtures.launcher`` needs it).
+Run on both state stores (``launcher_env`` is parametrized over SQLite and ZooKeeper).
 """
 import signal
 import time
 
 import pytest
 
-pytest.importorskip("nodepool.store.sqlite", reason="the embedded store has not landed yet")
-pytest.importorskip("fixtures.launcher", reason="launcher fixtures need the embedded store")
-from fixtures.launcher import launcher_env, wait_until  # noqa: E402,F401 (fixture)
-from nodepool.model import NodeState  # noqa: E402
+from fixtures.launcher import wait_until
+from nodepool.model import NodeState
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("openstack")]
 
