@@ -1,6 +1,5 @@
 """The ``nodepool`` CLI run as a subprocess against a real SQLite store file."""
 import json
-import os
 
 import pytest
 

@@ -10,20 +10,12 @@ from nodepool.web.app import StatusWebApp
 pytestmark = pytest.mark.slow      # starts an HTTP server thread
 
 
-def _config_or_none(env):
-    try:
-        from nodepool.config import load_config  # noqa: F401
-    except ImportError:          # no config loader in this tree: image-status uses the store only
-        return None
-    return env.config
-
-
 @pytest.fixture(params=["sqlite", "zookeeper"])
 def web(request):
     status_env = request.getfixturevalue(
         "status_env" if request.param == "sqlite" else "zk_status_env")
     status_env.populate()
-    app = StatusWebApp(status_env.store, lambda: _config_or_none(status_env), 0, "127.0.0.1")
+    app = StatusWebApp(status_env.store, lambda: status_env.config, 0, "127.0.0.1")
     app.start()
     app.env = status_env
     try:
