@@ -1,1 +1,2 @@
-"""cli."""
+"""Command-line entry points: ``nodepool`` (operator CLI), ``nodepool-launcher``,
+``nodepool-builder``."""
