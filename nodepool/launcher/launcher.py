@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("nodepool.launcher")
 
 INIT_GRACE = 60          # an unlocked ``init`` node younger than this is being created
-LOST_REQUEST_INTERVAL = 5
+UPLOADS_TTL = 2.0
 
 
 @dataclass
@@ -83,9 +83,9 @@ class Launcher:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_cleanup = 0.0
-        self._last_lost_check = 0.0
         self._session_lost = threading.Event()
         self.watcher = None
+        self._uploads_cache = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -306,6 +306,14 @@ class Launcher:
         prov = self.config.providers.get(provider)
         return prov.pools.get(pool) if prov else None
 
+    def _uploads(self):
+        """Upload records, reread at most every ``UPLOADS_TTL`` seconds: images change rarely and
+        listing them walks the whole image tree of the store."""
+        now = time.monotonic()
+        if self._uploads_cache is None or now - self._uploads_cache[0] > UPLOADS_TTL:
+            self._uploads_cache = (now, self.store.list_uploads())
+        return self._uploads_cache[1]
+
     def _pool_views(self, nodes):
         views = []
         uploads = None
@@ -319,7 +327,7 @@ class Launcher:
             for label in pool.labels.values():
                 if label.diskimage:
                     if uploads is None:
-                        uploads = self.store.list_uploads()
+                        uploads = self._uploads()
                     if _newest_ready_upload(uploads, label.diskimage, prov.name) is None:
                         unavailable[label.name] = (f"no ready upload of diskimage "
                                                    f"{label.diskimage} to {prov.name}")
