@@ -334,3 +334,58 @@ providers:
     for r in done:
         if r.state == RequestState.FULFILLED:
             client.release(client.accept(r))
+
+
+DISKIMAGE = """\
+labels:
+  - name: jammy
+diskimages:
+  - name: ubuntu-jammy
+    elements: [base]
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: 0.05
+    diskimages:
+      - name: ubuntu-jammy
+    pools:
+      - name: main
+        labels:
+          - name: jammy
+            diskimage: ubuntu-jammy
+"""
+
+
+def test_diskimage_label_boots_from_newest_ready_upload_and_reverts(launcher_env):
+    """Nodes boot from the newest ready upload; deleting it makes the previous one current."""
+    from nodepool.drivers.base import ImageUploadSpec
+    from nodepool.model import ImageBuild, ImageUpload
+    launcher_env.write(DISKIMAGE)
+    adapter = launcher_env.adapter("sim")
+    image_file = launcher_env.dir / "img.qcow2"
+    image_file.write_bytes(b"QFI\xfb" + b"\0" * 4096)
+    store = launcher_env.store()
+    uploads = []
+    for n in range(2):
+        build = store.create_build(ImageBuild(image="ubuntu-jammy", state="ready",
+                                              formats="qcow2", state_time=1000.0 + n))
+        ext = adapter.upload_image(ImageUploadSpec(
+            image_name=f"ubuntu-jammy-{n}", filename=str(image_file), image_format="qcow2",
+            metadata={}))
+        uploads.append(store.create_upload(ImageUpload(
+            image="ubuntu-jammy", build_id=build.id, provider="sim", state="ready",
+            external_id=ext, external_name=f"ubuntu-jammy-{n}", format="qcow2",
+            state_time=1000.0 + n)))
+    launcher_env.start_launcher()
+    client = launcher_env.client()
+    first = client.request(["jammy"], timeout=20)[0]
+    assert first.image_id == uploads[1].path
+    assert adapter.cloud.get_instance(first.external_id).image_id == uploads[1].external_id
+    # the operator reverts the bad newest image: new nodes use the previous one at once
+    bad = store.get_upload("ubuntu-jammy", uploads[1].build_id, "sim", uploads[1].id)
+    bad.set_state("deleting")
+    store.update_upload(bad)
+    second = client.request(["jammy"], timeout=20)[0]
+    assert second.image_id == uploads[0].path
+    assert adapter.cloud.get_instance(second.external_id).image_id == uploads[0].external_id
+    client.release([first, second])
