@@ -1,6 +1,6 @@
 """OpenStack driver benchmark against the real local cloud (prints figures, asserts nothing).
 
-    python bench/bench_openstack.py [--nodes 20]
+    python bench/bench_openstack.py [--nodes 20] [--min-ready 5] [--skip-adapter]
 
 Uses the cloud named by ``NODEPOOL_OPENSTACK_CLOUDS_YAML`` (cloud ``local``) or starts one with
 ``tests/fixtures/openstack/cloud.sh`` in a temp dir (root, ~45 s) and stops it afterwards.
@@ -9,8 +9,10 @@ Figures:
 * adapter burst: N launches advanced from one loop (as a provider worker does): seconds until
   all are ACTIVE, seconds until all are deleted, API calls per node launched and deleted (the
   rate limiter's ``calls``), with and without floating IPs;
-* launcher (when the embedded store is available): seconds from launcher start to min-ready,
-  and latency of an N-request burst.
+* launcher (in a thread, production intervals, embedded SQLite store): seconds from launcher
+  start to min-ready; latency of an N-request burst submitted at once; API calls per server
+  launched and per server deleted, measured over the burst (idle polling included, and its
+  share printed).  The admin project's compute quota is raised for the run and restored.
 """
 import argparse
 import os
@@ -24,20 +26,31 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 CLOUD_SH = os.path.join(REPO, "tests", "fixtures", "openstack", "cloud.sh")
+LOCK_DIR = "/tmp/nodepool-openstack-cloud"      # shared with tests/fixtures/openstack.py
 
 
 def ensure_cloud():
-    """(clouds.yaml, stop function)."""
+    """(clouds.yaml, stop function).  A cloud of our own takes the test fixture's lock first:
+    its ports are fixed, so a test session and the bench must not run two at once."""
     reuse = os.environ.get("NODEPOOL_OPENSTACK_CLOUDS_YAML")
     if reuse:
         return reuse, lambda: None
-    base = tempfile.mkdtemp(prefix="bench-openstack-")
+    import fcntl
+    os.makedirs(LOCK_DIR, exist_ok=True)
+    lock = open(os.path.join(LOCK_DIR, "lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.chmod(LOCK_DIR, 0o755)          # the mysql/rabbitmq users must traverse it
+    base = tempfile.mkdtemp(prefix="bench-", dir=LOCK_DIR)
+    os.chmod(base, 0o755)
     env = dict(os.environ, BASE=base)
     t0 = time.monotonic()
     subprocess.run([CLOUD_SH, "start"], env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"cloud start: {time.monotonic() - t0:.1f} s")
-    return os.path.join(base, "clouds.yaml"), lambda: subprocess.run(
-        [CLOUD_SH, "stop"], env=env, stdout=subprocess.DEVNULL)
+
+    def stop():
+        subprocess.run([CLOUD_SH, "stop"], env=env, stdout=subprocess.DEVNULL)
+        lock.close()
+    return os.path.join(base, "clouds.yaml"), stop
 
 
 def adapter_burst(nodes, floating_ips):
@@ -80,9 +93,33 @@ def adapter_burst(nodes, floating_ips):
           f"delete {delete_calls / nodes:.2f}")
 
 
-def launcher_figures(nodes, clouds_yaml):
+def raise_quota(conn, instances, cores, ram):
+    """Lift the admin project's compute quota for the run; returns a function that restores it."""
+    project = conn.current_project_id
+    before = conn.compute.get_quota_set(project)
+    old = {"instances": before.instances, "cores": before.cores, "ram": before.ram}
+    conn.compute.update_quota_set(project, instances=instances, cores=cores, ram=ram)
+    return lambda: conn.compute.update_quota_set(project, **old)
+
+
+def wait_for(cond, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def launcher_figures(nodes, min_ready):
+    """Launcher in a thread with its production intervals, embedded SQLite store.
+
+    Phases: start -> ``min_ready`` nodes ready; idle calls per second; a burst of ``nodes``
+    one-node requests submitted at once (latency per request, then until min-ready is
+    replenished: calls / servers launched); release them all (calls / servers deleted)."""
     try:
-        from fixtures.launcher import LauncherEnv, wait_until
+        from fixtures.launcher import LauncherEnv
         from nodepool.store import open_store  # noqa: F401
     except ImportError as exc:
         print(f"launcher figures skipped: {exc}")
@@ -90,11 +127,11 @@ def launcher_figures(nodes, clouds_yaml):
     import pathlib
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-openstack-launcher-"))
     env = LauncherEnv(tmp)
-    provider = f"bench-{os.getpid()}"
+    provider = f"bench-launcher-{os.getpid()}"
     env.write(f"""
         labels:
           - name: small
-            min-ready: 5
+            min-ready: {min_ready}
         providers:
           - name: {provider}
             driver: openstack
@@ -104,51 +141,114 @@ def launcher_figures(nodes, clouds_yaml):
               - name: cirros
             pools:
               - name: main
-                max-servers: {nodes + 5}
+                max-servers: {nodes + min_ready}
                 networks: [private]
+                auto-floating-ip: false
                 host-key-checking: false
                 labels:
                   - name: small
                     cloud-image: cirros
                     min-ram: 512
         """)
+
+    def calls():
+        worker = launcher.workers.get(provider)
+        return worker.adapter.rate_limiter.calls if worker is not None else 0
+
+    def ready_spares():
+        return [n for n in client.store.list_nodes()
+                if str(n.state) == "ready" and not n.allocated_to]
+
     try:
         t0 = time.monotonic()
-        launcher = env.start_launcher()
+        # production intervals (the Launcher's defaults), not the tests' short ones
+        launcher = env.start_launcher(loop_interval=1.0, cleanup_interval=1.0,
+                                      leak_interval=60.0, worker_tick=0.05)
         client = env.client()
-        wait_until(lambda: len([n for n in client.store.list_nodes()
-                                if str(n.state) == "ready"]) >= 5, timeout=300,
-                   message="min-ready")
-        print(f"launcher start to min-ready (5 nodes): {time.monotonic() - t0:.1f} s")
+        wait_for(lambda: len(ready_spares()) >= min_ready, 300, "min-ready")
+        print(f"launcher start to min-ready ({min_ready} nodes): {time.monotonic() - t0:.1f} s "
+              f"({calls()} API calls)")
+
+        c0 = calls()
+        time.sleep(10)
+        idle_rate = (calls() - c0) / 10
+        print(f"idle launcher: {idle_rate:.2f} API calls/s (server/floating-IP lists, quota, "
+              f"leak scan)")
+
+        known = {n.id for n in client.store.list_nodes()}
+        c0 = calls()
         t0 = time.monotonic()
-        submitted = [client.submit(["small"]) for _ in range(nodes)]
-        latencies = []
-        for req in submitted:
-            done = client.wait(req.id, timeout=600)
-            latencies.append(time.monotonic() - t0)
-            client.release(client.accept(done))
-        print(f"{nodes}-request burst: first fulfilled after {min(latencies):.1f} s, all after "
-              f"{max(latencies):.1f} s")
-        worker = launcher.workers.get(provider)
-        if worker is not None:
-            print(f"launcher API calls so far (rate limiter): {worker.adapter.rate_limiter.calls}")
+        submitted = {client.submit(["small"]).id: None for _ in range(nodes)}
+        while None in submitted.values():
+            for req_id, seen in submitted.items():
+                if seen is None and str(client.store.get_request(req_id).state) in (
+                        "fulfilled", "failed"):
+                    submitted[req_id] = time.monotonic() - t0
+            if time.monotonic() - t0 > 600:
+                raise TimeoutError("burst not fulfilled within 600 s")
+            time.sleep(0.1)
+        latencies = sorted(submitted.values())
+        failed = [r for r in submitted if str(client.store.get_request(r).state) == "failed"]
+        print(f"{nodes}-request burst ({min_ready} served from min-ready): first fulfilled "
+              f"after {latencies[0]:.1f} s, median {latencies[len(latencies) // 2]:.1f} s, "
+              f"all after {latencies[-1]:.1f} s; failed: {len(failed)}")
+        held = [client.accept(client.store.get_request(r)) for r in submitted if r not in failed]
+        wait_for(lambda: len(ready_spares()) >= min_ready, 300, "min-ready replenished")
+        window = time.monotonic() - t0
+        launched = len({n.id for n in client.store.list_nodes()} - known)
+        launch_calls = calls() - c0
+        print(f"launch: {launched} servers in {window:.1f} s, {launch_calls} API calls = "
+              f"{launch_calls / launched:.2f} per server launched (idle share "
+              f"{idle_rate * window / launched:.2f})")
+
+        doomed = {n.external_id for nodes_ in held for n in nodes_}
+        c0 = calls()
+        t0 = time.monotonic()
+        for nodes_ in held:
+            client.release(nodes_)
+        conn = env.adapter(provider).connection()
+        wait_for(lambda: not doomed & {s.id for s in conn.compute.servers()}, 300,
+                 "released servers deleted", interval=0.5)
+        gone_after = time.monotonic() - t0
+        wait_for(lambda: not [n for n in client.store.list_nodes()
+                              if n.external_id in doomed], 120, "node records removed")
+        delete_calls = calls() - c0
+        window = time.monotonic() - t0
+        print(f"delete: {len(doomed)} servers gone from the cloud {gone_after:.1f} s after "
+              f"release, {delete_calls} API calls = {delete_calls / len(doomed):.2f} per server "
+              f"deleted (idle share {idle_rate * window / len(doomed):.2f})")
     except Exception as exc:
         print(f"launcher figures failed: {type(exc).__name__}: {exc}")
     finally:
         env.close()
+        leftovers = [s for s in env.adapter(provider).connection().compute.servers(details=True)
+                     if (s.metadata or {}).get("nodepool_provider_name") == provider]
+        for server in leftovers:
+            env.adapter(provider).connection().compute.delete_server(server,
+                                                                     ignore_missing=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=20)
+    parser.add_argument("--nodes", type=int, default=20, help="size of the request burst")
+    parser.add_argument("--min-ready", type=int, default=5)
+    parser.add_argument("--skip-adapter", action="store_true", help="launcher figures only")
     args = parser.parse_args()
     clouds_yaml, stop = ensure_cloud()
     os.environ["OS_CLIENT_CONFIG_FILE"] = clouds_yaml
+    import warnings
+    warnings.simplefilter("ignore")         # openstacksdk deprecation noise
+    import openstack
+    restore_quota = raise_quota(openstack.connect(cloud="local"),
+                                instances=2 * (args.nodes + args.min_ready),
+                                cores=4 * (args.nodes + args.min_ready), ram=512000)
     try:
-        adapter_burst(args.nodes // 2, floating_ips=False)
-        adapter_burst(args.nodes // 2, floating_ips=True)
-        launcher_figures(args.nodes, clouds_yaml)
+        if not args.skip_adapter:
+            adapter_burst(args.nodes // 2, floating_ips=False)
+            adapter_burst(args.nodes // 2, floating_ips=True)
+        launcher_figures(args.nodes, args.min_ready)
     finally:
+        restore_quota()
         stop()
 
 
