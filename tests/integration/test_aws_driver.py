@@ -373,7 +373,9 @@ def test_image_upload_boot_and_delete_via_create_volume(aws, moto, tmp_path):
     ours = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
         {"Name": f"tag:{META_UPLOAD_ID}", "Values": ["0000000001"]}])["Snapshots"]
     assert len(ours) == 1 and ours[0]["VolumeSize"] == 2
-    key = adapter.object_key(spec.image_name)
+    key = adapter.object_key(spec.image_name, metadata=spec.metadata)
+    # two uploads with the same image name (same second) never share an S3 object
+    assert spec.metadata[META_UPLOAD_ID] in key and spec.metadata[META_BUILD_ID] in key
     obj_tags = {t["Key"]: t["Value"]
                 for t in s3.get_object_tagging(Bucket=BUCKET, Key=key)["TagSet"]}
     assert obj_tags[META_PROVIDER] == "aws1"

@@ -558,8 +558,14 @@ class AwsAdapter(Adapter):
     def _object_prefix(self):
         return f"nodepool/{self.provider.name}/"
 
-    def object_key(self, image_name, image_format=None):
-        return f"{self._object_prefix()}{image_name}.{image_format or self.image_format}"
+    def object_key(self, image_name, image_format=None, metadata=None):
+        """The S3 key an upload stages its file under.  With the upload's metadata the key
+        carries its build and upload ids, so two uploads whose image names collide (same
+        second) never share, and then delete, one object."""
+        ids = [str(metadata[k]) for k in (META_BUILD_ID, META_UPLOAD_ID)
+               if metadata and metadata.get(k)]
+        name = "-".join([image_name] + ids)
+        return f"{self._object_prefix()}{name}.{image_format or self.image_format}"
 
     def upload_image(self, spec):
         """Stage the file in S3, make an EBS snapshot of it and register an AMI; every piece
@@ -599,7 +605,7 @@ class AwsAdapter(Adapter):
                     pass
         if self.bucket and image.get("Name"):
             s3 = self.client("s3")
-            key = self.object_key(image["Name"])
+            key = self.object_key(image["Name"], metadata=tags)
             try:
                 self.call(f"delete object {key}", lambda: s3.delete_object(
                     Bucket=self.bucket, Key=key), missing_ok=True)

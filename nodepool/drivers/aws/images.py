@@ -46,7 +46,7 @@ class ImageUpload:
         if not adapter.bucket:
             raise PermanentCloudError(f"{self.what}: object-storage.bucket-name is not set")
         method = self.options.get("import-method", "snapshot")
-        key = adapter.object_key(spec.image_name, spec.image_format)
+        key = adapter.object_key(spec.image_name, spec.image_format, spec.metadata)
         self.deadline = time.monotonic() + (self.timeout or math.inf)
         try:
             self.put_object(key)
