@@ -86,6 +86,7 @@ class Launcher:
         self._session_lost = threading.Event()
         self.watcher = None
         self._uploads_cache = None
+        self._housekeeper = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -129,6 +130,8 @@ class Launcher:
     def shutdown(self):
         """Stop workers, release our locks and registrations.  In-flight launches are left to
         the restart-safety rules (their unlocked nodes get deleted, instances are tagged)."""
+        if self._housekeeper is not None:
+            self._housekeeper.join(30)
         for worker in list(self.workers.values()) + self.retired:
             worker.stop()
         for worker in list(self.workers.values()) + self.retired:
@@ -157,6 +160,9 @@ class Launcher:
 
     def run(self):
         """Run until ``stop()``, then shut down."""
+        self._housekeeper = threading.Thread(target=self._housekeeping_loop,
+                                             name="launcher-housekeeping", daemon=True)
+        self._housekeeper.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -188,6 +194,8 @@ class Launcher:
     # -- one pass ----------------------------------------------------------------------------------
 
     def run_once(self):
+        """One pass of the request loop: finish or fail the requests we handle, then decide and
+        apply what every waiting request gets."""
         if self._session_lost.is_set():
             self._handle_session_lost()
         self._maybe_reload()
@@ -195,21 +203,10 @@ class Launcher:
         requests = self.store.list_requests()
         components = self.store.list_components("pool")
         locked_nodes = self.store.locked_node_ids()
-        now = time.time()
-        mono = time.monotonic()
-        if mono - self._last_cleanup >= self.cleanup_interval:
-            self._last_cleanup = mono
-            self._cleanup(nodes, requests, locked_nodes, now)
-            nodes = self.store.list_nodes()
-            requests = self.store.list_requests()
-        else:
-            self._finish_min_ready(requests)
-            self._delete_used(nodes, locked_nodes)
         self._progress_active(nodes, requests, components)
         views = self._pool_views(nodes)
-        self._min_ready(nodes, requests, components, views)
         snap = planner.Snapshot(
-            requests=self.store.list_requests(), nodes=nodes, pools=views,
+            requests=requests, nodes=nodes, pools=views,
             registered_pools=components, locked_nodes=locked_nodes,
             active_requests=set(self.active),
             tenant_limits={t: tl.limits for t, tl in self.config.tenant_limits.items()})
@@ -223,6 +220,37 @@ class Launcher:
                 paused.add(action.pool_key)
         paused |= {ar.pool_key for ar in self.active.values() if ar.waiting}
         self._update_pool_components(paused)
+
+    def housekeeping_once(self):
+        """Returned nodes, finished min-ready requests, periodic cleanup and new min-ready
+        requests.  Runs in its own thread so a new request never waits behind it."""
+        nodes = self.store.list_nodes()
+        requests = self.store.list_requests()
+        locked_nodes = self.store.locked_node_ids()
+        mono = time.monotonic()
+        if mono - self._last_cleanup >= self.cleanup_interval:
+            self._last_cleanup = mono
+            self._cleanup(nodes, requests, locked_nodes, time.time())
+        else:
+            self._finish_min_ready(requests)
+            self._delete_used(nodes, locked_nodes)
+        nodes = self.store.list_nodes()
+        self._min_ready(nodes, self.store.list_requests(), self.store.list_components("pool"),
+                        self._pool_views(nodes))
+
+    def _housekeeping_loop(self):
+        watcher = self.store.watch()
+        while not self._stop.is_set():
+            try:
+                if not self._session_lost.is_set():
+                    self.housekeeping_once()
+            except StoreError as exc:
+                log.error("state store error in housekeeping (will retry): %s", exc)
+                self._stop.wait(1)
+            except Exception:
+                log.exception("launcher housekeeping failed (will retry)")
+                self._stop.wait(1)
+            watcher.wait(self.loop_interval)
 
     # -- config and providers ----------------------------------------------------------------------
 
@@ -317,7 +345,7 @@ class Launcher:
     def _pool_views(self, nodes):
         views = []
         uploads = None
-        for key, comp in self.pool_components.items():
+        for key, comp in list(self.pool_components.items()):
             pool = self._pool(key)
             worker = self.workers.get(pool.provider) if pool else None
             if worker is None:
@@ -687,7 +715,7 @@ class Launcher:
     def _cleanup(self, nodes, requests, locked_nodes, now):
         locked_requests = self.store.locked_request_ids()
         mine = set(self.workers)
-        reusable = {name for name, w in self.workers.items()
+        reusable = {name for name, w in list(self.workers.items())
                     if getattr(w.adapter, "reuses_nodes", False)}
         actions = planner.plan_node_cleanup(
             nodes, requests, locked_nodes, locked_requests, self.config.labels, mine,
@@ -709,10 +737,11 @@ class Launcher:
 
     def _delete_used(self, nodes, locked_nodes):
         """Between full cleanups, delete returned nodes at once: they hold quota."""
+        workers = dict(self.workers)
         for node in nodes:
             if node.state == NodeState.USED and node.id not in locked_nodes \
-                    and node.provider in self.workers \
-                    and not getattr(self.workers[node.provider].adapter, "reuses_nodes", False):
+                    and node.provider in workers \
+                    and not getattr(workers[node.provider].adapter, "reuses_nodes", False):
                 self._delete_node(node.id, "used")
 
     def _delete_node(self, node_id, reason):
