@@ -86,7 +86,6 @@ class Launcher:
         self._session_lost = threading.Event()
         self.watcher = None
         self._uploads_cache = None
-        self._housekeeper = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -130,8 +129,6 @@ class Launcher:
     def shutdown(self):
         """Stop workers, release our locks and registrations.  In-flight launches are left to
         the restart-safety rules (their unlocked nodes get deleted, instances are tagged)."""
-        if self._housekeeper is not None:
-            self._housekeeper.join(30)
         for worker in list(self.workers.values()) + self.retired:
             worker.stop()
         for worker in list(self.workers.values()) + self.retired:
@@ -160,9 +157,6 @@ class Launcher:
 
     def run(self):
         """Run until ``stop()``, then shut down."""
-        self._housekeeper = threading.Thread(target=self._housekeeping_loop,
-                                             name="launcher-housekeeping", daemon=True)
-        self._housekeeper.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -220,10 +214,11 @@ class Launcher:
                 paused.add(action.pool_key)
         paused |= {ar.pool_key for ar in self.active.values() if ar.waiting}
         self._update_pool_components(paused)
+        self.housekeeping_once()
 
     def housekeeping_once(self):
         """Returned nodes, finished min-ready requests, periodic cleanup and new min-ready
-        requests.  Runs in its own thread so a new request never waits behind it."""
+        requests: after the requests of the pass, so a new request never waits behind them."""
         nodes = self.store.list_nodes()
         requests = self.store.list_requests()
         locked_nodes = self.store.locked_node_ids()
@@ -237,20 +232,6 @@ class Launcher:
         nodes = self.store.list_nodes()
         self._min_ready(nodes, self.store.list_requests(), self.store.list_components("pool"),
                         self._pool_views(nodes))
-
-    def _housekeeping_loop(self):
-        watcher = self.store.watch()
-        while not self._stop.is_set():
-            try:
-                if not self._session_lost.is_set():
-                    self.housekeeping_once()
-            except StoreError as exc:
-                log.error("state store error in housekeeping (will retry): %s", exc)
-                self._stop.wait(1)
-            except Exception:
-                log.exception("launcher housekeeping failed (will retry)")
-                self._stop.wait(1)
-            watcher.wait(self.loop_interval)
 
     # -- config and providers ----------------------------------------------------------------------
 
