@@ -4,7 +4,7 @@
 Measures, with the launcher running as its own process (``nodepool-launcher -f``):
   1. time from launcher start to min-ready satisfied (min-ready 2, boot time 0.1 s);
   2. ready-node request latency, submit -> fulfilled, one client, requests served from
-     min-ready stock (median, p95, p99);
+     min-ready stock (median, p95, p99): back to back, and with the launcher idle before each;
   3. sustained load: N requests from C concurrent clients (each its own store session), nodes
      launched or reused, each returned as used; latency percentiles and throughput;
   4. launcher CPU seconds for the whole run.
@@ -158,7 +158,19 @@ def main():
         for _ in range(args.sequential):
             wait_for(lambda: len(ready_unallocated(store)) >= 1, 30)
             lat.append(one_request(client))
-        results["ready_node_latency"] = summary("ready node, sequential", lat)
+        results["ready_node_latency"] = summary(
+            "ready node, back to back (the launcher is still replacing the last node)", lat)
+
+        # the request path alone: each request arrives at an idle launcher with stock waiting
+        def settled():
+            return (len(ready_unallocated(store)) >= 20 and not store.list_requests()
+                    and all(n.state == NodeState.READY for n in store.list_nodes()))
+        lat = []
+        for _ in range(min(args.sequential, 100)):
+            wait_for(settled, 30)
+            time.sleep(0.05)
+            lat.append(one_request(client))
+        results["ready_node_latency_idle"] = summary("ready node, idle launcher", lat)
 
         # 3. sustained load
         wait_for(lambda: len(ready_unallocated(store)) >= 20, 60)
