@@ -201,6 +201,24 @@ class Adapter(abc.ABC):
         self.provider = provider
         self.rate_limiter = rate_limiter or RateLimiter(provider.name, provider.rate)
 
+    #: seconds ``_remember`` keeps a fetched value (flavors, images, AZs change rarely)
+    memo_ttl = 300
+
+    def _remember(self, key, fetch, ttl=None):
+        """``fetch()``'s value for ``key``, fetched again once ``ttl`` seconds have passed."""
+        memo = self.__dict__.setdefault("_memo", {})
+        hit = memo.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < (self.memo_ttl if ttl is None else ttl):
+            return hit[1]
+        value = fetch()
+        memo[key] = (now, value)
+        return value
+
+    def forget(self, key):
+        """Drop a remembered value (it turned out stale)."""
+        self.__dict__.setdefault("_memo", {}).pop(key, None)
+
     def start(self):
         """Open long-lived clients.  May raise CloudError; the provider is then retried later."""
 

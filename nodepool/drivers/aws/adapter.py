@@ -28,7 +28,6 @@ from .quotas import quota_code
 from .tags import instance_tags, tag_dict, tag_specifications
 
 LIST_TTL = 1.0             # seconds one instance listing is shared before it is refreshed
-MEMO_TTL = 300             # image lookups, AZs: re-read this often
 NOT_LISTED_GRACE = 120     # seconds a new instance may be missing from listings (consistency)
 UPLOAD_POLL = 5.0          # seconds between status checks while importing an image
 UPLOAD_GRACE = 3600        # upload leftovers younger than this are never leak candidates
@@ -175,7 +174,6 @@ class AwsAdapter(Adapter):
         self._clients = {}
         self._client_lock = threading.Lock()
         self._sizes = {}                   # instance type -> (vcpus, ram MiB)
-        self._memo = {}
         self._quota_warned = set()
         self.log = logging.getLogger(f"nodepool.drivers.aws.{provider.name}")
 
@@ -269,17 +267,6 @@ class AwsAdapter(Adapter):
                         pass
             self._clients = {}
 
-    def _remember(self, key, fetch, ttl=MEMO_TTL):
-        hit = self._memo.get(key)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < ttl:
-            return hit[1]
-        value = fetch()
-        self._memo[key] = (now, value)
-        return value
-
-    def forget(self, key):
-        self._memo.pop(key, None)
 
     # -- cached reads -----------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from .addresses import classify_addresses
 LIST_TTL = 1.0            # seconds a server/floating-IP listing is shared before it is refreshed
 API_TIMEOUT = 60          # seconds one HTTP call may take
 UPLOAD_POLL = 2.0         # seconds between status checks of an upload
-MEMO_TTL = 300            # flavors, images, networks are re-read this often
 
 log = logging.getLogger("nodepool.drivers.openstack")
 
@@ -104,7 +103,6 @@ class OpenStackAdapter(Adapter):
         self._conn = None
         self.servers = Listing(self._list_servers)
         self.floating_ips = Listing(self._list_floating_ips)
-        self._memo = {}
         self._down_ports = {}         # port id -> monotonic time first seen DOWN
         self.log = logging.getLogger(f"nodepool.drivers.openstack.{provider.name}")
 
@@ -145,17 +143,6 @@ class OpenStackAdapter(Adapter):
                 pass
             self._conn = None
 
-    def _remember(self, key, fetch):
-        hit = self._memo.get(key)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < MEMO_TTL:
-            return hit[1]
-        value = fetch()
-        self._memo[key] = (now, value)
-        return value
-
-    def forget(self, key):
-        self._memo.pop(key, None)
 
     # -- cached reads -----------------------------------------------------------------------------
 
