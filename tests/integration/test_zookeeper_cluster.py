@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from fixtures.launcher import wait_until, zookeeper_yaml
+from fixtures.launcher import stop_processes, wait_until, zookeeper_yaml
 from integration import test_builder as builder_tests
 from integration.test_builder import (  # noqa: F401  (collected again, here on ZooKeeper)
     test_manual_build_request_is_cleared_when_the_build_is_ready,
@@ -126,15 +126,7 @@ class Cluster:
         return store
 
     def close(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            proc.log.close()
+        stop_processes(self.procs, 30)
         for store in self.stores:
             store.stop()
 
