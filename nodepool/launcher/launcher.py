@@ -208,6 +208,8 @@ class Launcher:
         for action in planner.plan_requests(snap):
             if isinstance(action, planner.Decline):
                 self._decline(action, components)
+            elif isinstance(action, planner.FailRequest):
+                self._fail_declined(action, components)
             elif isinstance(action, planner.Accept):
                 self._accept(action, views)
             elif isinstance(action, planner.Defer) and action.pauses:
@@ -360,7 +362,27 @@ class Launcher:
 
     # -- requests ----------------------------------------------------------------------------------
 
+    def _image_appeared(self, action):
+        """Whether a decline for a missing image was based on a stale view: the availability
+        snapshot is refreshed only every few seconds, a decline is forever, so re-read first."""
+        if not action.reason.startswith("image for label"):
+            return False
+        key = next((k for k, c in self.pool_components.items() if c.pool_id == action.pool_id),
+                   None)
+        pool = self._pool(key) if key else None
+        if pool is None:
+            return False
+        self._uploads_cache = None
+        uploads = self._uploads()
+        for label in pool.labels.values():
+            if label.diskimage and f"label {label.name} not" in action.reason and _newest_ready_upload(
+                    uploads, label.diskimage, pool.provider) is not None:
+                return True
+        return False
+
     def _decline(self, action, components):
+        if self._image_appeared(action):
+            return
         try:
             lock = self.store.lock_request(action.request_id)
         except LockError:
@@ -371,6 +393,22 @@ class Launcher:
                     or action.pool_id in req.declined_by:
                 return
             self._record_decline(req, action.pool_id, action.reason, components)
+
+    def _fail_declined(self, action, components):
+        """Every pool still registered has declined it (the others went away): it failed."""
+        try:
+            lock = self.store.lock_request(action.request_id)
+        except LockError:
+            return
+        with lock:
+            req = self.store.get_request(action.request_id)
+            if req is None or req.state != RequestState.REQUESTED or not planner.request_failed(
+                    req, [c.pool_id for c in components]):
+                return
+            req.set_state(RequestState.FAILED)
+            self.store.update_request(req)
+            log.warning("request %s for %s failed: every registered pool has declined it",
+                        req.id, ",".join(req.node_types))
 
     def _record_decline(self, req, pool_id, reason, components=None):
         if components is None:

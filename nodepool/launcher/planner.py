@@ -92,6 +92,12 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class FailRequest:
+    """Every pool registered now has declined the request (pools that had not went away)."""
+    request_id: str
+
+
+@dataclass(frozen=True)
 class Defer:
     """Leave a request waiting; ``pauses`` when a pool is at quota for it."""
     request_id: str
@@ -198,10 +204,14 @@ def plan_requests(snap):
 
     actions = []
     paused = set()
+    registered_ids = [c.pool_id for c in snap.registered_pools]
     for req in snap.requests:
         if req.state != RequestState.REQUESTED or req.id in snap.active_requests:
             continue
         if not req.node_types:
+            continue
+        if req.declined_by and request_failed(req, registered_ids):
+            actions.append(FailRequest(req.id))
             continue
         mine = [pv for pv in snap.pools if pv.pool_id not in req.declined_by]
         if not mine:

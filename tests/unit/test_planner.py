@@ -103,8 +103,10 @@ def test_request_failed_only_when_every_registered_pool_declined():
 
 def test_already_declined_pool_does_not_consider_it_again():
     v = view(pool())
+    other = Component(kind="pool", pool_id="other", provider_name="sim2",
+                      supported_labels=["small"], priority=100)
     actions = planner.plan_requests(snap([req("100-1", ["small"], declined_by=[v.pool_id])],
-                                         [], [v]))
+                                         [], [v], [other]))
     assert actions == []
 
 
@@ -346,3 +348,14 @@ def test_unmanaged_usage_counts_foreign_instances():
     nodes = [node("0001", external_id="c")]
     used = planner.unmanaged_usage("sim", instances, nodes)
     assert used["instances"] == 2 and used["cores"] == 2
+
+
+def test_request_declined_by_every_remaining_pool_fails():
+    """A pool that had not declined went away: nobody is left to serve the request."""
+    from nodepool.launcher.planner import FailRequest
+    v = view(pool(labels=("other",)))
+    r = req("100-1", ["small"], declined_by=[v.pool_id, "gone-pool"])
+    assert planner.plan_requests(snap([r], [], [v])) == [FailRequest("100-1")]
+    other = Component(kind="pool", pool_id="alive", provider_name="x",
+                      supported_labels=["small"], priority=100)
+    assert planner.plan_requests(snap([r], [], [v], [other])) == []
