@@ -23,33 +23,35 @@ Semantics follow ZooKeeper so that both implementations behave alike:
 import abc
 import threading
 
+from .zk import paths as P    # Nodepool's layout (pure functions), shared by both stores
+
 
 # -- lock paths (identical to Nodepool's, so ZooKeeper locks interoperate) -------------------------
 
 def node_lock_path(node_id):
-    return f"/nodepool/nodes/{node_id}/lock"
+    return f"{P.node_path(node_id)}/lock"
 
 
 def request_lock_path(request_id):
-    return f"/nodepool/requests-lock/{request_id}"
+    return f"{P.REQUEST_LOCK_ROOT}/{request_id}"
 
 
 def image_build_lock_path(image):
     """One build of an image at a time, across all builders."""
-    return f"/nodepool/images/{image}/builds/lock"
+    return f"{P.builds_path(image)}/lock"
 
 
 def build_lock_path(image, build_id):
-    return f"/nodepool/images/{image}/builds/{build_id}/lock"
+    return f"{P.build_path(image, build_id)}/lock"
 
 
 def upload_lock_path(image, build_id, provider):
     """One upload of a build to a provider at a time."""
-    return f"/nodepool/images/{image}/builds/{build_id}/providers/{provider}/images/lock"
+    return f"{P.uploads_path(image, build_id, provider)}/lock"
 
 
 def upload_record_lock_path(image, build_id, provider, upload_id):
-    return f"/nodepool/images/{image}/builds/{build_id}/providers/{provider}/images/{upload_id}/lock"
+    return f"{P.upload_path(image, build_id, provider, upload_id)}/lock"
 
 
 class Lock:

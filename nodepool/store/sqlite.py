@@ -30,6 +30,7 @@ import weakref
 from ..errors import ConflictError, LockError, NotFoundError, SessionLostError, StoreError
 from ..model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 from .base import ChangeWatcher, Lock, StateStore, node_lock_path
+from .zk import paths as P
 
 log = logging.getLogger("nodepool.store.sqlite")
 
@@ -695,10 +696,10 @@ class SQLiteStore(StateStore):
         return out
 
     def locked_node_ids(self):
-        return self._locked_ids("/nodepool/nodes/", "/lock")
+        return self._locked_ids(f"{P.NODE_ROOT}/", "/lock")
 
     def locked_request_ids(self):
-        return self._locked_ids("/nodepool/requests-lock/")
+        return self._locked_ids(f"{P.REQUEST_LOCK_ROOT}/")
 
     # -- images ------------------------------------------------------------------------------------
 
