@@ -589,27 +589,24 @@ class Launcher:
                 self._fulfil(ar, req)
 
     def _relaunch_waiting(self, ar, req, pool, worker, nodes):
+        """Relaunch slots whose launch the cloud refused for quota, as room appears."""
         view = next((v for v in self._pool_views(nodes) if v.key == pool.key), None)
         if view is None:
             return
-        pool_used = planner.Resources.total(
-            planner.node_cost(n, {pool.key: view}) for n in nodes
-            if n.provider == pool.provider and n.pool == pool.name)
-        while ar.waiting:
-            slot = ar.waiting[0]
-            label = ar.slots[slot][0]
-            need = view.cost(label)
-            if not pool.limits.fits(pool_used, need):
-                return
-            if view.cloud_limits is not None and not view.ignore_provider_quota:
-                prov_used = planner.Resources.total(
-                    planner.node_cost(n, {pool.key: view}) for n in nodes
-                    if n.provider == pool.provider) + view.unmanaged_usage
-                if not view.cloud_limits.fits(prov_used, need):
+        try:
+            plock = self._pool_lock(pool)
+        except _Retry:
+            return
+        with plock:
+            self.store.sync_nodes()
+            while ar.waiting:
+                slot = ar.waiting[0]
+                label = ar.slots[slot][0]
+                # each launch stores its node record, so the next check counts it
+                if not planner.fits_now(view, [label], self.store.list_nodes()):
                     return
-            ar.waiting.pop(0)
-            pool_used = pool_used + need
-            self._launch(ar, slot, label, req, pool, worker)
+                ar.waiting.pop(0)
+                self._launch(ar, slot, label, req, pool, worker)
 
     def _fulfil(self, ar, req):
         req.nodes = [nid for _, nid in ar.slots]

@@ -4,6 +4,8 @@ Launchers run in a thread of the test process here (each with its own store sess
 as separate processes would); tests/integration/test_launcher_processes.py runs them as
 processes for the restart and crash paths.
 """
+import time
+
 import pytest
 
 from fixtures.launcher import wait_until
@@ -389,3 +391,26 @@ def test_diskimage_label_boots_from_newest_ready_upload_and_reverts(launcher_env
     assert second.image_id == uploads[0].path
     assert adapter.cloud.get_instance(second.external_id).image_id == uploads[0].external_id
     client.release([first, second])
+
+
+def test_cloud_quota_refusal_aborts_and_relaunches_when_room_appears(launcher_env):
+    """With ignore-provider-quota the launcher launches anyway; the cloud's quota refusal aborts
+    the node (not a failure) and the slot is relaunched once capacity frees."""
+    launcher_env.write(BASIC.format(min_ready=0, max_ready_age=0, boot_time=0.05,
+                                    boot_failure_rate=0.0, retries=3, quota="{instances: 1}",
+                                    max_servers=10).replace(
+        "        max-servers: 10\n", "        max-servers: 10\n        ignore-provider-quota: true\n"))
+    launcher_env.start_launcher()
+    client = launcher_env.client()
+    held = client.request(["small"], timeout=20)
+    waiting = client.submit(["small"])
+    wait_until(lambda: client.store.get_request(waiting.id).state == RequestState.PENDING,
+               message="second request accepted")
+    # the cloud refuses (one instance is all it allows): the request waits, it does not fail
+    time_limit = time.monotonic() + 1.0
+    while time.monotonic() < time_limit:
+        assert client.store.get_request(waiting.id).state == RequestState.PENDING
+    client.release(held)
+    done = client.wait(waiting.id, timeout=30)
+    assert done.state == RequestState.FULFILLED
+    client.release(client.accept(done))
