@@ -716,14 +716,7 @@ class Launcher:
             if req is None:
                 return
             for nid in req.nodes:
-                try:
-                    with self.store.lock_node(nid):
-                        node = self.store.get_node(nid)
-                        if node is not None and node.allocated_to == req.id:
-                            node.allocated_to = None
-                            self.store.update_node(node)
-                except LockError:
-                    continue
+                self._deallocate(nid, req.id, "min-ready stock")
             self.store.delete_request(req.id)
 
     # -- cleanup -----------------------------------------------------------------------------------
@@ -744,7 +737,9 @@ class Launcher:
                     continue
                 self._delete_node(action.node_id, action.reason)
             elif isinstance(action, planner.Deallocate):
-                self._deallocate(action.node_id, action.reason)
+                node = by_id[action.node_id]
+                self._deallocate(node.id, node.allocated_to, action.reason,
+                                 only_if_request_gone=True)
             elif isinstance(action, planner.ResetLostRequest):
                 if action.request_id not in self.active:
                     self._reset_lost(action.request_id)
@@ -788,15 +783,19 @@ class Launcher:
             self.config.max_hold_age, time.time())
         return any(isinstance(a, planner.DeleteNode) for a in again)
 
-    def _deallocate(self, node_id, reason):
+    def _deallocate(self, node_id, request_id, reason, only_if_request_gone=False):
+        """Return a ready node allocated to ``request_id`` to the pool (under its lock)."""
         try:
             with self.store.lock_node(node_id):
                 node = self.store.get_node(node_id)
-                if node is not None and node.state == NodeState.READY and node.allocated_to:
-                    if self.store.get_request(node.allocated_to) is None:
-                        log.info("node %s returned to the pool: %s", node_id, reason)
-                        node.allocated_to = None
-                        self.store.update_node(node)
+                if node is None or node.state != NodeState.READY \
+                        or node.allocated_to != request_id:
+                    return
+                if only_if_request_gone and self.store.get_request(request_id) is not None:
+                    return
+                log.info("node %s returned to the pool: %s", node_id, reason)
+                node.allocated_to = None
+                self.store.update_node(node)
         except LockError:
             pass
 
@@ -811,22 +810,12 @@ class Launcher:
                 return
             for node in self.store.list_nodes():
                 if node.allocated_to == req.id and node.state == NodeState.READY:
-                    self._deallocate_if_free(node)
+                    self._deallocate(node.id, req.id, f"request {req.id} was lost")
             req.nodes = []
             req.set_state(RequestState.REQUESTED)
             self.store.update_request(req)
             log.warning("request %s was pending with no launcher holding it: back in the queue",
                         req.id)
-
-    def _deallocate_if_free(self, node):
-        try:
-            with self.store.lock_node(node.id):
-                fresh = self.store.get_node(node.id)
-                if fresh is not None and fresh.state == NodeState.READY:
-                    fresh.allocated_to = None
-                    self.store.update_node(fresh)
-        except LockError:
-            pass
 
     def _handle_session_lost(self):
         """Every lock we held is gone: forget active requests, let workers abandon launches."""
