@@ -343,7 +343,9 @@ class ZooKeeperStore(StateStore):
             if not done.wait(max(self.timeout, 30.0)):
                 raise StoreError(f"ZooKeeper at {self._describe()}: the first read of nodes "
                                  f"and requests did not finish in time")
-            self._caching = True
+            if not self._caching:
+                raise StoreError(f"ZooKeeper at {self._describe()}: the first read of nodes "
+                                 f"and requests failed (see the log)")
 
     def stop(self):
         if self._client is None:
@@ -560,6 +562,9 @@ class ZooKeeperStore(StateStore):
                 if item[0] == "rewalk":
                     try:
                         self._rewalk()
+                        # switched on here, in order with the events: one queued after the
+                        # walk's read must be applied, not skipped as "not caching yet"
+                        self._caching = True
                     finally:
                         if item[1] is not None:
                             item[1].set()

@@ -215,6 +215,25 @@ def test_cache_follows_writes_of_another_store(store, make_store):
     wait_for(lambda: store.list_nodes() == [], what="delete seen")
 
 
+def test_request_created_right_after_the_first_walk_is_cached(store, zk_raw):
+    """A request made between the cache's first read and the moment caching is switched on
+    must not be lost (the launcher would never see it: no later event mentions it)."""
+    real_rewalk = store._rewalk
+    created = []
+
+    def rewalk_then_create():
+        real_rewalk()
+        before = store._events.qsize()
+        path = zk_raw.create("/nodepool/requests/100-", b'{"state": "requested"}',
+                             ephemeral=True, sequence=True, makepath=True)
+        created.append(path.rsplit("/", 1)[1])
+        wait_for(lambda: store._events.qsize() > before, what="watch event queued")
+
+    store._rewalk = rewalk_then_create
+    assert store.list_requests() == []      # the first walk saw nothing yet
+    wait_for(lambda: [r.id for r in store.list_requests()] == created, what="request cached")
+
+
 # -- locks ---------------------------------------------------------------------------------------
 
 def test_locks_interoperate_with_kazoo_recipe(store, zk_raw):
