@@ -38,6 +38,7 @@ log = logging.getLogger("nodepool.launcher")
 
 INIT_GRACE = 60          # an unlocked ``init`` node younger than this is being created
 UPLOADS_TTL = 2.0
+REQUEST_LOCK_MAX_AGE = 8 * 3600   # Nodepool's age for removing a gone request's lock directory
 
 
 @dataclass
@@ -58,7 +59,8 @@ class ActiveRequest:
 class Launcher:
     def __init__(self, config_path, secure_path=None, hostname=None, webapp=True,
                  loop_interval=1.0, cleanup_interval=1.0, leak_interval=60.0,
-                 worker_tick=0.05, store=None):
+                 worker_tick=0.05, store=None, lock_gc_interval=60.0,
+                 request_lock_max_age=REQUEST_LOCK_MAX_AGE):
         self.config_path = config_path
         self.secure_path = secure_path
         self.hostname = hostname or socket.getfqdn()
@@ -68,6 +70,8 @@ class Launcher:
         self.cleanup_interval = cleanup_interval
         self.leak_interval = leak_interval
         self.worker_tick = worker_tick
+        self.lock_gc_interval = lock_gc_interval
+        self.request_lock_max_age = request_lock_max_age
         self.config = None
         self._config_mtimes = None
         self.store = store
@@ -83,6 +87,7 @@ class Launcher:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_cleanup = 0.0
+        self._last_lock_gc = 0.0
         self._session_lost = threading.Event()
         self.watcher = None
         self._uploads_cache = None
@@ -745,6 +750,12 @@ class Launcher:
                     self._reset_lost(action.request_id)
             elif isinstance(action, planner.FinishMinReady):
                 self._apply_finish_min_ready(action.request_id)
+        mono = time.monotonic()
+        if mono - self._last_lock_gc >= self.lock_gc_interval:
+            self._last_lock_gc = mono
+            removed = self.store.remove_stale_request_locks(self.request_lock_max_age)
+            if removed:
+                log.info("removed %d lock directories of requests that are gone", removed)
 
     def _delete_used(self, nodes, locked_nodes):
         """Between full cleanups, delete returned nodes at once: they hold quota."""

@@ -895,6 +895,28 @@ class ZooKeeperStore(StateStore):
         self._ensure_caches()
         return self._cache.locked_ids("request")
 
+    def remove_stale_request_locks(self, older_than):
+        # pipelined (a long-running site may have many thousands of these): stat every lock
+        # directory, then check the old, empty ones' requests, then delete those left
+        self._wait_connected()
+        cutoff_ms = (time.time() - older_than) * 1000
+        ids = self._children(P.REQUEST_LOCK_ROOT)
+        stats = [(i, self._client.exists_async(f"{P.REQUEST_LOCK_ROOT}/{i}")) for i in ids]
+        old = [(i, stat) for i, stat in ((i, self._wait(r, "exists lock dir")) for i, r in stats)
+               if stat is not None and not stat.numChildren and stat.mtime < cutoff_ms]
+        requests = [(i, stat, self._client.exists_async(P.request_path(i))) for i, stat in old]
+        deletes = [(i, self._client.delete_async(f"{P.REQUEST_LOCK_ROOT}/{i}", stat.version))
+                   for i, stat, r in requests if self._wait(r, "exists request") is None]
+        removed = 0
+        for request_id, result in deletes:
+            try:
+                # not recursive: a contender that appeared since makes this fail, as it should
+                self._wait(result, f"delete {P.REQUEST_LOCK_ROOT}/{request_id}")
+                removed += 1
+            except (kze.NoNodeError, kze.NotEmptyError, kze.BadVersionError):
+                continue
+        return removed
+
     # -- images ------------------------------------------------------------------------------------
 
     def create_build(self, build):

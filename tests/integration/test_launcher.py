@@ -414,3 +414,18 @@ def test_cloud_quota_refusal_aborts_and_relaunches_when_room_appears(launcher_en
     done = client.wait(waiting.id, timeout=30)
     assert done.state == RequestState.FULFILLED
     client.release(client.accept(done))
+
+
+@pytest.mark.parametrize("launcher_env", ["zookeeper"], indirect=True)
+def test_lock_directories_of_finished_requests_are_collected(launcher_env, zk_raw):
+    basic(launcher_env)
+    launcher_env.start_launcher(lock_gc_interval=0.2, request_lock_max_age=0)
+    client = launcher_env.client()
+    nodes = client.request(["small"], timeout=20)     # deletes its request when fulfilled
+    client.release(nodes)
+    pending = client.submit(["big"], ephemeral=False)
+    wait_until(lambda: client.store.get_request(pending.id).state == RequestState.FULFILLED,
+               message="second request fulfilled")
+    # the fulfilled request's directory goes once its request is gone; the live one's stays
+    wait_until(lambda: zk_raw.get_children("/nodepool/requests-lock") == [pending.id],
+               message="only the live request's lock directory left")

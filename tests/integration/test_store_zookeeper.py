@@ -282,6 +282,28 @@ def test_request_lock_path_and_blocking_timeout(store, make_store, zk_raw):
 
 # -- connections ---------------------------------------------------------------------------------
 
+def test_stale_request_lock_directories_are_removed(store, zk_raw):
+    live = store.submit_request(NodeRequest(node_types=["small"]))
+    with store.lock_request(live.id):
+        pass                                    # leaves requests-lock/<live id>
+    gone = store.submit_request(NodeRequest(node_types=["small"]))
+    with store.lock_request(gone.id):
+        pass
+    store.delete_request(gone.id)
+    held = "100-0000009999"                     # request gone, but someone holds its lock
+    raw_lock = KazooLock(zk_raw, request_lock_path(held))
+    assert raw_lock.acquire(blocking=False)
+    time.sleep(0.05)
+    assert store.remove_stale_request_locks(3600) == 0      # none old enough
+    assert store.remove_stale_request_locks(0) == 1
+    left = set(zk_raw.get_children("/nodepool/requests-lock"))
+    assert left == {live.id, held}
+    raw_lock.release()
+    time.sleep(0.05)
+    assert store.remove_stale_request_locks(0) == 1
+    assert set(zk_raw.get_children("/nodepool/requests-lock")) == {live.id}
+
+
 def test_tls_connection(zookeeper_server, zk_chroot, zk_raw):
     store = ZooKeeperStore(zookeeper_server.tls_hosts, chroot=zk_chroot,
                            tls=zookeeper_server.tls, timeout=5.0)
