@@ -30,6 +30,7 @@ import weakref
 from ..errors import ConflictError, LockError, NotFoundError, SessionLostError, StoreError
 from ..model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 from .base import ChangeWatcher, Lock, StateStore, node_lock_path
+from .cached import CachedRecord
 from .zk import paths as P
 
 log = logging.getLogger("nodepool.store.sqlite")
@@ -82,48 +83,6 @@ def _process_start(pid):
     return fields[19]
 
 
-_CONTAINERS = (list, dict)
-
-
-def _json_copy(value):
-    """Deep copy of JSON-like data (lists, dicts, scalars); much cheaper than copy.deepcopy."""
-    kind = type(value)
-    if kind is list:
-        return [_json_copy(v) if type(v) in _CONTAINERS else v for v in value]
-    if kind is dict:
-        return {k: (_json_copy(v) if type(v) in _CONTAINERS else v) for k, v in value.items()}
-    return value
-
-
-def _is_flat(value):
-    items = value.values() if type(value) is dict else value
-    return not any(type(v) in _CONTAINERS for v in items)
-
-
-class _Cached:
-    """A parsed record kept between listings, with the attributes that need copying out."""
-
-    __slots__ = ("gen", "record", "flat", "nested")
-
-    def __init__(self, gen, record):
-        self.gen = gen
-        self.record = record
-        containers = [k for k, v in vars(record).items() if type(v) in _CONTAINERS]
-        self.flat = tuple(k for k in containers if _is_flat(getattr(record, k)))
-        self.nested = tuple(k for k in containers if k not in self.flat)
-
-    def fresh(self):
-        """A copy the caller may mutate freely (lists and dicts are copied too)."""
-        new = object.__new__(self.record.__class__)
-        attrs = self.record.__dict__.copy()
-        for key in self.flat:
-            attrs[key] = attrs[key].copy()
-        for key in self.nested:
-            attrs[key] = _json_copy(attrs[key])
-        new.__dict__ = attrs
-        return new
-
-
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -162,8 +121,8 @@ class SQLiteStore(StateStore):
         self._components = {}           # id -> Component we registered
         self._components_lock = threading.Lock()
         self._cache_lock = threading.Lock()
-        self._caches = {"nodes": {}, "requests": {}}     # table -> {id: _Cached}
-        self._ordered = {"nodes": [], "requests": []}    # table -> [_Cached] in listing order
+        self._caches = {"nodes": {}, "requests": {}}     # table -> {id: CachedRecord}
+        self._ordered = {"nodes": [], "requests": []}    # table -> [CachedRecord] in listing order
         self._gens = {"nodes": None, "requests": None}
         self._started = False
 
@@ -529,7 +488,7 @@ class SQLiteStore(StateStore):
                 for rid in [rid for rid in cache if rid not in current]:
                     del cache[rid]
                 stale = [rid for rid, g in current.items()
-                         if rid not in cache or cache[rid].gen != g]
+                         if rid not in cache or cache[rid].tag != g]
                 if stale:
                     if len(stale) > 500:
                         fetched = self._read(f"SELECT id, data, version, gen FROM {table}")
@@ -541,8 +500,8 @@ class SQLiteStore(StateStore):
                     wanted = set(stale)
                     for rid, data, version, g in fetched:
                         if rid in wanted:
-                            cache[rid] = _Cached(g, cls.from_dict(json.loads(data), id=rid,
-                                                                   version=version))
+                            cache[rid] = CachedRecord(
+                                cls.from_dict(json.loads(data), id=rid, version=version), g)
                 self._ordered[table] = sorted(cache.values(), key=lambda c: order(c.record))
                 self._gens[table] = gen
             ordered = self._ordered[table]

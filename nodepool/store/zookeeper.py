@@ -9,7 +9,6 @@ Locks are kazoo ``Lock`` recipes at Nodepool's paths.  Calls never wait longer t
 timeout for a ZooKeeper answer: a suspended connection raises ``StoreError`` rather than hang or
 pretend a write succeeded.
 """
-import copy
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from nodepool.errors import (ConflictError, LockError, NotFoundError, SessionLos
 from nodepool.model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 
 from .base import ChangeWatcher, Lock, StateStore
+from .cached import CachedRecord, fresh_copy
 from .zk import paths as P
 from .zk.recursive_watch import RecursiveWatchClient
 
@@ -54,15 +54,6 @@ def _decode(data, what):
         log.warning("ignoring %s: JSON is not an object", what)
         return None
     return value
-
-
-def _clone(record):
-    """A copy the caller may mutate without touching the cache (lists/dicts copied too)."""
-    new = copy.copy(record)
-    for name, value in vars(new).items():
-        if isinstance(value, (list, dict)):
-            setattr(new, name, copy.deepcopy(value))
-    return new
 
 
 def _check_tls_files(tls):
@@ -124,12 +115,21 @@ def _diagnose(hosts, ssl_ctx):
     return "; ".join(reasons) or "no server given"
 
 
+def _ID_ORDER(cached):
+    return cached.record.id
+
+
+def _REQUEST_ORDER(cached):
+    return cached.record.sort_key()
+
+
 class _Cache:
     """Nodes and requests as last seen, with lock contenders; ``mzxid`` guards against going back."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.records = {"node": {}, "request": {}}       # id -> (record, mzxid)
+        self.records = {"node": {}, "request": {}}       # id -> CachedRecord (tag: mzxid)
+        self.ordered = {"node": None, "request": None}   # listing order, None when changed
         self.lockers = {"node": {}, "request": {}}       # id -> set of contender names
         # bumped by our own lock/unlock: an event-thread listing taken before it is stale
         self.local_changes = {"node": {}, "request": {}}
@@ -137,12 +137,14 @@ class _Cache:
     def put(self, kind, record, mzxid):
         with self.lock:
             old = self.records[kind].get(record.id)
-            if old is None or old[1] <= mzxid:
-                self.records[kind][record.id] = (record, mzxid)
+            if old is None or old.tag <= mzxid:
+                self.records[kind][record.id] = CachedRecord(record, mzxid)
+                self.ordered[kind] = None
 
     def drop(self, kind, record_id):
         with self.lock:
-            self.records[kind].pop(record_id, None)
+            if self.records[kind].pop(record_id, None) is not None:
+                self.ordered[kind] = None
             if kind == "node":
                 self.lockers["node"].pop(record_id, None)
                 self.local_changes["node"].pop(record_id, None)
@@ -184,11 +186,13 @@ class _Cache:
         ours that landed while the walk was reading)."""
         with self.lock:
             old = self.records[kind]
+            fresh = {}
             for record_id, (record, mzxid) in records.items():
                 mine = old.get(record_id)
-                if mine is not None and mine[1] > mzxid:
-                    records[record_id] = mine
-            self.records[kind] = records
+                fresh[record_id] = (mine if mine is not None and mine.tag > mzxid
+                                    else CachedRecord(record, mzxid))
+            self.records[kind] = fresh
+            self.ordered[kind] = None
             self.lockers[kind] = lockers
 
     def has(self, kind, record_id):
@@ -211,9 +215,19 @@ class _Cache:
         with self.lock:
             self.lockers[kind].pop(record_id, None)
 
-    def values(self, kind):
+    def copies(self, kind):
+        """Copies of all records of ``kind`` in listing order (nodes by id, requests by
+        priority); the order is worked out again only after a change."""
         with self.lock:
-            return [rec for rec, _ in self.records[kind].values()]
+            ordered = self.ordered[kind]
+            if ordered is None:
+                key = _ID_ORDER if kind == "node" else _REQUEST_ORDER
+                ordered = self.ordered[kind] = sorted(self.records[kind].values(), key=key)
+        return [c.fresh() for c in ordered]
+
+    def ids(self, kind):
+        with self.lock:
+            return set(self.records[kind])
 
     def locked_ids(self, kind):
         with self.lock:
@@ -684,7 +698,7 @@ class ZooKeeperStore(StateStore):
         path, stat = self._create(P.NODE_ROOT + "/", _encode(node), sequence=True)
         node.id = path.rsplit("/", 1)[1]
         node.version = stat.version
-        self._cache.put("node", _clone(node), stat.mzxid)
+        self._cache.put("node", fresh_copy(node), stat.mzxid)
         return node
 
     def get_node(self, node_id):
@@ -697,7 +711,7 @@ class ZooKeeperStore(StateStore):
 
     def list_nodes(self):
         self._ensure_caches()
-        return sorted((_clone(n) for n in self._cache.values("node")), key=lambda n: n.id)
+        return self._cache.copies("node")
 
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
@@ -724,7 +738,7 @@ class ZooKeeperStore(StateStore):
             raise
         record.version = stat.version
         if kind in ("node", "request"):
-            self._cache.put(kind, _clone(record), stat.mzxid)
+            self._cache.put(kind, fresh_copy(record), stat.mzxid)
 
     def delete_node(self, node_id):
         self._assured_lock_paths.discard(P.node_path(node_id) + "/lock")
@@ -760,7 +774,7 @@ class ZooKeeperStore(StateStore):
                                   ephemeral=ephemeral, sequence=True)
         request.id = path.rsplit("/", 1)[1]
         request.version = stat.version
-        self._cache.put("request", _clone(request), stat.mzxid)
+        self._cache.put("request", fresh_copy(request), stat.mzxid)
         return request
 
     def get_request(self, request_id):
@@ -773,8 +787,7 @@ class ZooKeeperStore(StateStore):
 
     def list_requests(self):
         self._ensure_caches()
-        return sorted((_clone(r) for r in self._cache.values("request")),
-                      key=lambda r: r.sort_key())
+        return self._cache.copies("request")
 
     def update_request(self, request, check_version=False):
         self._update("request", P.request_path(request.id), request, check_version)
@@ -881,7 +894,7 @@ class ZooKeeperStore(StateStore):
         self._wait_connected()
         self._wait(self._client.sync_async(P.NODE_ROOT), f"sync {P.NODE_ROOT}")
         present = set(self._children(P.NODE_ROOT))
-        known = {n.id for n in self._cache.values("node")}
+        known = self._cache.ids("node")
         for node_id in present - known:
             self._fetch_into_cache("node", node_id)
         for node_id in known - present:
@@ -1104,10 +1117,10 @@ class ZooKeeperStore(StateStore):
         gen = self._components_gen
         cached = self._components_cache.get(kind)
         if cached is not None and cached[0] == gen:
-            return [_clone(c) for c in cached[1]]
+            return [fresh_copy(c) for c in cached[1]]
         found = self._read_components(kind)
         self._components_cache[kind] = (gen, found)
-        return [_clone(c) for c in found]
+        return [fresh_copy(c) for c in found]
 
     def _read_components(self, kind):
         kinds = [kind] if kind else self._children(P.COMPONENT_ROOT)

@@ -1,0 +1,53 @@
+"""Records kept parsed between listings and handed out as copies the caller may change.
+
+Launchers list every node and request on each pass of their loop, so the copy is the hot path:
+``CachedRecord`` notes once which attributes are containers (flat ones take a shallow copy,
+nested ones a JSON-shaped deep copy), which is many times cheaper than ``copy.deepcopy``.
+"""
+
+_CONTAINERS = (list, dict)
+
+
+def json_copy(value):
+    """Deep copy of JSON-like data (lists, dicts, scalars); much cheaper than copy.deepcopy."""
+    kind = type(value)
+    if kind is list:
+        return [json_copy(v) if type(v) in _CONTAINERS else v for v in value]
+    if kind is dict:
+        return {k: (json_copy(v) if type(v) in _CONTAINERS else v) for k, v in value.items()}
+    return value
+
+
+def _is_flat(value):
+    items = value.values() if type(value) is dict else value
+    return not any(type(v) in _CONTAINERS for v in items)
+
+
+class CachedRecord:
+    """One parsed record and a ``tag`` saying which version of the source it came from (the
+    SQLite row generation, the ZooKeeper ``mzxid``)."""
+
+    __slots__ = ("tag", "record", "flat", "nested")
+
+    def __init__(self, record, tag):
+        self.tag = tag
+        self.record = record
+        containers = [k for k, v in vars(record).items() if type(v) in _CONTAINERS]
+        self.flat = tuple(k for k in containers if _is_flat(getattr(record, k)))
+        self.nested = tuple(k for k in containers if k not in self.flat)
+
+    def fresh(self):
+        """A copy the caller may mutate freely (lists and dicts are copied too)."""
+        new = object.__new__(self.record.__class__)
+        attrs = self.record.__dict__.copy()
+        for key in self.flat:
+            attrs[key] = attrs[key].copy()
+        for key in self.nested:
+            attrs[key] = json_copy(attrs[key])
+        new.__dict__ = attrs
+        return new
+
+
+def fresh_copy(record):
+    """A mutable copy of one record that is not kept in a cache."""
+    return CachedRecord(record, None).fresh()
