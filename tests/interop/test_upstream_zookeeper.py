@@ -22,6 +22,11 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 HERE = os.path.dirname(__file__)
 
 
+def _upstream_env():
+    """Our environment minus PYTHONPATH: upstream's venv must import its own ``nodepool``."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 @pytest.fixture(scope="session")
 def upstream_python(tmp_path_factory):
     venv = os.environ.get("NODEPOOL_UPSTREAM_VENV")
@@ -32,16 +37,18 @@ def upstream_python(tmp_path_factory):
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = os.path.join(venv, "bin", "python")
     probe = subprocess.run([python, "-c", "import nodepool.zk.zookeeper"], capture_output=True,
-                           cwd="/")
+                           cwd="/", env=_upstream_env())
     if probe.returncode != 0:
         install = subprocess.run([python, "-m", "pip", "install", "-q", "nodepool==11.0.0"],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, env=_upstream_env())
         if install.returncode != 0:
             pytest.skip(f"cannot install nodepool==11.0.0: {install.stderr.strip()[-300:]}")
     # upstream's drivers import cachetools without declaring it: its CLI needs it
-    probe = subprocess.run([python, "-c", "import cachetools"], capture_output=True, cwd="/")
+    probe = subprocess.run([python, "-c", "import cachetools"], capture_output=True, cwd="/",
+                           env=_upstream_env())
     if probe.returncode != 0:
-        subprocess.run([python, "-m", "pip", "install", "-q", "cachetools"], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "cachetools"], check=True,
+                       env=_upstream_env())
     return python
 
 
@@ -66,7 +73,7 @@ def test_upstream_reads_ours_and_we_read_upstream(upstream_python, zookeeper_ser
         peer = subprocess.Popen(
             [upstream_python, os.path.join(HERE, "upstream_peer.py"),
              zookeeper_server.tls_hosts + zk_chroot, ca, cert, key, json.dumps(ids)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_upstream_env())
         line = peer.stdout.readline()
         assert line, "upstream peer printed nothing"
         seen = json.loads(line)
@@ -156,7 +163,7 @@ providers:
 def _upstream_cli(upstream_python, config, *args):
     cli = os.path.join(os.path.dirname(upstream_python), "nodepool")
     out = subprocess.run([cli, "-c", config, *args], capture_output=True, text=True,
-                         timeout=120, cwd="/")
+                         timeout=120, cwd="/", env=_upstream_env())
     assert out.returncode == 0, f"upstream nodepool {' '.join(args)}: {out.stderr[-2000:]}"
     return out.stdout
 
@@ -191,7 +198,7 @@ def test_upstream_client_and_cli_with_our_launcher(upstream_python, zookeeper_se
         client = subprocess.run(
             [upstream_python, os.path.join(HERE, "upstream_client.py"),
              zookeeper_server.tls_hosts + zk_chroot, ca, cert, key, "small", "3"],
-            capture_output=True, text=True, timeout=300, cwd="/")
+            capture_output=True, text=True, timeout=300, cwd="/", env=_upstream_env())
         assert client.returncode == 0, client.stderr[-3000:]
         fulfilled, used = (json.loads(line) for line in client.stdout.splitlines())
         reqs = fulfilled["requests"]
