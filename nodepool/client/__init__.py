@@ -27,7 +27,6 @@ class NodepoolClient:
     def __init__(self, store, requestor="nodepool-client"):
         self.store = store
         self.requestor = requestor
-        self._watcher = None
 
     def __enter__(self):
         return self
@@ -53,8 +52,7 @@ class NodepoolClient:
 
         Raises ``TimeoutError`` when ``timeout`` passes first and ``NotFoundError`` when the
         request vanished."""
-        if self._watcher is None:
-            self._watcher = self.store.watch()
+        watcher = self.store.watch_request(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             req = self.store.get_request(request_id)
@@ -66,7 +64,7 @@ class NodepoolClient:
             if left is not None and left <= 0:
                 raise TimeoutError(f"request {request_id} not fulfilled within {timeout}s "
                                    f"(state {req.state})")
-            self._watcher.wait(1.0 if left is None else min(left, 1.0))
+            watcher.wait(1.0 if left is None else min(left, 1.0))
 
     def accept(self, request, lock_timeout=30):
         """Lock the nodes of a fulfilled request and delete the request.

@@ -68,14 +68,6 @@ class Lock:
             self.released = True
             self.store._release(self)
 
-    def remove_stale_request_locks(self, older_than):
-        """Delete request lock directories left behind by requests that are gone, when nobody
-        holds them and they are older than ``older_than`` seconds; return how many went.
-        Request locks live beside the requests (a request znode may be ephemeral), so on
-        ZooKeeper each finished request leaves an empty directory.  Stores whose locks vanish
-        with their release have nothing to collect: this default."""
-        return 0
-
     def __enter__(self):
         return self
 
@@ -144,6 +136,16 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def watch(self):
         """Return a new ``ChangeWatcher`` fed by every change to the store."""
+
+    def watch_request(self, request_id):
+        """A ``ChangeWatcher`` woken when this request changes or goes (spurious wakes are
+        allowed).  A client waiting for its request uses this instead of ``watch()`` so that a
+        store can follow just that record: a hundred waiting clients must not each receive
+        every change of the whole system.  This default shares one ``watch()`` per store."""
+        watcher = getattr(self, "_any_change_watcher", None)
+        if watcher is None:
+            watcher = self._any_change_watcher = self.watch()
+        return watcher
 
     # -- nodes -------------------------------------------------------------------------------------
 
@@ -318,6 +320,14 @@ class StateStore(abc.ABC):
     def locked_request_ids(self):
         """Ids of requests whose lock anyone holds (same caveat as ``locked_node_ids``)."""
         return {r.id for r in self.list_requests() if self.is_request_locked(r.id)}
+
+    def remove_stale_request_locks(self, older_than):
+        """Delete request lock directories left behind by requests that are gone, when nobody
+        holds them and they are older than ``older_than`` seconds; return how many went.
+        Request locks live beside the requests (a request znode may be ephemeral), so on
+        ZooKeeper each finished request leaves an empty directory.  Stores whose locks vanish
+        with their release have nothing to collect: this default."""
+        return 0
 
     def is_node_locked(self, node_id):
         return self.is_locked(node_lock_path(node_id))

@@ -115,6 +115,45 @@ def _diagnose(hosts, ssl_ctx):
     return "; ".join(reasons) or "no server given"
 
 
+class _RequestWatcher(ChangeWatcher):
+    """Woken by a one-shot ZooKeeper watch on one request znode (what Zuul does), re-armed by
+    each ``wait``: the re-arm is sent before the caller's next read on the same session, and
+    ZooKeeper handles a session's requests in order, so no change falls between them.  After a
+    lost session the watch is gone; callers wait with a timeout and read again anyway."""
+
+    def __init__(self, store, path):
+        super().__init__()
+        self._store = store
+        self._path = path
+        self._armed = False
+        self._arm_lock = threading.Lock()
+        self._arm()
+
+    def _fired(self, event):
+        with self._arm_lock:
+            self._armed = False
+        self.notify()
+
+    def _arm(self):
+        with self._arm_lock:
+            if self._armed:
+                return
+            self._armed = True
+        client = self._store._client
+        try:
+            if client is None:
+                raise kze.ConnectionClosedError("store stopped")
+            client.exists_async(self._path, watch=self._fired)
+        except kze.KazooException:
+            with self._arm_lock:
+                self._armed = False
+
+    def wait(self, timeout=None):
+        fired = super().wait(timeout)
+        self._arm()
+        return fired
+
+
 def _ID_ORDER(cached):
     return cached.record.id
 
@@ -404,6 +443,9 @@ class ZooKeeperStore(StateStore):
         w = ChangeWatcher()
         self._watchers.append(w)
         return w
+
+    def watch_request(self, request_id):
+        return _RequestWatcher(self, P.request_path(request_id))
 
     def _notify_watchers(self):
         for w in list(self._watchers):

@@ -164,6 +164,32 @@ def test_zuul_style_request_is_seen_quickly(store, zk_raw):
     wait_for(lambda: store.list_requests() == [], what="request dropped from cache")
 
 
+def test_request_watch_follows_one_request_only(store, make_store):
+    """A client waiting for its request is woken by that request alone, and its session does
+    not take the whole-tree watch (a hundred clients would each get every change)."""
+    other = make_store()
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    watcher = store.watch_request(req.id)
+    other.create_node(Node(state=NodeState.READY, type=["small"]))
+    unrelated = other.submit_request(NodeRequest(node_types=["big"]))
+    assert not watcher.wait(0.5)
+    theirs = other.get_request(req.id)
+    theirs.state = RequestState.PENDING
+    other.update_request(theirs)
+    assert watcher.wait(WAIT)
+    # as a client does: read after each wake; the wait re-armed the watch before that read,
+    # so a change after the read wakes it again
+    assert store.get_request(req.id).state == RequestState.PENDING
+    theirs.state = RequestState.FULFILLED
+    other.update_request(theirs)
+    assert watcher.wait(WAIT)
+    assert store.get_request(req.id).state == RequestState.FULFILLED
+    other.delete_request(req.id)
+    assert watcher.wait(WAIT)
+    assert not store._watching
+    other.delete_request(unrelated.id)
+
+
 def test_record_with_missing_or_unknown_fields_reads(store, zk_raw):
     zk_raw.create("/nodepool/nodes/0000000077",
                   json.dumps({"state": "ready", "type": "small", "future": {"x": 1}}).encode(),
