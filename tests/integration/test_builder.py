@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from fixtures.launcher import assert_no_loop_crash
 from nodepool.builder.builder import Builder
 from nodepool.builder.planner import DeleteBuild
 from nodepool.drivers.simulated.cloud import SimulatedCloud
@@ -126,11 +127,12 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(tmp_path, caplog):
     world = Env(tmp_path)
     world.write_config()
     yield world
     world.close()
+    assert_no_loop_crash(caplog)
 
 
 def build_and_upload(builder, store, image="ubuntu", manual=True):

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from fixtures.launcher import stop_processes, wait_until, zookeeper_yaml
+from fixtures.launcher import assert_no_loop_crash, stop_processes, wait_until, zookeeper_yaml
 from integration import test_builder as builder_tests
 from integration.test_builder import (  # noqa: F401  (collected again, here on ZooKeeper)
     test_manual_build_request_is_cleared_when_the_build_is_ready,
@@ -46,12 +46,13 @@ class ZooKeeperBuilderEnv(builder_tests.Env):
 
 
 @pytest.fixture
-def env(tmp_path, zookeeper_server, zk_chroot):
+def env(tmp_path, zookeeper_server, zk_chroot, caplog):
     """Overrides the builder tests' ``env`` for the tests imported above."""
     world = ZooKeeperBuilderEnv(tmp_path, zookeeper_yaml(zookeeper_server, zk_chroot))
     world.write_config()
     yield world
     world.close()
+    assert_no_loop_crash(caplog)
 
 
 # -- two launchers and a builder as processes --------------------------------------------------------
