@@ -362,7 +362,8 @@ class Launcher:
                 unmanaged_usage=worker.unmanaged_usage(nodes),
                 ignore_provider_quota=pool.ignore_provider_quota,
                 max_concurrency=prov.max_concurrency, in_flight=worker.in_flight,
-                launches=getattr(worker.adapter, "launches", True)))
+                launches=getattr(worker.adapter, "launches", True),
+                slot_labels=worker.slot_labels.get(pool.name)))
         return views
 
     # -- requests ----------------------------------------------------------------------------------

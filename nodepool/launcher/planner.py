@@ -45,6 +45,7 @@ class PoolView:
     max_concurrency: int = -1
     in_flight: int = 0                   # launches in progress for the whole provider
     launches: bool = True                # False (static hosts): only ready nodes are handed out
+    slot_labels: Optional[list] = None   # static hosts: the label set of every registered slot
 
     @property
     def key(self):
@@ -170,6 +171,8 @@ def never_reason(pv, request):
             return f"label {lbl} cannot be served: {pv.broken_labels[lbl]}"
         if lbl in pv.unavailable_labels:
             return f"image for label {lbl} not available: {pv.unavailable_labels[lbl]}"
+    if pv.slot_labels is not None and not slots_could_serve(pv.slot_labels, request.node_types):
+        return "the pool's registered hosts can never serve all these nodes at once"
     need = Resources.total(pv.cost(lbl) for lbl in request.node_types)
     if not pool.limits.could_ever_fit(need):
         return "it would exceed the pool's limits"
@@ -177,6 +180,26 @@ def never_reason(pv, request):
             and not pv.cloud_limits.could_ever_fit(need):
         return "it would exceed the cloud's quota"
     return None
+
+
+def slots_could_serve(slot_labels, node_types):
+    """Whether some assignment gives every requested node its own slot carrying its label
+    (a bipartite matching, by augmenting paths: requests and pools are small).  Whether the
+    slots are free now does not matter: this is "could ever", used to decline."""
+    if len(node_types) > len(slot_labels):
+        return False
+    owner = {}                                 # slot index -> index of the node it serves
+
+    def place(i, seen):
+        for s, labels in enumerate(slot_labels):
+            if node_types[i] in labels and s not in seen:
+                seen.add(s)
+                if s not in owner or place(owner[s], seen):
+                    owner[s] = i
+                    return True
+        return False
+
+    return all(place(i, set()) for i in range(len(node_types)))
 
 
 def plan_requests(snap):

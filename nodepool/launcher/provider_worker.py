@@ -338,6 +338,7 @@ class ProviderWorker:
         self.label_costs = {}
         self.broken_labels = {}
         self.cloud_image_ready = {}
+        self.slot_labels = {}    # pool name -> [frozenset of labels] of its registered slots
         self._leak_suspects = set()
         self._last_leak_scan = 0.0
         self.reconcile_interval = RECONCILE_SECONDS
@@ -576,6 +577,10 @@ class ProviderWorker:
             return
         if slots is None:
             return
+        by_pool = {}
+        for slot in slots:
+            by_pool.setdefault(slot.pool, []).append(frozenset(slot.labels))
+        self.slot_labels = by_pool
         try:
             nodes = self.store.list_nodes()
             locked = self.store.locked_node_ids()

@@ -9,6 +9,7 @@ import socket
 import pytest
 import voluptuous
 
+from nodepool.client import RequestFailed
 from nodepool.config.model import Pool, Provider
 from nodepool.drivers.static import node_schema
 from nodepool.drivers.static import adapter as static_adapter
@@ -244,6 +245,15 @@ def test_label_without_a_host_is_declined(static_env, sshd_server):
     client = static_env.client()
     req = client.wait(client.submit(["windows"]).id, timeout=30)
     assert req.state == RequestState.FAILED
+
+
+def test_request_for_more_nodes_than_slots_fails_instead_of_waiting(static_env, sshd_server):
+    write_static(static_env, host(sshd_server.port, **{"max-parallel-jobs": 2}))
+    static_env.start_launcher()
+    client = static_env.client()
+    with pytest.raises(RequestFailed, match="can never serve all these nodes"):
+        client.request(["linux", "linux", "linux"], timeout=30)
+    assert len(client.request(["linux", "linux"], timeout=30)) == 2
 
 
 def test_host_that_stops_answering_is_taken_out_and_comes_back(static_env, sshd_factory):

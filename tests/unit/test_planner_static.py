@@ -1,5 +1,8 @@
 """The planner with a pool that never launches (static hosts): assign ready nodes or wait."""
+import itertools
 import math
+
+from hypothesis import given, strategies as st
 
 from nodepool.config.model import Pool, PoolLabel
 from nodepool.launcher import planner
@@ -90,3 +93,26 @@ def test_launching_pool_still_launches():
     actions = plan([NodeRequest(id="100-1", node_types=["linux"])], [],
                    [PoolView(pool=p, pool_id="id")])
     assert actions == [Accept("100-1", "sim/hosts", (), ("linux",))]
+
+
+def test_request_more_than_the_hosts_can_ever_hold_is_declined():
+    # two slots: one host (linux), one (linux or windows)
+    v = static_view(("linux", "windows"))
+    v.slot_labels = [frozenset({"linux"}), frozenset({"linux", "windows"})]
+    actions = plan([NodeRequest(id="100-1", node_types=["linux", "linux", "linux"]),
+                    NodeRequest(id="100-2", node_types=["windows", "windows"]),
+                    NodeRequest(id="100-3", node_types=["linux", "windows"])],
+                   [ready("1", allocated_to="100-0")], [v])
+    declined = {a.request_id for a in actions if isinstance(a, Decline)}
+    assert declined == {"100-1", "100-2"}
+    assert all("can never serve" in a.reason for a in actions if isinstance(a, Decline))
+    # linux + windows fits (windows on the second host): it waits for the busy host
+    assert any(isinstance(a, Defer) and a.request_id == "100-3" for a in actions)
+
+
+@given(st.lists(st.frozensets(st.sampled_from("abc"), min_size=1), max_size=5),
+       st.lists(st.sampled_from("abc"), min_size=1, max_size=5))
+def test_slot_matching_agrees_with_brute_force(slots, wanted):
+    brute = any(all(wanted[i] in slots[perm[i]] for i in range(len(wanted)))
+                for perm in itertools.permutations(range(len(slots)), len(wanted)))
+    assert planner.slots_could_serve(slots, wanted) == brute
