@@ -240,6 +240,12 @@ class StateStore(abc.ABC):
         (10-digit sequence within that build and provider)."""
 
     @abc.abstractmethod
+    def restore_upload(self, upload):
+        """Store an upload under its existing ``upload.id`` (``import-image-data``); ids that
+        ``create_upload`` assigns later for that build and provider come after it.  Raises
+        ``ConflictError`` if it exists and ``NotFoundError`` if its build does not."""
+
+    @abc.abstractmethod
     def get_upload(self, image, build_id, provider, upload_id):
         """The upload, or None."""
 

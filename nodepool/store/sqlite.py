@@ -745,6 +745,31 @@ class SQLiteStore(StateStore):
         self._notify_watchers()
         return upload
 
+    def restore_upload(self, upload):
+        upload.state_time = upload.state_time or time.time()
+        number = int(upload.id)
+
+        def fn(conn):
+            key = (upload.image, upload.build_id, upload.provider)
+            if conn.execute("SELECT 1 FROM builds WHERE image=? AND id=?",
+                            key[:2]).fetchone() is None:
+                raise NotFoundError(f"build {upload.build_id} of image {upload.image} "
+                                    f"does not exist")
+            conn.execute("INSERT INTO upload_seq VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET "
+                         "seq = max(seq, excluded.seq)", (*key, number))
+            order = self._next(conn, "seq:upload")
+            try:
+                conn.execute("INSERT INTO uploads VALUES (?,?,?,?,?,?,?)",
+                             (*key, upload.id, json.dumps(upload.to_dict()), 1, order))
+            except sqlite3.IntegrityError:
+                raise ConflictError(f"upload {upload.id} of {upload.image} build "
+                                    f"{upload.build_id} on {upload.provider} already exists") \
+                    from None
+        self._tx(fn)
+        upload.version = 1
+        self._notify_watchers()
+        return upload
+
     def _upload(self, image, build_id, provider, uid, data, version):
         u = ImageUpload.from_dict(json.loads(data), id=uid, version=version)
         u.image, u.build_id, u.provider = image, build_id, provider

@@ -1030,6 +1030,31 @@ class ZooKeeperStore(StateStore):
         upload.version = stat.version
         return upload
 
+    def restore_upload(self, upload):
+        if self._exists(P.build_path(upload.image, upload.build_id)) is None:
+            raise NotFoundError(f"build {upload.build_id} of image {upload.image} does not exist")
+        if upload.state_time is None:
+            upload.state_time = time.time()
+        parent = P.uploads_path(upload.image, upload.build_id, upload.provider)
+        try:
+            _, stat = self._create(f"{parent}/{upload.id}", _encode(upload))
+        except kze.NodeExistsError:
+            raise ConflictError(f"upload {upload.id} of {upload.image} build {upload.build_id} "
+                                f"on {upload.provider} already exists") from None
+        upload.version = stat.version
+        # A sequential child is numbered by its parent's child-change count (cversion).  Raise
+        # that count past the restored id, or a later create_upload would collide with it:
+        # each create+delete of a scratch child in one transaction adds two and is never seen.
+        need = int(upload.id) + 1 - self._exists(parent).cversion
+        if need > 0:
+            txn = self._client.transaction()
+            for _ in range((need + 1) // 2):
+                txn.create(f"{parent}/restore-scratch")
+                txn.delete(f"{parent}/restore-scratch")
+            self._wait_connected()
+            self._wait(txn.commit_async(), f"raise the upload sequence of {parent}")
+        return upload
+
     def get_upload(self, image, build_id, provider, upload_id):
         data, stat = self._get_or_none(P.upload_path(image, build_id, provider, upload_id))
         if stat is None:

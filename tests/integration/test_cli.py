@@ -240,3 +240,70 @@ def test_delete_now_deletes_the_instance_in_the_cloud(status_env):
         assert machine.external_id not in {i.external_id for i in alive}
     finally:
         adapter.stop()
+
+
+# -- image data export / import ------------------------------------------------------------------
+
+def test_image_data_round_trip_between_sqlite_and_zookeeper(env, tmp_path, zookeeper_server,
+                                                            zk_chroot):
+    from fixtures.launcher import zookeeper_yaml
+    from nodepool.config import load_config
+    from nodepool.model.records import ImageUpload
+    from nodepool.store import open_store
+    exported = tmp_path / "images.json"
+    assert "exported 5 image record(s)" in ok(env.run_cli("export-image-data", str(exported)))
+    assert exported.stat().st_mode & 0o777 == 0o600
+    data = json.loads(exported.read_text())
+    ready, uploading = env.uploads["ready"], env.uploads["uploading"]
+    build_path = f"/nodepool/images/debian/builds/{env.builds['ready'].id}"
+    assert json.loads(data[build_path])["state"] == "ready"
+    upload_path = f"{build_path}/providers/sim/images/{ready.id}"
+    assert json.loads(data[upload_path])["external_id"] == "img-1"
+    assert data["/nodepool/images/frozen/pause"] == ""
+
+    zk_config = tmp_path / "zk.yaml"
+    zk_config.write_text(zookeeper_yaml(zookeeper_server, zk_chroot))
+    out = ok(env.run_cli("import-image-data", str(exported), config=str(zk_config)))
+    assert "imported 2 build(s), 2 upload(s) and 1 pause flag(s)" in out
+    zk = open_store(load_config(str(zk_config)))
+    zk.start()
+    try:
+        assert {(b.id, b.state) for b in zk.list_builds()} == \
+            {(b.id, b.state) for b in env.store.list_builds()}
+        assert [(u.provider, u.id, u.state, u.external_id) for u in zk.list_uploads()] == \
+            [(u.provider, u.id, u.state, u.external_id) for u in env.store.list_uploads()]
+        assert zk.is_image_paused("frozen")
+        # new uploads of that build number after the restored ones, on both stores
+        for store in (zk, env.store):
+            new = store.create_upload(ImageUpload(image="debian", build_id=ready.build_id,
+                                                  provider="sim"))
+            assert int(new.id) > int(uploading.id)
+            store.delete_upload("debian", ready.build_id, "sim", new.id)
+        # exporting from ZooKeeper gives the same file back
+        again = tmp_path / "again.json"
+        ok(env.run_cli("export-image-data", str(again), config=str(zk_config)))
+        assert json.loads(again.read_text()).keys() == data.keys()
+        # a second import changes nothing and says why
+        error = one_line_error(env.run_cli("import-image-data", str(exported),
+                                           config=str(zk_config)), "nothing imported")
+        assert "already exists" in error
+    finally:
+        zk.stop()
+
+
+def test_import_image_data_rejects_bad_files_before_writing(env, tmp_path):
+    bad = tmp_path / "bad.json"
+    build = "/nodepool/images/ubuntu/builds/abc"
+    for content, fragment in (
+            ("[1, 2]", "expected a JSON object"),
+            ("{not json", "not JSON"),
+            (json.dumps({build: "{}", "/nodepool/nodes/0000000001": "{}"}),
+             "'/nodepool/nodes/0000000001' is not an image build"),
+            (json.dumps({build: "{broken"}), f"{build}: not JSON"),
+            (json.dumps({f"{build}/providers/sim/images/0000000001": "{}"}),
+             "its build is neither in the file nor in the store")):
+        bad.write_text(content)
+        one_line_error(env.run_cli("import-image-data", str(bad)), fragment)
+    assert env.store.get_build("ubuntu", "abc") is None
+    one_line_error(env.run_cli("import-image-data", str(tmp_path / "missing.json")),
+                   "cannot read")

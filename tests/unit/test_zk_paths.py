@@ -29,3 +29,15 @@ def test_add_watch_request_encoding():
     # jute: int32 length + utf-8 path, then int32 mode (1 = persistent recursive)
     assert bytes(AddWatch("/np", 1).serialize()) == b"\x00\x00\x00\x03/np\x00\x00\x00\x01"
     assert list(_ancestors("/a/b")) == ["/a/b", "/a", "/"]
+
+
+def test_image_paths_parse_back():
+    assert P.parse_image_path(P.build_path("img", "b1")) == ("build", "img", "b1")
+    assert P.parse_image_path(P.upload_path("img", "b1", "cloud", "0000000002")) == \
+        ("upload", "img", "b1", "cloud", "0000000002")
+    assert P.parse_image_path(P.pause_path("img")) == ("pause", "img")
+    for other in ("/nodepool/nodes/0000000001", "/nodepool/images/img",
+                  "/nodepool/images/img/builds/lock", "/nodepool/images/img/request-build",
+                  P.uploads_path("img", "b1", "cloud") + "/lock", "/nodepool/images//pause",
+                  P.providers_path("img", "b1"), "nodepool/images/img/pause"):
+        assert P.parse_image_path(other) is None, other

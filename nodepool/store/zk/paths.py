@@ -76,6 +76,26 @@ def classify(path):
     return None, None
 
 
+def parse_image_path(path):
+    """The record an image-data path names (``export-image-data`` keys), or None:
+    ``("build", image, build_id)``, ``("upload", image, build_id, provider, upload_id)`` or
+    ``("pause", image)``."""
+    parts = path.split("/")
+    if len(parts) < 5 or parts[:3] != ["", "nodepool", "images"] or not parts[3]:
+        return None
+    image = parts[3]
+    if len(parts) == 5 and parts[4] == "pause":
+        return ("pause", image)
+    if parts[4] != "builds" or len(parts) < 6 or not parts[5] or parts[5] == "lock":
+        return None
+    if len(parts) == 6:
+        return ("build", image, parts[5])
+    if len(parts) == 10 and parts[6] == "providers" and parts[7] and parts[8] == "images" \
+            and parts[9].isdigit():
+        return ("upload", image, parts[5], parts[7], parts[9])
+    return None
+
+
 def is_lock_contender(name):
     """A child created by kazoo's Lock (``<uuid>__lock__<seq>``) or ReadLock/WriteLock."""
     return "__lock__" in name or "__rlock__" in name
