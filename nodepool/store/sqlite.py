@@ -724,30 +724,15 @@ class SQLiteStore(StateStore):
         self._notify_watchers()
 
     def create_upload(self, upload):
-        upload.state_time = upload.state_time or time.time()
-
-        def fn(conn):
-            key = (upload.image, upload.build_id, upload.provider)
-            if conn.execute("SELECT 1 FROM builds WHERE image=? AND id=?",
-                            key[:2]).fetchone() is None:
-                raise NotFoundError(f"build {upload.build_id} of image {upload.image} "
-                                    f"does not exist")
-            conn.execute("INSERT INTO upload_seq VALUES (?,?,?,1) ON CONFLICT DO UPDATE SET "
-                         "seq = seq + 1", key)
-            seq = conn.execute("SELECT seq FROM upload_seq WHERE image=? AND build_id=? AND "
-                               "provider=?", key).fetchone()[0]
-            upload.id = f"{seq:010d}"
-            order = self._next(conn, "seq:upload")
-            conn.execute("INSERT INTO uploads VALUES (?,?,?,?,?,?,?)",
-                         (*key, upload.id, json.dumps(upload.to_dict()), 1, order))
-        self._tx(fn)
-        upload.version = 1
-        self._notify_watchers()
-        return upload
+        return self._insert_upload(upload, restore=False)
 
     def restore_upload(self, upload):
+        return self._insert_upload(upload, restore=True)
+
+    def _insert_upload(self, upload, restore):
+        """A new upload numbered by the (build, provider) sequence, or, restoring, under its
+        own id with the sequence raised to it."""
         upload.state_time = upload.state_time or time.time()
-        number = int(upload.id)
 
         def fn(conn):
             key = (upload.image, upload.build_id, upload.provider)
@@ -755,8 +740,15 @@ class SQLiteStore(StateStore):
                             key[:2]).fetchone() is None:
                 raise NotFoundError(f"build {upload.build_id} of image {upload.image} "
                                     f"does not exist")
-            conn.execute("INSERT INTO upload_seq VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET "
-                         "seq = max(seq, excluded.seq)", (*key, number))
+            if restore:
+                conn.execute("INSERT INTO upload_seq VALUES (?,?,?,?) ON CONFLICT DO UPDATE "
+                             "SET seq = max(seq, excluded.seq)", (*key, int(upload.id)))
+            else:
+                conn.execute("INSERT INTO upload_seq VALUES (?,?,?,1) ON CONFLICT DO UPDATE "
+                             "SET seq = seq + 1", key)
+                seq = conn.execute("SELECT seq FROM upload_seq WHERE image=? AND build_id=? "
+                                   "AND provider=?", key).fetchone()[0]
+                upload.id = f"{seq:010d}"
             order = self._next(conn, "seq:upload")
             try:
                 conn.execute("INSERT INTO uploads VALUES (?,?,?,?,?,?,?)",
