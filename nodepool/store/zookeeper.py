@@ -1002,15 +1002,38 @@ class ZooKeeperStore(StateStore):
 
     def list_builds(self, image=None):
         images = [image] if image else self._children(P.IMAGE_ROOT)
-        found = []
-        for name in images:
-            for build_id in self._children(P.builds_path(name)):
-                if build_id == "lock":
-                    continue
-                data, stat = self._get_or_none(P.build_path(name, build_id))
-                if stat is not None:
-                    found.append((stat.czxid, self._build_from(name, build_id, data, stat)))
+        listed = self._children_many([P.builds_path(name) for name in images])
+        keys = [(name, bid) for name in images for bid in listed[P.builds_path(name)]
+                if bid != "lock"]
+        got = self._get_many([P.build_path(*key) for key in keys])
+        found = [(stat.czxid, self._build_from(name, bid, data, stat))
+                 for (name, bid), (data, stat) in zip(keys, got) if stat is not None]
         return [b for _, b in sorted(found, key=lambda item: item[0])]
+
+    def _children_many(self, paths):
+        """``{path: children}`` for every path (missing: []), asked all at once: a walk of
+        the image tree waits one round trip per level, not one per znode."""
+        self._wait_connected()
+        pending = [(path, self._client.get_children_async(path)) for path in paths]
+        out = {}
+        for path, result in pending:
+            try:
+                out[path] = self._wait(result, f"get_children {path}")
+            except kze.NoNodeError:
+                out[path] = []
+        return out
+
+    def _get_many(self, paths):
+        """``[(data, stat)]`` for every path in order, (None, None) where missing; pipelined."""
+        self._wait_connected()
+        pending = [(path, self._client.get_async(path)) for path in paths]
+        out = []
+        for path, result in pending:
+            try:
+                out.append(self._wait(result, f"get {path}"))
+            except kze.NoNodeError:
+                out.append((None, None))
+        return out
 
     def update_build(self, build, check_version=False):
         self._update("build", P.build_path(build.image, build.id), build, check_version)
@@ -1070,21 +1093,24 @@ class ZooKeeperStore(StateStore):
         return upload
 
     def list_uploads(self, image=None, build_id=None, provider=None):
-        found = []
         images = [image] if image else self._children(P.IMAGE_ROOT)
-        for name in images:
-            builds = [build_id] if build_id else [
-                b for b in self._children(P.builds_path(name)) if b != "lock"]
-            for bid in builds:
-                providers = [provider] if provider else self._children(P.providers_path(name, bid))
-                for prov in providers:
-                    for uid in self._children(P.uploads_path(name, bid, prov)):
-                        if uid == "lock":
-                            continue
-                        data, stat = self._get_or_none(P.upload_path(name, bid, prov, uid))
-                        if stat is not None:
-                            found.append((stat.czxid,
-                                          self._upload_from(name, bid, prov, uid, data, stat)))
+        if build_id:
+            builds = [(name, build_id) for name in images]
+        else:
+            listed = self._children_many([P.builds_path(name) for name in images])
+            builds = [(name, bid) for name in images for bid in listed[P.builds_path(name)]
+                      if bid != "lock"]
+        if provider:
+            targets = [(name, bid, provider) for name, bid in builds]
+        else:
+            listed = self._children_many([P.providers_path(*b) for b in builds])
+            targets = [(name, bid, prov) for name, bid in builds
+                       for prov in listed[P.providers_path(name, bid)]]
+        listed = self._children_many([P.uploads_path(*t) for t in targets])
+        keys = [(*t, uid) for t in targets for uid in listed[P.uploads_path(*t)] if uid != "lock"]
+        got = self._get_many([P.upload_path(*key) for key in keys])
+        found = [(stat.czxid, self._upload_from(*key, data, stat))
+                 for key, (data, stat) in zip(keys, got) if stat is not None]
         return [u for _, u in sorted(found, key=lambda item: item[0])]
 
     def update_upload(self, upload, check_version=False):
