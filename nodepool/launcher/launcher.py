@@ -782,7 +782,7 @@ class Launcher:
         if node is None or not self._still_deletable(node):
             lock.release()
             return
-        if node.state != NodeState.DELETING:
+        if node.state not in (NodeState.DELETING, NodeState.DELETED):
             node.set_state(NodeState.DELETING)
             self.store.update_node(node)
         log.info("node %s on %s: deleting (%s)", node.id, node.provider, reason)

@@ -390,8 +390,11 @@ def plan_min_ready(labels, nodes, requests, servable_labels):
 
 # -- cleanup -------------------------------------------------------------------------------------
 
+# ``deleted`` is written just before the record is removed: one still there is a delete whose
+# last step failed (a store error, a crash), finished like any other unlocked delete
 ABANDONED_STATES = (NodeState.INIT, NodeState.BUILDING, NodeState.FAILED, NodeState.ABORTED,
-                    NodeState.IN_USE, NodeState.USED, NodeState.DELETING, NodeState.TESTING)
+                    NodeState.IN_USE, NodeState.USED, NodeState.DELETING, NodeState.TESTING,
+                    NodeState.DELETED)
 
 
 def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, providers,
@@ -430,7 +433,8 @@ def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, pr
             if state == NodeState.USED and node.provider in reusable_providers:
                 continue  # the provider returns it to ready itself
             reason = {NodeState.USED: "used",
-                      NodeState.DELETING: "marked for deletion"}.get(
+                      NodeState.DELETING: "marked for deletion",
+                      NodeState.DELETED: "deleted, but its record was left behind"}.get(
                           state, f"{state.value} and not locked by anyone")
             actions.append(DeleteNode(node.id, reason))
     for req in requests:

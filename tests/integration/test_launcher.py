@@ -11,6 +11,7 @@ import pytest
 from fixtures.launcher import wait_until
 from nodepool.client import RequestFailed
 from nodepool.drivers.base import LaunchSpec, META_NODE_ID, META_POOL, META_PROVIDER
+from nodepool.errors import StoreError
 from nodepool.model import Node, NodeState, RequestState
 
 BASIC = """\
@@ -229,6 +230,32 @@ def test_leaked_instance_is_deleted(launcher_env):
     wait_until(lambda: sm.external_id not in {i.external_id for i in cloud_instances(launcher_env)},
                message="leaked instance deleted")
     assert foreign.external_id in {i.external_id for i in cloud_instances(launcher_env)}
+
+
+def test_delete_whose_record_removal_failed_is_finished_later(launcher_env):
+    """The instance is gone and the record says ``deleted``, but removing the record failed
+    (a store error, or a crash between the two writes): a later cleanup pass removes it."""
+    basic(launcher_env)
+    launcher = launcher_env.start_launcher()
+    real_delete = launcher.store.delete_node
+    failures = []
+
+    def delete_once_failing(node_id):
+        if not failures:
+            failures.append(node_id)
+            raise StoreError("injected: connection lost during delete")
+        return real_delete(node_id)
+
+    launcher.store.delete_node = delete_once_failing
+    client = launcher_env.client()
+    nodes = client.request(["small"], timeout=20)
+    client.release(nodes)
+    node_id = nodes[0].id
+    wait_until(lambda: failures, message="the first record removal failed")
+    wait_until(lambda: client.store.get_node(node_id) is None, timeout=20,
+               message="record left in deleted state removed")
+    assert failures == [node_id]
+    assert not cloud_instances(launcher_env)
 
 
 def test_lost_pending_request_is_requeued_and_served(launcher_env):

@@ -302,6 +302,13 @@ def test_unlocked_building_node_is_abandoned():
     assert actions == [DeleteNode("1", "building and not locked by anyone")]
 
 
+def test_record_left_in_deleted_state_is_deleted_again_unless_locked():
+    # a delete whose record removal failed after the instance was gone
+    actions = cleanup([node("1", state="deleted")])
+    assert actions == [DeleteNode("1", "deleted, but its record was left behind")]
+    assert cleanup([node("1", state="deleted")], locked={"1"}) == []
+
+
 def test_ready_node_of_vanished_request_is_deallocated():
     actions = cleanup([node("1", allocated_to="100-9")], requests=[req("100-1", ["small"])])
     assert actions == [Deallocate("1", "request 100-9 is gone")]
