@@ -274,7 +274,7 @@ class StoreContract:
 
     def test_lock_is_exclusive_across_store_objects(self, store_factory):
         a, b = store_factory(), store_factory()
-        path = node_lock_path("0000000001")
+        path = node_lock_path(a.create_node(new_node()).id)
         lock = a.lock(path, identifier="launcher-a")
         assert isinstance(lock, Lock) and lock.path == path
         assert a.is_locked(path) and b.is_locked(path)
@@ -322,14 +322,15 @@ class StoreContract:
 
     def test_locks_are_released_when_the_owner_stops(self, store_factory):
         a, b = store_factory(), store_factory()
-        a.lock_node("0000000007")
+        node_id = a.create_node(new_node()).id
+        a.lock_node(node_id)
         a.lock_request("100-0000000003")
         with pytest.raises(LockError):
-            b.lock_node("0000000007")
+            b.lock_node(node_id)
         a.stop()
         a.stop()                  # idempotent
-        eventually(lambda: not b.is_node_locked("0000000007"), what="lock released")
-        b.lock_node("0000000007", blocking=True, timeout=WAIT)
+        eventually(lambda: not b.is_node_locked(node_id), what="lock released")
+        b.lock_node(node_id, blocking=True, timeout=WAIT)
         b.lock_request("100-0000000003", blocking=True, timeout=WAIT)
 
     def test_locked_node_and_request_ids(self, store_factory):

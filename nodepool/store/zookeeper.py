@@ -846,17 +846,24 @@ class ZooKeeperStore(StateStore):
                 raise LockError(f"lock {path} is already held by this session")
         self._wait_connected()
         generation = self._generation
+        # A node's lock lives inside the node's znode: creating the lock's parents would bring
+        # a deleted node back as an empty znode, so a node lock is only taken in place.
+        in_record = P.classify(path + "/x")[0] == "node-lock"
         recipe = KazooLock(self._client, path, identifier)
         if path in self._assured_lock_paths:
             recipe.assured_path = True      # skip the exists/create round trip
         try:
             try:
-                acquired = None if recipe.assured_path else self._acquire_new_lock(recipe)
+                acquired = None if recipe.assured_path else self._acquire_new_lock(
+                    recipe, in_record)
                 if acquired is None:
                     acquired = recipe.acquire(blocking=blocking, timeout=timeout)
             except kze.NoNodeError:
-                # the lock's parent was removed since we last used it: ensure it again
                 self._assured_lock_paths.discard(path)
+                if in_record:
+                    raise LockError(f"lock {path}: its node does not exist (any more)") \
+                        from None
+                # the lock's parent was removed since we last used it: ensure it again
                 recipe = KazooLock(self._client, path, identifier)
                 acquired = recipe.acquire(blocking=blocking, timeout=timeout)
             self._assured_lock_paths.add(path)
@@ -879,16 +886,22 @@ class ZooKeeperStore(StateStore):
         self._track_lock(path, recipe.node, add=True)
         return lock
 
-    def _acquire_new_lock(self, recipe):
+    def _acquire_new_lock(self, recipe, in_record=False):
         """A lock whose directory does not exist yet (every new request's lock): create the
         directory and our contender in one transaction.  Then we are its only contender, so we
-        hold it, in one round trip instead of four.  None when the directory exists (or its
-        parent does not): the caller takes the usual recipe path."""
+        hold it, in one round trip instead of four.  None when the directory exists (or, unless
+        ``in_record``, its parent does not): the caller takes the usual recipe path; with
+        ``in_record`` a missing parent raises NoNodeError and an existing directory is used as
+        it is (never re-created with its parents)."""
         txn = self._client.transaction()
         txn.create(recipe.path)
         txn.create(recipe.create_path, recipe.data, ephemeral=True, sequence=True)
         results = self._wait(txn.commit_async(), f"create lock {recipe.path}")
         if len(results) != 2 or not isinstance(results[1], str):
+            if in_record:
+                if isinstance(results[0], kze.NoNodeError):
+                    raise kze.NoNodeError(recipe.path)
+                recipe.assured_path = True
             return None
         recipe.node = results[1].rsplit("/", 1)[1]
         recipe.create_tried = True

@@ -286,6 +286,23 @@ def test_locks_interoperate_with_kazoo_recipe(store, zk_raw):
     assert KazooLock(zk_raw, path).acquire(blocking=False)
 
 
+def test_lock_of_a_deleted_node_fails_and_never_recreates_it(store, make_store, zk_raw):
+    """Another launcher deletes the node between our listing and our lock: the lock fails
+    and the node's znode is not brought back (empty) by creating the lock's parents."""
+    other = make_store()
+    node = store.create_node(Node(state=NodeState.USED))
+    store.lock_node(node.id).release()         # this session knows the lock directory
+    other.delete_node(node.id)
+    with pytest.raises(LockError, match="does not exist"):
+        store.lock_node(node.id)
+    never_locked = other.create_node(Node(state=NodeState.USED))
+    other.delete_node(never_locked.id)
+    with pytest.raises(LockError, match="does not exist"):
+        store.lock_node(never_locked.id, blocking=True, timeout=1)
+    assert zk_raw.exists(f"/nodepool/nodes/{node.id}") is None
+    assert zk_raw.exists(f"/nodepool/nodes/{never_locked.id}") is None
+
+
 def test_request_lock_path_and_blocking_timeout(store, make_store, zk_raw):
     req = store.submit_request(NodeRequest(node_types=["small"]))
     other = make_store()
