@@ -757,6 +757,10 @@ class Launcher:
             removed = self.store.remove_stale_request_locks(self.request_lock_max_age)
             if removed:
                 log.info("removed %d lock directories of requests that are gone", removed)
+            removed = self.store.remove_empty_nodes()
+            if removed:
+                log.info("removed %d empty node entries (locked by a client after their "
+                         "node was deleted)", removed)
 
     def _delete_used(self, nodes, locked_nodes):
         """Between full cleanups, delete returned nodes at once: they hold quota."""

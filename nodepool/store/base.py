@@ -335,6 +335,14 @@ class StateStore(abc.ABC):
         with their release have nothing to collect: this default."""
         return 0
 
+    def remove_empty_nodes(self):
+        """Delete node entries that hold no record, when nobody holds their lock; return how
+        many went.  On ZooKeeper a client that locks a node just deleted (kazoo's lock recipe
+        creates the lock's parents, as Zuul's does) brings the node's znode back empty, as
+        Nodepool also finds.  Stores whose locks live apart from the records have none: this
+        default."""
+        return 0
+
     def is_node_locked(self, node_id):
         return self.is_locked(node_lock_path(node_id))
 

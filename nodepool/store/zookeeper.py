@@ -307,6 +307,7 @@ class ZooKeeperStore(StateStore):
         self._released_contenders = set()   # our released lock contenders, delete event pending
         self._components_gen = 0            # bumped by every component change we hear of
         self._components_cache = {}         # kind -> (gen, [Component])
+        self._empty_nodes = set()           # node znodes seen with no record (remove_empty_nodes)
 
     @classmethod
     def from_config(cls, config):
@@ -684,6 +685,8 @@ class ZooKeeperStore(StateStore):
         record = self._record_from(kind, record_id, data, stat)
         if record is not None:
             self._cache.put(kind, record, stat.mzxid)
+        elif kind == "node" and not data:
+            self._empty_nodes.add(record_id)
 
     @staticmethod
     def _record_from(kind, record_id, data, stat):
@@ -718,6 +721,8 @@ class ZooKeeperStore(StateStore):
                 record = self._record_from(kind, record_id, data, stat)
                 if record is not None:
                     records[record_id] = (record, stat.mzxid)
+                elif kind == "node" and not data:
+                    self._empty_nodes.add(record_id)
             lockers = {}
             for record_id, result in lock_gets:
                 try:
@@ -983,6 +988,31 @@ class ZooKeeperStore(StateStore):
                 removed += 1
             except (kze.NoNodeError, kze.NotEmptyError, kze.BadVersionError):
                 continue
+        return removed
+
+    def remove_empty_nodes(self):
+        # the candidates come from the cache's reads (events and walks), so this reads only them
+        self._ensure_caches()
+        removed = 0
+        for node_id in list(self._empty_nodes):
+            self._empty_nodes.discard(node_id)
+            path = P.node_path(node_id)
+            data, stat = self._get_or_none(path)
+            if stat is None or data:
+                continue
+            if self._contenders(path + "/lock"):
+                self._empty_nodes.add(node_id)      # somebody holds it: look again next time
+                continue
+            try:
+                for child in self._children(path):
+                    self._delete(f"{path}/{child}", recursive=True)
+                # version-checked: a record written meanwhile is not deleted
+                self._wait(self._client.delete_async(path, stat.version), f"delete {path}")
+                removed += 1
+            except (kze.NoNodeError, kze.BadVersionError):
+                continue
+            except kze.NotEmptyError:
+                self._empty_nodes.add(node_id)      # a contender appeared: next time
         return removed
 
     # -- images ------------------------------------------------------------------------------------

@@ -303,6 +303,26 @@ def test_lock_of_a_deleted_node_fails_and_never_recreates_it(store, make_store, 
     assert zk_raw.exists(f"/nodepool/nodes/{never_locked.id}") is None
 
 
+def test_empty_node_left_by_a_client_lock_is_removed_once_unlocked(store, zk_raw):
+    """Zuul's (kazoo's) lock recipe re-creates a deleted node's znode, empty, with the lock's
+    parents; the launcher's cleanup removes it when nobody holds the lock, as Nodepool does."""
+    node = store.create_node(Node(state=NodeState.USED))
+    store.list_nodes()                              # caches on: they note empty entries
+    store.delete_node(node.id)
+    late = KazooLock(zk_raw, node_lock_path(node.id), "zuul")
+    assert late.acquire(blocking=False)             # a client that locks it too late
+    assert zk_raw.get(f"/nodepool/nodes/{node.id}")[0] == b""
+    kept = store.create_node(Node(state=NodeState.READY))
+    wait_for(lambda: node.id in store._empty_nodes, what="empty entry seen")
+    assert store.remove_empty_nodes() == 0          # locked: left alone
+    assert zk_raw.exists(f"/nodepool/nodes/{node.id}") is not None
+    late.release()
+    assert store.remove_empty_nodes() == 1
+    assert zk_raw.exists(f"/nodepool/nodes/{node.id}") is None
+    assert [n.id for n in store.list_nodes()] == [kept.id]
+    assert store.get_node(kept.id) is not None and store.remove_empty_nodes() == 0
+
+
 def test_request_lock_path_and_blocking_timeout(store, make_store, zk_raw):
     req = store.submit_request(NodeRequest(node_types=["small"]))
     other = make_store()
