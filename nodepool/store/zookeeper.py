@@ -1005,7 +1005,8 @@ class ZooKeeperStore(StateStore):
                 continue
             try:
                 for child in self._children(path):
-                    self._delete(f"{path}/{child}", recursive=True)
+                    # not recursive: a lock contender that appeared since is never removed
+                    self._delete(f"{path}/{child}")
                 # version-checked: a record written meanwhile is not deleted
                 self._wait(self._client.delete_async(path, stat.version), f"delete {path}")
                 removed += 1
@@ -1043,11 +1044,15 @@ class ZooKeeperStore(StateStore):
         build.image = image
         return build
 
+    def _build_keys(self, images):
+        """``[(image, build id)]`` of every build of ``images``."""
+        listed = self._children_many([P.builds_path(name) for name in images])
+        return [(name, bid) for name in images for bid in listed[P.builds_path(name)]
+                if bid != "lock"]
+
     def list_builds(self, image=None):
         images = [image] if image else self._children(P.IMAGE_ROOT)
-        listed = self._children_many([P.builds_path(name) for name in images])
-        keys = [(name, bid) for name in images for bid in listed[P.builds_path(name)]
-                if bid != "lock"]
+        keys = self._build_keys(images)
         got = self._get_many([P.build_path(*key) for key in keys])
         found = [(stat.czxid, self._build_from(name, bid, data, stat))
                  for (name, bid), (data, stat) in zip(keys, got) if stat is not None]
@@ -1137,12 +1142,7 @@ class ZooKeeperStore(StateStore):
 
     def list_uploads(self, image=None, build_id=None, provider=None):
         images = [image] if image else self._children(P.IMAGE_ROOT)
-        if build_id:
-            builds = [(name, build_id) for name in images]
-        else:
-            listed = self._children_many([P.builds_path(name) for name in images])
-            builds = [(name, bid) for name in images for bid in listed[P.builds_path(name)]
-                      if bid != "lock"]
+        builds = [(name, build_id) for name in images] if build_id else self._build_keys(images)
         if provider:
             targets = [(name, bid, provider) for name, bid in builds]
         else:
@@ -1260,17 +1260,12 @@ class ZooKeeperStore(StateStore):
 
     def _read_components(self, kind):
         kinds = [kind] if kind else self._children(P.COMPONENT_ROOT)
-        self._wait_connected()
-        gets = []
-        for k in kinds:
-            for name in self._children(P.component_root(k)):
-                path = f"{P.component_root(k)}/{name}"
-                gets.append((k, name, path, self._client.get_async(path)))
+        listed = self._children_many([P.component_root(k) for k in kinds])
+        keys = [(k, name) for k in kinds for name in listed[P.component_root(k)]]
+        got = self._get_many([f"{P.component_root(k)}/{name}" for k, name in keys])
         found = []
-        for k, name, path, result in gets:
-            try:
-                data, stat = self._wait(result, f"get {path}")
-            except kze.NoNodeError:
+        for (k, name), (data, stat) in zip(keys, got):
+            if stat is None:
                 continue
             comp = Component.from_dict(_decode(data, f"component {k}/{name}") or {},
                                        id=name, version=stat.version)
