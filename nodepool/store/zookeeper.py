@@ -700,23 +700,18 @@ class ZooKeeperStore(StateStore):
         """Read both trees again (at start and after a reconnect: events may have been missed)."""
         with self._own_sets_lock:
             self._own_sets.clear()
-        for kind, root, lock_root in (("node", P.NODE_ROOT, None),
-                                      ("request", P.REQUEST_ROOT, P.REQUEST_LOCK_ROOT)):
-            self._wait_connected()
+        for kind, root in (("node", P.NODE_ROOT), ("request", P.REQUEST_ROOT)):
             ids = self._children(root)
-            gets = [(i, self._client.get_async(f"{root}/{i}")) for i in ids]
             if kind == "node":
-                lock_gets = [(i, self._client.get_children_async(f"{root}/{i}/lock"))
-                             for i in ids]
+                lock_dirs = {i: f"{root}/{i}/lock" for i in ids}
             else:
-                lock_ids = self._children(lock_root)
-                lock_gets = [(i, self._client.get_children_async(f"{lock_root}/{i}"))
-                             for i in lock_ids]
+                lock_dirs = {i: f"{P.REQUEST_LOCK_ROOT}/{i}"
+                             for i in self._children(P.REQUEST_LOCK_ROOT)}
+            got = self._get_many([f"{root}/{i}" for i in ids])
+            listed = self._children_many(list(lock_dirs.values()))
             records = {}
-            for record_id, result in gets:
-                try:
-                    data, stat = self._wait(result, f"get {root}/{record_id}")
-                except kze.NoNodeError:
+            for record_id, (data, stat) in zip(ids, got):
+                if stat is None:
                     continue
                 record = self._record_from(kind, record_id, data, stat)
                 if record is not None:
@@ -724,14 +719,10 @@ class ZooKeeperStore(StateStore):
                 elif kind == "node" and not data:
                     self._empty_nodes.add(record_id)
             lockers = {}
-            for record_id, result in lock_gets:
-                try:
-                    names = [c for c in self._wait(result, "get_children lock")
-                             if P.is_lock_contender(c)]
-                except kze.NoNodeError:
-                    continue
+            for record_id, lock_dir in lock_dirs.items():
+                names = {c for c in listed[lock_dir] if P.is_lock_contender(c)}
                 if names:
-                    lockers[record_id] = set(names)
+                    lockers[record_id] = names
             self._cache.replace(kind, records, lockers)
 
     # -- nodes -------------------------------------------------------------------------------------
@@ -1000,12 +991,9 @@ class ZooKeeperStore(StateStore):
             data, stat = self._get_or_none(path)
             if stat is None or data:
                 continue
-            if self._contenders(path + "/lock"):
-                self._empty_nodes.add(node_id)      # somebody holds it: look again next time
-                continue
             try:
                 for child in self._children(path):
-                    # not recursive: a lock contender that appeared since is never removed
+                    # not recursive: a held lock (a contender in it) keeps the entry
                     self._delete(f"{path}/{child}")
                 # version-checked: a record written meanwhile is not deleted
                 self._wait(self._client.delete_async(path, stat.version), f"delete {path}")
@@ -1013,7 +1001,7 @@ class ZooKeeperStore(StateStore):
             except (kze.NoNodeError, kze.BadVersionError):
                 continue
             except kze.NotEmptyError:
-                self._empty_nodes.add(node_id)      # a contender appeared: next time
+                self._empty_nodes.add(node_id)      # somebody holds it: look again next time
         return removed
 
     # -- images ------------------------------------------------------------------------------------
