@@ -490,8 +490,8 @@ class Launcher:
             log.info("request %s accepted by %s: %d ready node(s) assigned, %d launching",
                      req.id, pool.key, len(action.assign), len(action.launch))
         except _Retry:
-            for nlock in taken.values():
-                nlock.release()
+            # ready nodes already assigned go back to the pool: the request is still waiting
+            self._release_nodes(taken, req.id)
             rlock.release()
         except NotFoundError:
             # the requestor went away while we were accepting

@@ -258,6 +258,33 @@ def test_delete_whose_record_removal_failed_is_finished_later(launcher_env):
     assert not cloud_instances(launcher_env)
 
 
+def test_ready_nodes_assigned_to_a_retried_accept_go_back_to_the_pool(launcher_env,
+                                                                     monkeypatch):
+    """Accepting assigns ready nodes first; when the launch half then finds the pool filled
+    meanwhile (another launcher), the accept is retried later and the assigned ready node must
+    be free again, not left allocated to a request that is still waiting."""
+    from nodepool.launcher import planner
+    basic(launcher_env, min_ready=1)
+    launcher_env.start_launcher()
+    store = launcher_env.store()
+    [ready] = wait_until(lambda: ready_unallocated(store), message="one ready node")
+    real_fits_now, refused = planner.fits_now, []
+
+    def filled_meanwhile_once(view, labels, nodes):
+        if not refused:
+            refused.append(list(labels))
+            return False
+        return real_fits_now(view, labels, nodes)
+
+    monkeypatch.setattr(planner, "fits_now", filled_meanwhile_once)
+    client = launcher_env.client()
+    req = client.submit(["small", "small"])
+    done = client.wait(req.id, timeout=20)
+    assert refused == [["small"]]                   # the first accept was retried
+    assert done.state == RequestState.FULFILLED and ready.id in done.nodes
+    client.release(client.accept(done))
+
+
 def test_lost_pending_request_is_requeued_and_served(launcher_env):
     basic(launcher_env)
     store = launcher_env.store()
