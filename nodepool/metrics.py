@@ -38,6 +38,10 @@ REQUESTS_HANDLED = Counter(
 LEAKED = Counter(
     "nodepool_leaked_resources", "Cloud resources found leaked and cleaned up",
     ["provider", "type"])
+BACKOFFS = Counter(
+    "nodepool_backoffs", "Refusals and failures after which the launcher waits before trying "
+    "again (kind: quota, launch-error, delete-error, request-error, store-error)",
+    ["provider", "kind"])
 API_CALLS = Counter(
     "nodepool_api_calls", "Calls made to a provider's cloud API", ["provider"])
 IMAGE_BUILDS = Counter(

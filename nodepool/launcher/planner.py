@@ -18,12 +18,14 @@ Request routing rules (Nodepool's, made deterministic across all of one launcher
   (no starvation of large requests); tenant limits and max-concurrency defer without pausing.
 """
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..model.quota import Limits, Resources
 from ..model.states import NodeState, RequestState
+from .matching import can_match_all, match_labels
+from .reasons import Reason, Why
 
 MIN_READY_REQUESTOR = "NodePool:min-ready"
 MIN_READY_PRIORITY = "900"
@@ -39,6 +41,7 @@ class PoolView:
     label_costs: dict = field(default_factory=dict)      # label -> Resources of one node
     broken_labels: dict = field(default_factory=dict)    # label -> reason it can never be served
     unavailable_labels: dict = field(default_factory=dict)  # label -> why its image is missing
+    down: Optional[str] = None           # the provider cannot be used (why), e.g. it cannot start
     cloud_limits: Optional[Limits] = None     # account limits (None: unknown/unlimited)
     unmanaged_usage: Resources = field(default_factory=Resources)  # cloud usage not ours
     ignore_provider_quota: bool = False
@@ -72,6 +75,7 @@ class Snapshot:
     locked_nodes: set = field(default_factory=set)
     active_requests: set = field(default_factory=set)      # request ids this launcher handles
     tenant_limits: dict = field(default_factory=dict)      # tenant -> Limits
+    backoff: set = field(default_factory=set)   # (pool key, label) waiting after a refusal
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class Snapshot:
 class Decline:
     request_id: str
     pool_id: str
-    reason: str
+    reason: Reason
 
 
 @dataclass(frozen=True)
@@ -103,37 +107,8 @@ class Defer:
     """Leave a request waiting; ``pauses`` when a pool is at quota for it."""
     request_id: str
     pool_key: str
-    reason: str
+    reason: Reason
     pauses: bool = False
-
-
-@dataclass(frozen=True)
-class SubmitMinReady:
-    label: str
-    count: int
-
-
-@dataclass(frozen=True)
-class DeleteNode:
-    node_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Deallocate:
-    node_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ResetLostRequest:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class FinishMinReady:
-    """A min-ready request is done: release its nodes into the pool and remove it."""
-    request_id: str
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -158,48 +133,84 @@ def _supports(component, labels):
 
 # -- request routing ------------------------------------------------------------------------------
 
-def never_reason(pv, request):
-    """Why ``pv`` can never serve ``request`` (a decline reason), or None."""
+def never_reason(pv, node_types):
+    """Why ``pv`` can never serve a request for ``node_types`` (a decline ``Reason``), or None."""
     pool = pv.pool
     if pool.max_servers <= 0:
-        return "pool is disabled"
-    missing = sorted({lbl for lbl in request.node_types if lbl not in pool.labels})
+        return Reason(Why.POOL_DISABLED)
+    missing = sorted({lbl for lbl in node_types if lbl not in pool.labels})
     if missing:
-        return f"node type(s) not available: {', '.join(missing)}"
-    for lbl in request.node_types:
+        return Reason(Why.LABEL_MISSING, ", ".join(missing))
+    if pv.down:
+        return Reason(Why.PROVIDER_DOWN, pv.down)
+    for lbl in node_types:
         if lbl in pv.broken_labels:
-            return f"label {lbl} cannot be served: {pv.broken_labels[lbl]}"
+            return Reason(Why.LABEL_BROKEN, pv.broken_labels[lbl], lbl)
         if lbl in pv.unavailable_labels:
-            return f"image for label {lbl} not available: {pv.unavailable_labels[lbl]}"
-    if pv.slot_labels is not None and not slots_could_serve(pv.slot_labels, request.node_types):
-        return "the pool's registered hosts can never serve all these nodes at once"
-    need = Resources.total(pv.cost(lbl) for lbl in request.node_types)
+            return Reason(Why.IMAGE_MISSING, pv.unavailable_labels[lbl], lbl)
+    if pv.slot_labels is not None and not can_match_all(node_types, pv.slot_labels):
+        return Reason(Why.SLOTS_NEVER)
+    need = Resources.total(pv.cost(lbl) for lbl in node_types)
     if not pool.limits.could_ever_fit(need):
-        return "it would exceed the pool's limits"
+        return Reason(Why.POOL_LIMITS_EVER)
     if pv.cloud_limits is not None and not pv.ignore_provider_quota \
             and not pv.cloud_limits.could_ever_fit(need):
-        return "it would exceed the cloud's quota"
+        return Reason(Why.QUOTA_EVER)
     return None
 
 
-def slots_could_serve(slot_labels, node_types):
-    """Whether some assignment gives every requested node its own slot carrying its label
-    (a bipartite matching, by augmenting paths: requests and pools are small).  Whether the
-    slots are free now does not matter: this is "could ever", used to decline."""
-    if len(node_types) > len(slot_labels):
-        return False
-    owner = {}                                 # slot index -> index of the node it serves
+def launchable_now(pv, label):
+    """Whether ``pv`` could launch a node of ``label`` at all now (min-ready asks only for
+    such labels: asking for one no pool can launch is a request declined, failed and asked
+    again every pass)."""
+    return pv.launches and never_reason(pv, [label]) is None
 
-    def place(i, seen):
-        for s, labels in enumerate(slot_labels):
-            if node_types[i] in labels and s not in seen:
-                seen.add(s)
-                if s not in owner or place(owner[s], seen):
-                    owner[s] = i
-                    return True
-        return False
 
-    return all(place(i, set()) for i in range(len(node_types)))
+class FreeNodes:
+    """Ready unallocated nodes per pool, each handed out at most once in a pass.  A node with
+    several labels (a static host) can serve any one of them."""
+
+    def __init__(self):
+        self._by_label = defaultdict(list)     # (pool key, label) -> [node], oldest first
+        self._taken = set()
+
+    def add(self, pool_key, node):
+        for label in node.type or []:
+            self._by_label[(pool_key, label)].append(node)
+
+    def sort(self):
+        for nodes in self._by_label.values():
+            nodes.sort(key=lambda n: (n.state_time or 0, n.id))
+
+    def _first_free(self, pool_key, label, count):
+        nodes = self._by_label.get((pool_key, label))
+        if not nodes:
+            return []
+        while nodes and nodes[0].id in self._taken:
+            nodes.pop(0)
+        out = []
+        for node in nodes:
+            if node.id not in self._taken:
+                out.append(node)
+                if len(out) == count:
+                    break
+        return out
+
+    def pick(self, pool_key, node_types):
+        """``{position: node}`` serving as many of ``node_types`` as free nodes allow, oldest
+        nodes first.  Each label looks at most ``len(node_types)`` candidates deep: the other
+        positions can use no more than that many, so the matching finds a full cover whenever
+        one exists."""
+        candidates = {}
+        for label in dict.fromkeys(node_types):
+            for node in self._first_free(pool_key, label, len(node_types)):
+                candidates.setdefault(node.id, node)
+        cands = list(candidates.values())
+        match = match_labels(list(node_types), [n.type for n in cands])
+        return {pos: cands[c] for pos, c in match.items()}
+
+    def take(self, nodes):
+        self._taken.update(n.id for n in nodes)
 
 
 def plan_requests(snap):
@@ -209,7 +220,7 @@ def plan_requests(snap):
     pool_usage = defaultdict(Resources)
     provider_usage = defaultdict(Resources)
     tenant_usage = defaultdict(Resources)
-    free_ready = defaultdict(list)        # (pool key, label) -> [node], oldest first
+    free_ready = FreeNodes()
     for node in snap.nodes:
         if node.state == NodeState.DELETED:
             continue
@@ -219,10 +230,9 @@ def plan_requests(snap):
         provider_usage[node.provider] += cost
         if node.tenant_name:
             tenant_usage[node.tenant_name] += cost
-        if is_ready_unallocated(node) and node.id not in snap.locked_nodes and len(node.type) == 1:
-            free_ready[(key, node.type[0])].append(node)
-    for nodes in free_ready.values():
-        nodes.sort(key=lambda n: (n.state_time or 0, n.id))
+        if is_ready_unallocated(node) and node.id not in snap.locked_nodes:
+            free_ready.add(key, node)
+    free_ready.sort()
     in_flight = {pv.provider: pv.in_flight for pv in snap.pools}
 
     actions = []
@@ -241,7 +251,7 @@ def plan_requests(snap):
             continue
         servable = []
         for pv in mine:
-            reason = never_reason(pv, req)
+            reason = never_reason(pv, req.node_types)
             if reason:
                 actions.append(Decline(req.id, pv.pool_id, reason))
             else:
@@ -259,11 +269,11 @@ def plan_requests(snap):
                 continue      # the preferred provider is served by another launcher
         best_other = min((c.priority for c in others if not c.paused), default=math.inf)
 
+        picks = {pv.key: free_ready.pick(pv.key, req.node_types) if req.reuse else {}
+                 for pv in servable}
+
         def has_all_ready(pv):
-            if not req.reuse:
-                return False
-            want = Counter(req.node_types)
-            return all(len(free_ready[(pv.key, lbl)]) >= n for lbl, n in want.items())
+            return len(picks[pv.key]) == len(req.node_types)
 
         def headroom(pv):
             room = pv.pool.limits.headroom(pool_usage[pv.key]).get("instances", math.inf)
@@ -278,53 +288,49 @@ def plan_requests(snap):
                 continue
             if pv.max_concurrency == 0:
                 continue
-            decision = _try_pool(pv, req, free_ready, pool_usage, provider_usage,
-                                 tenant_usage, in_flight, snap.tenant_limits)
+            decision = _try_pool(pv, req, picks[pv.key], free_ready, pool_usage, provider_usage,
+                                 tenant_usage, in_flight, snap.tenant_limits, snap.backoff)
             actions.append(decision)
             if isinstance(decision, Accept):
                 break
             if decision.pauses:
                 paused.add(pv.key)
-            if decision.reason.startswith("tenant"):
+            if decision.reason.kind.global_limit:
                 break         # tenant limits are global: no other pool can help
     return actions
 
 
-def _try_pool(pv, req, free_ready, pool_usage, provider_usage, tenant_usage, in_flight,
-              tenant_limits):
-    """Accept ``req`` in ``pv`` if it fits now; else a Defer saying why."""
-    assign = []
-    launch = []
-    taken = defaultdict(int)
-    for lbl in req.node_types:
-        candidates = free_ready[(pv.key, lbl)] if req.reuse else []
-        if req.reuse and taken[lbl] < len(candidates):
-            node = candidates[taken[lbl]]
-            taken[lbl] += 1
-            assign.append((lbl, node.id))
-        else:
-            launch.append(lbl)
+def _try_pool(pv, req, pick, free_ready, pool_usage, provider_usage, tenant_usage, in_flight,
+              tenant_limits, backoff=frozenset()):
+    """Accept ``req`` in ``pv`` if it fits now; else a Defer saying why.  ``pick`` maps request
+    positions to the free ready nodes that would serve them."""
+    assign = [(lbl, pick[pos].id) for pos, lbl in enumerate(req.node_types) if pos in pick]
+    launch = [lbl for pos, lbl in enumerate(req.node_types) if pos not in pick]
     need = Resources.total(pv.cost(lbl) for lbl in launch)
     is_min_ready = req.requestor == MIN_READY_REQUESTOR
     if launch and not pv.launches:
         # a pool of registered hosts waits for one to be free; it never pauses (one busy or
         # dead host must not hold up the pool's other labels)
-        return Defer(req.id, pv.key, f"no free registered node for {', '.join(sorted(set(launch)))}")
+        return Defer(req.id, pv.key, Reason(Why.NO_FREE_SLOT, ", ".join(sorted(set(launch)))))
     if launch:
+        waiting = sorted({lbl for lbl in launch if (pv.key, lbl) in backoff})
+        if waiting:
+            # the cloud refused this label for quota or capacity a moment ago
+            return Defer(req.id, pv.key, Reason(Why.BACKOFF, ", ".join(waiting)),
+                         pauses=not is_min_ready)
         if req.tenant_name and req.tenant_name in tenant_limits:
             if not tenant_limits[req.tenant_name].fits(tenant_usage[req.tenant_name], need):
-                return Defer(req.id, pv.key, f"tenant {req.tenant_name} is at its resource limit")
+                return Defer(req.id, pv.key, Reason(Why.TENANT_LIMIT, req.tenant_name))
         if pv.max_concurrency > 0 and in_flight.get(pv.provider, 0) + len(launch) > pv.max_concurrency:
-            return Defer(req.id, pv.key, "provider is at max-concurrency")
+            return Defer(req.id, pv.key, Reason(Why.MAX_CONCURRENCY))
         if not pv.pool.limits.fits(pool_usage[pv.key], need):
-            return Defer(req.id, pv.key, "pool is at its limits", pauses=not is_min_ready)
+            return Defer(req.id, pv.key, Reason(Why.POOL_FULL), pauses=not is_min_ready)
         if pv.cloud_limits is not None and not pv.ignore_provider_quota:
             used = provider_usage[pv.provider] + pv.unmanaged_usage
             if not pv.cloud_limits.fits(used, need):
-                return Defer(req.id, pv.key, "provider is at cloud quota", pauses=not is_min_ready)
+                return Defer(req.id, pv.key, Reason(Why.QUOTA_NOW), pauses=not is_min_ready)
     # commit the tallies so later requests in this pass see them
-    for lbl, n in taken.items():
-        del free_ready[(pv.key, lbl)][:n]
+    free_ready.take(pick.values())
     pool_usage[pv.key] += need
     provider_usage[pv.provider] += need
     if req.tenant_name:
@@ -356,132 +362,3 @@ def fits_now(pv, labels, nodes):
 def request_failed(request, registered_pool_ids):
     """True when every registered pool has declined the request (so it can never be served)."""
     return bool(registered_pool_ids) and set(registered_pool_ids) <= set(request.declined_by)
-
-
-# -- min-ready -----------------------------------------------------------------------------------
-
-def plan_min_ready(labels, nodes, requests, servable_labels):
-    """How many min-ready requests to submit per label.
-
-    ``labels``: config labels; ``servable_labels``: labels some registered pool supports and whose
-    image is available somewhere.  Ready unallocated nodes and outstanding min-ready requests (of
-    any launcher) both count towards the target, so several launchers do not overshoot.
-    """
-    ready = Counter()
-    for node in nodes:
-        if is_ready_unallocated(node) and len(node.type) == 1:
-            ready[node.type[0]] += 1
-    pending = Counter()
-    for req in requests:
-        # a fulfilled min-ready request's node is still allocated to it until it is finished
-        if req.requestor == MIN_READY_REQUESTOR and req.state in (
-                RequestState.REQUESTED, RequestState.PENDING, RequestState.FULFILLED) \
-                and len(req.node_types) == 1:
-            pending[req.node_types[0]] += 1
-    actions = []
-    for name, label in sorted(labels.items()):
-        if label.min_ready <= 0 or name not in servable_labels:
-            continue
-        short = label.min_ready - ready[name] - pending[name]
-        if short > 0:
-            actions.append(SubmitMinReady(name, short))
-    return actions
-
-
-# -- cleanup -------------------------------------------------------------------------------------
-
-# ``deleted`` is written just before the record is removed: one still there is a delete whose
-# last step failed (a store error, a crash), finished like any other unlocked delete
-ABANDONED_STATES = (NodeState.INIT, NodeState.BUILDING, NodeState.FAILED, NodeState.ABORTED,
-                    NodeState.IN_USE, NodeState.USED, NodeState.DELETING, NodeState.TESTING,
-                    NodeState.DELETED)
-
-
-def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, providers,
-                      max_hold_age, now, reusable_providers=()):
-    """Which nodes to delete or release, and which lost requests to reset.
-
-    Only nodes of ``providers`` (the providers this launcher runs) are touched.  A node that
-    somebody holds locked is never touched.  ``reusable_providers`` return used nodes to ready
-    (static hosts) instead of deleting them.
-    """
-    actions = []
-    request_ids = {r.id for r in requests}
-    for node in nodes:
-        if node.provider not in providers or node.id in locked_nodes:
-            continue
-        state = node.state
-        if state == NodeState.READY:
-            if node.allocated_to and node.allocated_to not in request_ids:
-                actions.append(Deallocate(node.id, f"request {node.allocated_to} is gone"))
-                continue
-            label = labels.get(node.type[0]) if node.type else None
-            age = now - (node.state_time or now)
-            if (not node.allocated_to and label is not None and label.max_ready_age
-                    and age > label.max_ready_age):
-                actions.append(DeleteNode(node.id, f"ready for {age:.0f}s, longer than "
-                                                   f"max-ready-age {label.max_ready_age}s"))
-            continue
-        if state == NodeState.HOLD:
-            held = now - (node.state_time or now)
-            if node.hold_expiration and node.hold_expiration > 0 and held > node.hold_expiration:
-                actions.append(DeleteNode(node.id, f"hold expired after {node.hold_expiration}s"))
-            elif max_hold_age and max_hold_age > 0 and held > max_hold_age:
-                actions.append(DeleteNode(node.id, f"held longer than max-hold-age {max_hold_age}s"))
-            continue
-        if state in ABANDONED_STATES:
-            if state == NodeState.USED and node.provider in reusable_providers:
-                continue  # the provider returns it to ready itself
-            reason = {NodeState.USED: "used",
-                      NodeState.DELETING: "marked for deletion",
-                      NodeState.DELETED: "deleted, but its record was left behind"}.get(
-                          state, f"{state.value} and not locked by anyone")
-            actions.append(DeleteNode(node.id, reason))
-    for req in requests:
-        if req.state == RequestState.PENDING and req.id not in locked_requests:
-            actions.append(ResetLostRequest(req.id))
-        elif req.requestor == MIN_READY_REQUESTOR and req.state in (
-                RequestState.FULFILLED, RequestState.FAILED) and req.id not in locked_requests:
-            actions.append(FinishMinReady(req.id))
-    return actions
-
-
-# -- leaked instances ----------------------------------------------------------------------------
-
-STABLE_STATES = (NodeState.READY, NodeState.IN_USE, NodeState.USED, NodeState.HOLD)
-
-
-def leaked_instances(provider_name, instances, nodes, suspects):
-    """Instances tagged as ours with no node that owns them.
-
-    Returns ``(to_delete, new_suspects)``: an instance is deleted only when it was already a
-    suspect on the previous pass (seen leaked twice), so a launch whose node record is being
-    written is never reaped.  ``suspects`` and ``new_suspects`` are sets of external ids.
-    """
-    by_id = {n.id: n for n in nodes}
-    now_suspect = set()
-    for inst in instances:
-        if inst.provider_name != provider_name or inst.deleted:
-            continue
-        node = by_id.get(inst.node_id)
-        if node is None:
-            leaked = True
-        else:
-            leaked = (node.external_id not in (None, inst.external_id)
-                      and node.state in STABLE_STATES)
-        if leaked:
-            now_suspect.add(inst.external_id)
-    to_delete = [inst for inst in instances if inst.external_id in now_suspect
-                 and inst.external_id in suspects]
-    return to_delete, now_suspect
-
-
-def unmanaged_usage(provider_name, instances, nodes):
-    """Cloud usage not accounted to this provider's node records (other tools, leaks)."""
-    ours = {n.external_id for n in nodes if n.provider == provider_name and n.external_id}
-    total = Resources()
-    for inst in instances:
-        if inst.deleted or inst.external_id in ours:
-            continue
-        total += inst.resources or Resources.of(instances=1)
-    return total

@@ -20,17 +20,13 @@ from dataclasses import dataclass
 
 from ..drivers import get_driver
 from ..drivers.base import (META_LAUNCHER, META_NODE_ID, META_POOL, META_PROVIDER, LaunchSpec)
-from ..errors import (CloudError, InstanceNotFound, LabelConfigurationError, LaunchTimeout,
-                      LockError, NotFoundError, QuotaError, StoreError)
+from .. import metrics
+from ..errors import (CloudError, ConflictError, InstanceNotFound, LabelConfigurationError,
+                      LaunchTimeout, LockError, NotFoundError, QuotaError, StoreError)
 from ..model.records import Node
 from ..model.states import NodeState
-from . import planner
+from . import cleanup
 from .nodescan import NodeScan
-
-try:
-    from .. import metrics
-except ImportError:  # pragma: no cover - metrics module lands separately
-    metrics = None
 
 DELETE_TIMEOUT = 600
 QUOTA_CACHE_SECONDS = 300
@@ -40,20 +36,54 @@ RECONCILE_SECONDS = 2.0      # registered (static) hosts: compare slots and node
 STATIC_LAUNCHER = "static driver"   # the ``launcher`` Nodepool writes on static nodes
 
 
+DELETE_RETRY_CAP = 300.0
+
+
 def _count(metric, *labels):
-    if metrics is not None and hasattr(metrics, metric):
-        getattr(metrics, metric).labels(*labels).inc()
+    getattr(metrics, metric).labels(*labels).inc()
 
 
 def _observe(metric, value, *labels):
-    if metrics is not None and hasattr(metrics, metric):
-        getattr(metrics, metric).labels(*labels).observe(value)
+    getattr(metrics, metric).labels(*labels).observe(value)
 
 
-class LaunchJob:
-    """Creates one node's instance: create → (scan) → ready, with retries and cleanup."""
+class _Job:
+    """What launch, delete and orphan jobs share: a job that hit an error waits before its
+    next step, twice as long each time (capped), so a failing cloud or store is not hammered
+    and one job's trouble never holds up the others."""
+
+    retry_cap = 60.0
+
+    def __init__(self):
+        self.next_step = 0.0
+        self.errors = 0
+
+    def due(self, now):
+        return now >= self.next_step
+
+    def wait_after_error(self, now):
+        self.errors += 1
+        delay = min(self.retry_cap, 2.0 ** (self.errors - 1))
+        self.next_step = now + delay
+        return delay
+
+    def stepped_ok(self):
+        self.errors = 0
+
+
+class LaunchJob(_Job):
+    """Creates one node's instance: create → (scan) → ready, with retries and cleanup.
+
+    Every write of the node record is a compare-and-set under the node lock the launcher
+    handed over: if the record changed or went (an operator deleted it, our session expired and
+    another launcher took over) the job stops and deletes its instance, instead of writing over
+    somebody else's record.  A store error only delays the write (the job keeps its place);
+    a cloud error costs a launch attempt; a quota or capacity refusal ends the launch as
+    ``aborted`` so the launcher can relaunch the slot after a backoff.
+    """
 
     def __init__(self, node, lock, spec, provider, pool, worker):
+        super().__init__()
         self.node = node
         self.lock = lock
         self.spec = spec
@@ -62,11 +92,14 @@ class LaunchJob:
         self.worker = worker
         self.attempt = 1
         self.started = time.monotonic()
+        self.attempt_started = self.started
         self.phase = "create"
         self.machine = None
         self.cleanup_machine = None
         self.scan = None
         self.instance = None
+        self.dirty = False            # the node record has changes not yet written
+        self.final = None             # (state, reason) decided, written when the store allows
         self.done = False
         self.error = None
         self.log = logging.LoggerAdapter(
@@ -86,14 +119,19 @@ class LaunchJob:
         if output:
             self.log.info("node %s: console log of %s:\n%s", self.node.id, extid, output)
 
+    def _extid(self):
+        return (self.machine.external_id if self.machine else None) or self.node.external_id
+
     def _fail_attempt(self, exc):
         self.worker._count_launch(self.pool, self.node, exc)
-        extid = (self.machine.external_id if self.machine else None) or self.node.external_id
+        extid = self._extid()
         self._log_console(extid)
         if self.attempt < self.provider.launch_retries:
-            self.log.warning("node %s launch attempt %d/%d failed on %s: %s; retrying",
+            delay = self.wait_after_error(time.monotonic())
+            metrics.BACKOFFS.labels(self.provider.name, "launch-error").inc()
+            self.log.warning("node %s launch attempt %d/%d failed on %s: %s; retrying in %.0fs",
                              self.node.id, self.attempt, self.provider.launch_retries,
-                             self.provider.name, exc)
+                             self.provider.name, exc, delay)
             self.attempt += 1
             self.phase = "cleanup" if extid else "create"
             self.cleanup_machine = (self.worker.adapter.delete_state_machine(extid)
@@ -103,49 +141,71 @@ class LaunchJob:
             return
         self.log.error("node %s failed on %s after %d attempt(s): %s", self.node.id,
                        self.provider.name, self.attempt, exc)
-        self._finish(NodeState.FAILED, f"launch failed after {self.attempt} attempt(s): {exc}")
+        self._decide(NodeState.FAILED, f"launch failed after {self.attempt} attempt(s): {exc}")
 
-    def _finish(self, state, reason=None):
+    def _decide(self, state, reason=None):
+        self.final = (state, reason)
+        self._write_final()
+
+    def _write_final(self):
+        state, reason = self.final
         node = self.node
-        node.set_state(state)
+        if node.state != state:
+            node.set_state(state)
         if reason:
             node.extra["failure_reason"] = reason
             self.error = reason
-        self.worker._write(node)
+        self.dirty = True
+        self._flush()
         self.done = True
 
+    def _flush(self):
+        if self.dirty:
+            self.worker.store.update_node(self.node, check_version=True)
+            self.dirty = False
+
     def step(self):
-        """Advance one step.  Returns True once the job is finished (ready/failed/aborted)."""
+        """Advance one step.  Returns True once the job is finished (its outcome written)."""
         try:
+            if self.final is not None:
+                self._write_final()        # the outcome is known; only its write was delayed
+                return True
+            self._flush()
             if self.phase == "cleanup":
-                if self.cleanup_machine is None or self.cleanup_machine.advance():
-                    self.cleanup_machine = None
-                    self.phase = "create"
+                self._step_cleanup()
                 return False
             if self.phase == "create":
-                return self._step_create()
-            if self.phase == "scan":
+                self._step_create()
+            elif self.phase == "scan":
                 keys = self.scan.advance()
                 if keys is not None:
                     self.node.host_keys = keys
                     self._ready()
-                return self.done
+            self._flush()
+            self.stepped_ok()
+            return self.done
+        except (NotFoundError, ConflictError) as exc:
+            # our record was deleted or rewritten under us: it is not ours to write any more
+            self.log.warning("node %s %s while launching: stopping and removing its instance",
+                             self.node.id, "vanished from the store"
+                             if isinstance(exc, NotFoundError) else "was changed by someone else")
+            self.abandon(f"node {self.node.id} was deleted or taken over while launching")
+            self.done = True
+            return True
+        except StoreError as exc:
+            # the store blipped: keep the job where it is and write later; not the cloud's fault
+            delay = self.wait_after_error(time.monotonic())
+            metrics.BACKOFFS.labels(self.provider.name, "store-error").inc()
+            self.log.warning("node %s: state store error while launching (retrying in %.0fs): %s",
+                             self.node.id, delay, exc)
+            return False
         except QuotaError as exc:
             self.log.info("node %s: cloud quota refused the launch on %s: %s", self.node.id,
                           self.provider.name, exc)
             self.worker.invalidate_quota()
             self.worker._count_launch(self.pool, self.node, exc)
-            self._finish(NodeState.ABORTED, f"quota: {exc}")
-            return True
-        except NotFoundError:
-            # our node record was deleted under us (operator): stop and clean the instance
-            self.log.warning("node %s vanished from the store while launching", self.node.id)
-            extid = self.machine.external_id if self.machine else self.node.external_id
-            if extid:
-                self.worker.delete_orphan(extid, f"node {self.node.id} was deleted while launching")
-            self.done = True
-            return True
-        except (CloudError, StoreError) as exc:
+            return self._after_outcome(NodeState.ABORTED, f"quota: {exc}")
+        except CloudError as exc:
             self._fail_attempt(exc)
         except Exception as exc:   # a driver bug must not kill the worker
             self.log.exception("node %s: unexpected error launching on %s", self.node.id,
@@ -153,7 +213,43 @@ class LaunchJob:
             self._fail_attempt(exc)
         return self.done
 
+    def _after_outcome(self, state, reason):
+        """Record a final outcome; a store error while writing it is retried later."""
+        try:
+            self._decide(state, reason)
+        except (NotFoundError, ConflictError):
+            self.abandon(f"node {self.node.id} was deleted or taken over while launching")
+            self.done = True
+        except StoreError as exc:
+            self.wait_after_error(time.monotonic())
+            self.log.warning("node %s: outcome %s not written yet: %s", self.node.id,
+                             state.value, exc)
+        return self.done
+
+    def _step_cleanup(self):
+        """Remove the failed attempt's instance before the next attempt.  A cloud error here
+        is retried with a backoff and does not use up an attempt."""
+        if not self.due(time.monotonic()):
+            return
+        try:
+            if self.cleanup_machine is not None and not self.cleanup_machine.advance():
+                return
+        except InstanceNotFound:
+            pass
+        except CloudError as exc:
+            delay = self.wait_after_error(time.monotonic())
+            self.log.warning("node %s: removing the failed attempt's instance on %s failed "
+                             "(retrying in %.0fs): %s", self.node.id, self.provider.name,
+                             delay, exc)
+            return
+        self.cleanup_machine = None
+        self.node.external_id = None
+        self.dirty = True
+        self.phase = "create"
+
     def _step_create(self):
+        if not self.due(time.monotonic()):
+            return
         if self.machine is None:
             self.machine = self.worker.adapter.create_state_machine(self.spec)
             self.attempt_started = time.monotonic()
@@ -163,21 +259,20 @@ class LaunchJob:
         result = self.machine.advance()
         if self.machine.external_id and self.machine.external_id != self.node.external_id:
             self.node.external_id = self.machine.external_id
-            self.worker._write(self.node)
+            self.dirty = True
         if result is None:
-            return False
+            return
         self.instance = result
         self._apply_instance(result)
         if result.host_keys is not None or not self._wants_scan():
             if result.host_keys is not None:
                 self.node.host_keys = list(result.host_keys)
             self._ready()
-            return True
-        self.worker._write(self.node)
+            return
+        self.dirty = True
         self.phase = "scan"
         self.scan = NodeScan(self.node.interface_ip, self.node.connection_port,
                              self.provider.boot_timeout, self.node.connection_type)
-        return False
 
     def _wants_scan(self):
         label = self.pool.labels.get(self.node.type[0]) if self.node.type else None
@@ -218,21 +313,29 @@ class LaunchJob:
                       self.node.interface_ip, elapsed)
         _count("LAUNCHES", self.provider.name, self.pool.name, self.node.type[0], "ready")
         _observe("LAUNCH_SECONDS", elapsed, self.provider.name, self.node.type[0])
-        self._finish(NodeState.READY)
+        self.final = (NodeState.READY, None)
+        self._write_final()
 
-    def abandon(self):
-        """Our session was lost: stop tracking, make sure the instance does not leak."""
-        extid = (self.machine.external_id if self.machine else None) or self.node.external_id
+    def abandon(self, reason=None):
+        """Stop tracking; make sure the instance does not leak."""
+        extid = self._extid()
         if self.scan:
             self.scan.close()
         if extid:
-            self.worker.delete_orphan(extid, f"launch of node {self.node.id} abandoned")
+            self.worker.delete_orphan(extid, reason or f"launch of node {self.node.id} abandoned")
 
 
-class DeleteJob:
-    """Deletes one node: its instance (if any), then its record (and with it the lock)."""
+class DeleteJob(_Job):
+    """Deletes one node: its instance (if any), then its record (and with it the lock).
+
+    The job keeps the node's lock until it is done; while the cloud or the store fails it waits
+    (1 s doubling to 5 min) and tries again, so a failing delete is neither dropped nor retried
+    every second."""
+
+    retry_cap = DELETE_RETRY_CAP
 
     def __init__(self, node, lock, worker, reason):
+        super().__init__()
         self.node = node
         self.lock = lock
         self.worker = worker
@@ -243,6 +346,8 @@ class DeleteJob:
 
     def step(self):
         node = self.node
+        if not self.due(time.monotonic()):
+            return False
         try:
             if node.external_id and self.machine is None:
                 self.machine = self.worker.adapter.delete_state_machine(node.external_id)
@@ -252,7 +357,10 @@ class DeleteJob:
                                         f"{DELETE_TIMEOUT}s")
                 if not self.machine.advance():
                     return False
-            node.set_state(NodeState.DELETED)
+                self.machine = None
+                node.external_id = None
+            if node.state != NodeState.DELETED:
+                node.set_state(NodeState.DELETED)
             try:
                 self.worker.store.update_node(node)
             except NotFoundError:
@@ -269,18 +377,28 @@ class DeleteJob:
             node.external_id = None
             return False
         except Exception as exc:
-            self.worker.log.warning("node %s: delete on %s failed, will retry: %s", node.id,
-                                    node.provider, exc)
+            delay = self.wait_after_error(time.monotonic())
+            self.machine = None
+            if isinstance(exc, LaunchTimeout):
+                self.started = time.monotonic()
             _count("DELETES", node.provider, "error")
-            self.lock.release()
+            metrics.BACKOFFS.labels(node.provider or "", "delete-error").inc()
+            self.worker.log.warning("node %s: delete on %s failed (attempt %d, retrying in "
+                                    "%.0fs): %s", node.id, node.provider, self.errors, delay,
+                                    exc)
+            return False
         self.done = True
         return True
 
 
-class OrphanDelete:
-    """Deletes an instance that has no node record (leaked, or a launch's leftover)."""
+class OrphanDelete(_Job):
+    """Deletes an instance that has no node record (leaked, or a launch's leftover); while the
+    cloud fails it waits and tries again (the leak scan would also find it)."""
+
+    retry_cap = DELETE_RETRY_CAP
 
     def __init__(self, external_id, worker, reason):
+        super().__init__()
         self.external_id = external_id
         self.worker = worker
         self.reason = reason
@@ -289,6 +407,8 @@ class OrphanDelete:
         self.done = False
 
     def step(self):
+        if not self.due(time.monotonic()):
+            return False
         try:
             if self.machine is None:
                 self.machine = self.worker.adapter.delete_state_machine(self.external_id)
@@ -301,10 +421,14 @@ class OrphanDelete:
         except InstanceNotFound:
             self.done = True
         except Exception as exc:
-            self.worker.log.warning("instance %s on %s: delete failed (%s), the leak scan "
-                                    "will retry: %s", self.external_id,
-                                    self.worker.provider.name, self.reason, exc)
-            self.done = True
+            self.machine = None
+            delay = self.wait_after_error(time.monotonic())
+            metrics.BACKOFFS.labels(self.worker.provider.name, "delete-error").inc()
+            self.worker.log.warning("instance %s on %s: delete failed (%s), retrying in %.0fs: "
+                                    "%s", self.external_id, self.worker.provider.name,
+                                    self.reason, delay, exc)
+            if self.errors >= 8:
+                self.done = True       # the leak scan finds it again if it is still there
         return self.done
 
 
@@ -338,6 +462,8 @@ class ProviderWorker:
         self.label_costs = {}
         self.broken_labels = {}
         self.cloud_image_ready = {}
+        self.azs = []            # the cloud's availability zones (last known)
+        self._launching = set()  # node ids submitted for launch and not finished
         self.slot_labels = {}    # pool name -> [frozenset of labels] of its registered slots
         self._leak_suspects = set()
         self._last_leak_scan = 0.0
@@ -374,8 +500,15 @@ class ProviderWorker:
         return len(self.launches) + self._inbox.qsize()
 
     def submit_launch(self, node, lock, spec, pool):
+        with self._lock:
+            self._launching.add(node.id)
         self._inbox.put(("launch", node, lock, spec, pool))
         self._wake.set()
+
+    def launching_ids(self):
+        """Ids of nodes whose launch this worker is running (or about to start)."""
+        with self._lock:
+            return frozenset(self._launching)
 
     def submit_delete(self, node, lock, reason):
         self._inbox.put(("delete", node, lock, reason))
@@ -393,7 +526,7 @@ class ProviderWorker:
         self.instances_time = 0.0
 
     def unmanaged_usage(self, nodes):
-        return planner.unmanaged_usage(self.provider.name, self.instances, nodes)
+        return cleanup.unmanaged_usage(self.provider.name, self.instances, nodes)
 
     def session_lost(self):
         """Locks are gone: abandon launches (cleaning their instances) and deletes."""
@@ -448,15 +581,14 @@ class ProviderWorker:
         if not self.started:
             return
         self._refresh_cloud_view(now)
-        for node_id, job in list(self.launches.items()):
-            if job.step():
-                del self.launches[node_id]   # the node record tells the launcher
-        for node_id, job in list(self.deletes.items()):
-            if job.step():
-                del self.deletes[node_id]
-        for extid, job in list(self.orphans.items()):
-            if job.step():
-                del self.orphans[extid]
+        for jobs, kind in ((self.launches, "launch"), (self.deletes, "delete"),
+                           (self.orphans, "orphan delete")):
+            for key, job in list(jobs.items()):
+                if self._step(job, key, kind, now):
+                    del jobs[key]          # a launch's node record tells the launcher
+                    if kind == "launch":
+                        with self._lock:
+                            self._launching.discard(key)
         if self.leak_interval and now - self._last_leak_scan > self.leak_interval \
                 and not self._retiring:
             self._last_leak_scan = now
@@ -464,6 +596,18 @@ class ProviderWorker:
         if now - self._last_reconcile >= self.reconcile_interval and not self._retiring:
             self._last_reconcile = now
             self._reconcile_registered()
+
+    def _step(self, job, key, kind, now):
+        """Advance one job; whatever it raises stays with that job, which waits and retries."""
+        if not job.due(now):
+            return False
+        try:
+            return job.step()
+        except Exception:
+            delay = job.wait_after_error(now)
+            self.log.exception("provider %s: unexpected error in %s job %s (retrying in %.0fs)",
+                               self.provider.name, kind, key, delay)
+            return False
 
     def _drain_inbox(self):
         while True:
@@ -487,6 +631,8 @@ class ProviderWorker:
                     job.abandon()
                 self.launches.clear()
                 self.deletes.clear()
+                with self._lock:
+                    self._launching.clear()
 
     def _refresh_cloud_view(self, now):
         if now - self.quota_time > QUOTA_CACHE_SECONDS:
@@ -512,6 +658,11 @@ class ProviderWorker:
                         self.log.warning("provider %s: cannot check image of label %s: %s",
                                          self.provider.name, label.name, exc)
             self.label_costs, self.broken_labels = costs, broken
+            try:
+                self.azs = [a for a in self.adapter.availability_zones() if a]
+            except Exception as exc:
+                self.log.warning("provider %s: cannot list availability zones (keeping the last "
+                                 "known): %s", self.provider.name, exc)
         if now - self.instances_time > self.instance_interval:
             self._list_instances(now)
 
@@ -533,7 +684,7 @@ class ProviderWorker:
         busy = set(self.launches) | set(self.deletes)
         candidates = [i for i in self.instances if i.node_id not in busy
                       and i.external_id not in self.orphans]
-        to_delete, self._leak_suspects = planner.leaked_instances(
+        to_delete, self._leak_suspects = cleanup.leaked_instances(
             self.provider.name, candidates, nodes, self._leak_suspects)
         for inst in to_delete:
             self.log.warning("leaked instance %s on %s (node %s has no record): deleting",

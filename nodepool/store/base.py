@@ -208,6 +208,13 @@ class StateStore(abc.ABC):
     def _release(self, lock):
         """Release a lock acquired by ``lock``.  Releasing a lock already lost is not an error."""
 
+    def holds(self, lock):
+        """True while ``lock`` still belongs to our current session: False once released or once
+        the session that took it is gone.  Answered from memory, so it cannot see a loss the
+        store has not noticed yet; writes that must not happen after such a loss are
+        compare-and-set (``check_version``) as well."""
+        return not lock.released
+
     @abc.abstractmethod
     def is_locked(self, path):
         """True if any session (including ours) holds the lock at ``path``."""

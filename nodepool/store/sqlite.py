@@ -634,6 +634,9 @@ class SQLiteStore(StateStore):
             log.warning("releasing %s failed: %s", lock.path, exc)
         self._notify_watchers()
 
+    def holds(self, lock):
+        return not lock.released and lock.token == self._session
+
     def is_locked(self, path):
         rows = self._read("SELECT session FROM locks WHERE path=?", (path,))
         if not rows:

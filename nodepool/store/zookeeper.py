@@ -935,6 +935,9 @@ class ZooKeeperStore(StateStore):
             log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
         self._track_lock(lock.path, contender, add=False)
 
+    def holds(self, lock):
+        return not lock.released and lock.token[1] == self._generation
+
     def is_locked(self, path):
         return bool(self._contenders(path))
 

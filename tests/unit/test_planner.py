@@ -5,10 +5,11 @@ from hypothesis import given, settings, strategies as st
 
 from nodepool.config.model import Label, Pool, PoolLabel
 from nodepool.drivers.base import Instance, META_NODE_ID, META_PROVIDER
-from nodepool.launcher import planner
-from nodepool.launcher.planner import (Accept, Deallocate, Decline, Defer, DeleteNode,
-                                       FinishMinReady, PoolView, ResetLostRequest,
-                                       SubmitMinReady, Snapshot)
+from nodepool.launcher import cleanup as cleanup_plan, minready, planner
+from nodepool.launcher.cleanup import Deallocate, DeleteNode, ResetLostRequest
+from nodepool.launcher.minready import SubmitMinReady
+from nodepool.launcher.planner import Accept, Decline, Defer, PoolView, Snapshot
+from nodepool.launcher.reasons import Reason, Why
 from nodepool.model import Component, Limits, Node, NodeRequest, Resources
 
 
@@ -82,7 +83,7 @@ def test_pool_at_quota_pauses_and_does_not_take_later_requests():
 def test_request_that_can_never_fit_is_declined_not_paused():
     v = view(pool(max_servers=1))
     actions = planner.plan_requests(snap([req("100-1", ["small", "small"])], [], [v]))
-    assert actions == [Decline("100-1", v.pool_id, "it would exceed the pool's limits")]
+    assert actions == [Decline("100-1", v.pool_id, Reason(Why.POOL_LIMITS_EVER))]
 
 
 def test_unknown_label_is_declined_by_every_pool():
@@ -90,7 +91,7 @@ def test_unknown_label_is_declined_by_every_pool():
     b = view(pool("b"))
     actions = planner.plan_requests(snap([req("100-1", ["nope"])], [], [a, b]))
     assert {d.pool_id for d in only(actions, Decline)} == {a.pool_id, b.pool_id}
-    assert all("not available" in d.reason for d in actions)
+    assert all("not available" in str(d.reason) for d in actions)
 
 
 def test_request_failed_only_when_every_registered_pool_declined():
@@ -113,14 +114,14 @@ def test_already_declined_pool_does_not_consider_it_again():
 def test_disabled_pool_declines():
     v = view(pool(max_servers=0))
     actions = planner.plan_requests(snap([req("100-1", ["small"])], [], [v]))
-    assert actions == [Decline("100-1", v.pool_id, "pool is disabled")]
+    assert actions == [Decline("100-1", v.pool_id, Reason(Why.POOL_DISABLED))]
 
 
 def test_cloud_quota_including_unmanaged_usage_pauses():
     v = view(pool(), cloud_limits=Limits(instances=2), unmanaged_usage=Resources.of(instances=1))
     nodes = [node("1", state="in-use")]
     actions = planner.plan_requests(snap([req("100-1", ["small"])], nodes, [v]))
-    assert actions == [Defer("100-1", "sim/main", "provider is at cloud quota", pauses=True)]
+    assert actions == [Defer("100-1", "sim/main", Reason(Why.QUOTA_NOW), pauses=True)]
 
 
 def test_ignore_provider_quota():
@@ -153,7 +154,7 @@ def test_tenant_limit_defers_without_pausing():
 def test_max_concurrency():
     v = view(pool(), max_concurrency=1, in_flight=1)
     actions = planner.plan_requests(snap([req("100-1", ["small"])], [], [v]))
-    assert actions == [Defer("100-1", "sim/main", "provider is at max-concurrency")]
+    assert actions == [Defer("100-1", "sim/main", Reason(Why.MAX_CONCURRENCY))]
     v0 = view(pool(), max_concurrency=0)
     assert planner.plan_requests(snap([req("100-1", ["small"])], [], [v0])) == []
 
@@ -211,7 +212,8 @@ def test_preferred_provider():
 def test_missing_image_declines_with_reason():
     v = view(pool(), unavailable_labels={"small": "no ready upload"})
     actions = planner.plan_requests(snap([req("100-1", ["small"])], [], [v]))
-    assert len(actions) == 1 and "no ready upload" in actions[0].reason
+    assert len(actions) == 1 and "no ready upload" in str(actions[0].reason)
+    assert actions[0].reason.kind is Why.IMAGE_MISSING and actions[0].reason.label == "small"
 
 
 def test_active_and_non_requested_requests_are_skipped():
@@ -242,7 +244,13 @@ def test_min_ready_counts_ready_and_outstanding_requests():
     nodes = [node("1"), node("2", allocated_to="100-1")]
     reqs = [req("900-1", ["small"], requestor=planner.MIN_READY_REQUESTOR),
             req("900-2", ["big"], requestor=planner.MIN_READY_REQUESTOR, state="failed")]
-    actions = planner.plan_min_ready(labels, nodes, reqs, {"small", "big"})
+    # a failed one counts while it is held (so a label nobody serves is not asked for in a
+    # loop), and no longer after that
+    reqs[1].state_time = 1000.0
+    actions = minready.plan_min_ready(labels, nodes, reqs, {"small", "big"}, 1010.0)
+    assert actions == [SubmitMinReady("small", 1)]
+    actions = minready.plan_min_ready(labels, nodes, reqs, {"small", "big"},
+                                      1000.0 + minready.FAILED_HOLD + 1)
     assert actions == [SubmitMinReady("big", 1), SubmitMinReady("small", 1)]
 
 
@@ -251,19 +259,19 @@ def test_fulfilled_min_ready_request_still_counts_until_finished():
     reqs = [req("900-1", ["small"], requestor=planner.MIN_READY_REQUESTOR, state="fulfilled",
                 nodes=["1"])]
     nodes = [node("1", allocated_to="900-1")]
-    assert planner.plan_min_ready(labels, nodes, reqs, {"small"}) == []
+    assert minready.plan_min_ready(labels, nodes, reqs, {"small"}, 0.0) == []
 
 
 def test_min_ready_skips_labels_nobody_serves():
     labels = {"small": Label("small", min_ready=2)}
-    assert planner.plan_min_ready(labels, [], [], set()) == []
+    assert minready.plan_min_ready(labels, [], [], set(), 0.0) == []
 
 
 # -- cleanup ---------------------------------------------------------------------------------------
 
 def cleanup(nodes, requests=(), locked=(), locked_requests=(), labels=None, now=2000.0,
             max_hold_age=0, reusable=()):
-    return planner.plan_node_cleanup(list(nodes), list(requests), set(locked),
+    return cleanup_plan.plan_node_cleanup(list(nodes), list(requests), set(locked),
                                      set(locked_requests), labels or {}, {"sim"},
                                      max_hold_age, now, reusable)
 
@@ -315,12 +323,23 @@ def test_ready_node_of_vanished_request_is_deallocated():
     assert cleanup([node("1", allocated_to="100-1")], requests=[req("100-1", ["small"])]) == []
 
 
-def test_lost_pending_request_reset_and_finished_min_ready():
+def test_lost_pending_request_reset():
     reqs = [req("100-1", ["small"], state="pending"),
             req("100-2", ["small"], state="pending"),
             req("900-3", ["small"], state="fulfilled", requestor=planner.MIN_READY_REQUESTOR)]
     actions = cleanup([], requests=reqs, locked_requests={"100-2"})
-    assert actions == [ResetLostRequest("100-1"), FinishMinReady("900-3")]
+    assert actions == [ResetLostRequest("100-1")]
+
+
+def test_finished_min_ready_requests():
+    reqs = [req("900-1", ["small"], state="fulfilled", requestor=planner.MIN_READY_REQUESTOR),
+            req("900-2", ["small"], state="failed", requestor=planner.MIN_READY_REQUESTOR,
+                state_time=1000.0),
+            req("900-3", ["small"], state="fulfilled", requestor=planner.MIN_READY_REQUESTOR),
+            req("100-4", ["small"], state="fulfilled")]
+    assert minready.min_ready_to_finish(reqs, {"900-3"}, 1001.0) == ["900-1"]
+    assert minready.min_ready_to_finish(reqs, {"900-3"}, 1000.0 + minready.FAILED_HOLD + 1) \
+        == ["900-1", "900-2"]
 
 
 # -- leaks -----------------------------------------------------------------------------------------
@@ -334,26 +353,26 @@ def test_leaked_instance_deleted_on_second_sighting_only():
     instances = [inst("i-1", "0001"), inst("i-2", "0002"), inst("i-3", "0003", provider="x"),
                  Instance(external_id="i-4")]
     nodes = [node("0002", external_id="i-2")]
-    to_delete, suspects = planner.leaked_instances("sim", instances, nodes, set())
+    to_delete, suspects = cleanup_plan.leaked_instances("sim", instances, nodes, set())
     assert to_delete == [] and suspects == {"i-1"}
-    to_delete, suspects = planner.leaked_instances("sim", instances, nodes, suspects)
+    to_delete, suspects = cleanup_plan.leaked_instances("sim", instances, nodes, suspects)
     assert [i.external_id for i in to_delete] == ["i-1"]
 
 
 def test_instance_of_a_retried_launch_is_a_leak_once_node_is_ready():
     instances = [inst("old", "0001"), inst("new", "0001")]
     building = [node("0001", state="building", external_id="new")]
-    assert planner.leaked_instances("sim", instances, building, {"old"})[0] == []
+    assert cleanup_plan.leaked_instances("sim", instances, building, {"old"})[0] == []
     ready = [node("0001", state="ready", external_id="new")]
     assert [i.external_id for i in
-            planner.leaked_instances("sim", instances, ready, {"old"})[0]] == ["old"]
+            cleanup_plan.leaked_instances("sim", instances, ready, {"old"})[0]] == ["old"]
 
 
 def test_unmanaged_usage_counts_foreign_instances():
     instances = [Instance(external_id="a", resources=Resources.of(cores=2)),
                  Instance(external_id="b"), inst("c", "0001")]
     nodes = [node("0001", external_id="c")]
-    used = planner.unmanaged_usage("sim", instances, nodes)
+    used = cleanup_plan.unmanaged_usage("sim", instances, nodes)
     assert used["instances"] == 2 and used["cores"] == 2
 
 

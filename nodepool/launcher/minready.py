@@ -1,0 +1,137 @@
+"""min-ready: keep a stock of ready unallocated nodes per label.
+
+The launcher asks for stock with ordinary node requests (requestor ``NodePool:min-ready``,
+priority 900, ephemeral), so stock is launched, counted and limited exactly like any other
+request.  Which labels to ask for and how many is decided here as pure functions; the
+``MinReady`` class submits and finishes those requests through the store.
+
+Two rules keep min-ready from spinning when a label cannot be served:
+
+* it asks only for labels some pool could launch now (``servable_labels``): enabled, provider
+  up, label not broken, image present, size within the pool's and the cloud's limits; a label
+  only other launchers serve is asked for, and they judge;
+* a failed min-ready request is kept (and counted as outstanding) for ``FAILED_HOLD`` seconds
+  before it is removed and asked again, so a label every pool declines is retried at that pace
+  by every launcher, not once a pass.
+"""
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from ..errors import LockError
+from ..model.records import NodeRequest
+from ..model.states import RequestState
+from .planner import MIN_READY_PRIORITY, MIN_READY_REQUESTOR, is_ready_unallocated, launchable_now
+
+log = logging.getLogger("nodepool.launcher.min-ready")
+
+FAILED_HOLD = 30.0
+
+
+@dataclass(frozen=True)
+class SubmitMinReady:
+    label: str
+    count: int
+
+
+def is_min_ready(request):
+    return request.requestor == MIN_READY_REQUESTOR
+
+
+def servable_labels(views, components):
+    """Labels worth asking stock for: a pool of ours could launch one now, or a pool of
+    another launcher supports it."""
+    mine = {pv.pool_id for pv in views}
+    out = set()
+    for comp in components:
+        if comp.pool_id not in mine:
+            out |= set(comp.supported_labels or [])
+    for pv in views:
+        out |= {label for label in pv.pool.labels if launchable_now(pv, label)}
+    return out
+
+
+def _held_failure(request, now):
+    return request.state == RequestState.FAILED and \
+        now - (request.state_time or now) < FAILED_HOLD
+
+
+def plan_min_ready(labels, nodes, requests, servable, now):
+    """How many min-ready requests to submit per label.
+
+    ``labels``: config labels; ``servable``: ``servable_labels``.  Ready unallocated nodes and
+    outstanding min-ready requests (of any launcher) both count towards the target, so several
+    launchers do not overshoot.
+    """
+    ready = Counter()
+    for node in nodes:
+        if is_ready_unallocated(node) and len(node.type) == 1:
+            ready[node.type[0]] += 1
+    pending = Counter()
+    for req in requests:
+        # a fulfilled min-ready request's node is still allocated to it until it is finished
+        if is_min_ready(req) and len(req.node_types) == 1 and (
+                req.state in (RequestState.REQUESTED, RequestState.PENDING,
+                              RequestState.FULFILLED) or _held_failure(req, now)):
+            pending[req.node_types[0]] += 1
+    actions = []
+    for name, label in sorted(labels.items()):
+        if label.min_ready <= 0 or name not in servable:
+            continue
+        short = label.min_ready - ready[name] - pending[name]
+        if short > 0:
+            actions.append(SubmitMinReady(name, short))
+    return actions
+
+
+def min_ready_to_finish(requests, locked_requests, now):
+    """Ids of min-ready requests that are done: fulfilled ones at once (their nodes become
+    stock), failed ones once ``FAILED_HOLD`` has passed."""
+    return [r.id for r in requests
+            if is_min_ready(r) and r.id not in locked_requests
+            and (r.state == RequestState.FULFILLED
+                 or (r.state == RequestState.FAILED and not _held_failure(r, now)))]
+
+
+class MinReady:
+    """Submits stock requests and finishes the done ones (under the request's lock)."""
+
+    def __init__(self, store, deallocate):
+        self.store = store
+        self.deallocate = deallocate        # (node id, request id, reason) -> None
+
+    def top_up(self, labels, nodes, requests, views, components, now):
+        for action in plan_min_ready(labels, nodes, requests,
+                                     servable_labels(views, components), now):
+            for _ in range(action.count):
+                req = NodeRequest(node_types=[action.label], requestor=MIN_READY_REQUESTOR,
+                                  reuse=False, created_time=time.time())
+                self.store.submit_request(req, priority=MIN_READY_PRIORITY, ephemeral=True)
+            log.info("min-ready: requested %d node(s) of label %s", action.count, action.label)
+
+    def finish_done(self, requests, locked_requests, now):
+        for request_id in min_ready_to_finish(requests, locked_requests, now):
+            self.finish(request_id)
+
+    def finish(self, request_id):
+        try:
+            lock = self.store.lock_request(request_id)
+        except LockError:
+            return
+        with lock:
+            req = self.store.get_request(request_id)
+            if req is None:
+                return
+            if req.state == RequestState.FAILED:
+                log.warning("min-ready request %s for %s failed (%s); asking again", req.id,
+                            ",".join(req.node_types), _reasons(req))
+            for nid in req.nodes:
+                self.deallocate(nid, req.id, "min-ready stock")
+            self.store.delete_request(req.id)
+
+
+def _reasons(req):
+    reasons = req.extra.get("declined_reasons") or {}
+    return "; ".join(sorted(set(reasons.values()))) or "no reason recorded"
+

@@ -1,0 +1,499 @@
+"""Node requests: routing new ones to a pool, and carrying each accepted one to its end.
+
+``route`` applies ``planner.plan_requests`` (accept, decline, fail); ``progress`` applies
+``lifecycle.plan_held`` to every request this launcher holds.  What is kept in memory per
+held request (``lifecycle.Held``) is only what the store cannot tell: the locks this session
+holds and our own last copy of the request, whose version makes every request write a
+compare-and-set.  Everything else (which slots are open, which nodes are ready, failed or
+gone) is read from the store every pass, so a failed write is simply planned again.
+
+Failure rules:
+
+* each request is handled alone: an exception is logged with its id, the request is left for
+  ``REQUEST_BACKOFF`` (doubling, capped) and every other request is served;
+* a request lock or node lock that is no longer ours (session lost) is never written under;
+  a lost compare-and-set means the request changed hands: we let it go without writing;
+* a cloud that refused a launch for quota or capacity makes that pool's label wait
+  (``pool_backoff``: 2 s doubling to 2 min) before it launches that label again;
+* the pool lock that serialises launch decisions across launchers is only tried, never
+  waited for: a busy pool is tried again next pass.
+"""
+import logging
+import time
+
+from ..errors import ConflictError, LockError, NotFoundError
+from ..model.images import newest_ready_upload
+from ..model.records import Node
+from ..model.states import NodeState, RequestState
+from .. import metrics
+from . import lifecycle as lc
+from . import planner
+from .backoff import Backoff
+from .provider_worker import build_launch_spec, choose_az
+from .reasons import Why
+
+log = logging.getLogger("nodepool.launcher.requests")
+
+
+class _Retry(Exception):
+    """The accept cannot complete now (a lock taken by someone, the pool filled): undo."""
+
+
+class RequestHandler:
+    def __init__(self, store, providers, config, launcher_name):
+        self.store = store
+        self.providers = providers
+        self.config = config                   # () -> running configuration
+        self.launcher_name = launcher_name
+        self.held = {}                         # request id -> lifecycle.Held
+        self.pool_backoff = Backoff(base=2.0, cap=120.0)    # (pool key, label)
+        self.request_backoff = Backoff(base=1.0, cap=60.0)  # request id whose handling raised
+        self.views = {}                        # pool key -> PoolView of the current pass
+        self.components = []                   # registered pool components, current pass
+
+    # -- new requests ---------------------------------------------------------------------------
+
+    def route(self, requests, nodes, views, components, locked_nodes, tenant_limits, now):
+        """Decide and apply what every waiting request gets; return the pool keys paused."""
+        self.views = {v.key: v for v in views}
+        self.components = components
+        skip = set(self.held) | self.request_backoff.blocked(now)
+        snap = planner.Snapshot(
+            requests=requests, nodes=nodes, pools=views, registered_pools=components,
+            locked_nodes=locked_nodes, active_requests=skip, tenant_limits=tenant_limits,
+            backoff=self.pool_backoff.blocked(now))
+        paused = set()
+        for action in planner.plan_requests(snap):
+            if isinstance(action, planner.Defer):
+                if action.pauses:
+                    paused.add(action.pool_key)
+                continue
+            self._isolated(action.request_id, now, self._apply_route, action)
+        for held in self.held.values():
+            if held.open_slots:
+                paused.add(held.pool_key)
+        return paused
+
+    def _apply_route(self, action):
+        if isinstance(action, planner.Decline):
+            self._decline(action)
+        elif isinstance(action, planner.FailRequest):
+            self._fail_declined(action)
+        elif isinstance(action, planner.Accept):
+            self._accept(action)
+
+    def _isolated(self, request_id, now, fn, *args):
+        """Run ``fn`` for one request; an error is that request's alone."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            delay = self.request_backoff.failed(request_id, now)
+            metrics.BACKOFFS.labels("", "request-error").inc()
+            if isinstance(exc, (LockError, NotFoundError, ConflictError)) or \
+                    type(exc).__module__.startswith("nodepool"):
+                log.warning("request %s: %s failed (%s: %s); retrying in %.0fs", request_id,
+                            getattr(fn, "__name__", fn), type(exc).__name__, exc, delay)
+            else:
+                log.exception("request %s: unexpected error in %s; retrying in %.0fs", request_id,
+                              getattr(fn, "__name__", fn), delay)
+        else:
+            self.request_backoff.succeeded(request_id)
+
+    def _image_appeared(self, action):
+        """Whether a decline for a missing image was based on a stale view: the availability
+        snapshot is refreshed only every few seconds, a decline is forever, so re-read first."""
+        reason = action.reason
+        if reason.kind is not Why.IMAGE_MISSING:
+            return False
+        key = self.providers.pool_key_of(action.pool_id)
+        pool = self.providers.pool(key) if key else None
+        label = pool.labels.get(reason.label) if pool else None
+        return bool(label and label.diskimage and self.providers.image_ready(
+            label.diskimage, pool.provider, fresh=True))
+
+    def _decline(self, action):
+        if self._image_appeared(action):
+            return
+        try:
+            lock = self.store.lock_request(action.request_id)
+        except LockError:
+            return
+        with lock:
+            req = self.store.get_request(action.request_id)
+            if req is None or req.state != RequestState.REQUESTED \
+                    or action.pool_id in req.declined_by:
+                return
+            self._record_decline(req, action.pool_id, action.reason)
+
+    def _fail_declined(self, action):
+        """Every pool still registered has declined it (the others went away): it failed."""
+        try:
+            lock = self.store.lock_request(action.request_id)
+        except LockError:
+            return
+        with lock:
+            req = self.store.get_request(action.request_id)
+            if req is None or req.state != RequestState.REQUESTED or not planner.request_failed(
+                    req, [c.pool_id for c in self.components]):
+                return
+            req.set_state(RequestState.FAILED)
+            self.store.update_request(req, check_version=True)
+            log.warning("request %s for %s failed: every registered pool has declined it",
+                        req.id, ",".join(req.node_types))
+
+    def _record_decline(self, req, pool_id, reason):
+        """Write this pool's decline (compare-and-set on ``req``'s version, which must have been
+        read under the request lock); the request fails when every registered pool declined."""
+        req.declined_by.append(pool_id)
+        reasons = dict(req.extra.get("declined_reasons") or {})
+        reasons[pool_id] = str(reason)
+        req.extra["declined_reasons"] = reasons
+        registered = [c.pool_id for c in self.components]
+        if planner.request_failed(req, registered):
+            req.set_state(RequestState.FAILED)
+            log.warning("request %s for %s failed: every pool declined it (last: %s)",
+                        req.id, ",".join(req.node_types), reason)
+            metrics.REQUESTS_HANDLED.labels("", "", "failed").inc()
+        else:
+            req.set_state(RequestState.REQUESTED)
+            log.info("request %s declined by %s: %s", req.id, pool_id, reason)
+        self.store.update_request(req, check_version=True)
+
+    def _accept(self, action):
+        view = self.views[action.pool_key]
+        pool = view.pool
+        worker = self.providers.workers[pool.provider]
+        try:
+            rlock = self.store.lock_request(action.request_id)
+        except LockError:
+            return
+        held = None
+        try:
+            req = self.store.get_request(action.request_id)
+            if req is None or req.state != RequestState.REQUESTED \
+                    or view.pool_id in req.declined_by:
+                rlock.release()
+                return
+            held = lc.Held(req.id, pool.key, view.pool_id, rlock, req)
+            assigned = {}
+            for label, node_id in action.assign:
+                try:
+                    held.node_locks[node_id] = self.store.lock_node(node_id)
+                except LockError:
+                    raise _Retry() from None
+                node = self.store.get_node(node_id)
+                if node is None or node.state != NodeState.READY or node.allocated_to \
+                        or label not in node.type:
+                    raise _Retry()
+                node.allocated_to = req.id
+                node.tenant_name = req.tenant_name
+                node.requestor = req.requestor
+                self.store.update_node(node, check_version=True)
+                assigned[node_id] = node
+            if action.launch:
+                with self._pool_lock(pool):
+                    # other launchers may have filled the pool since our snapshot
+                    self.store.sync_nodes()
+                    if not planner.fits_now(view, action.launch, self.store.list_nodes()):
+                        raise _Retry()
+                    req.set_state(RequestState.PENDING)
+                    self.store.update_request(req, check_version=True)
+                    self.held[req.id] = held
+                    held.az = self._choose_az(assigned.values(), worker, pool)
+                    # from here on the lifecycle owns it: a launch that fails to start leaves
+                    # its slot open and is planned again next pass
+                    try:
+                        for label in action.launch:
+                            self._launch(held, label, pool, worker)
+                    except Exception as exc:
+                        log.warning("request %s: starting a launch on %s failed (%s); it is "
+                                    "retried", req.id, pool.key, exc)
+                log.info("request %s accepted by %s: %d ready node(s) assigned, %d launching",
+                         req.id, pool.key, len(action.assign), len(action.launch))
+            else:
+                self.held[req.id] = held
+        except BaseException as exc:
+            if held is None or held.request_id not in self.held:
+                self._undo_accept(held, rlock, action.request_id)
+            if isinstance(exc, (_Retry, NotFoundError)):
+                return      # the pool filled / a node was taken / the requestor left
+            raise
+        # a request served from ready nodes is fulfilled in this same pass
+        self._advance(held, req, assigned)
+
+    def _undo_accept(self, held, rlock, request_id):
+        """Nothing was launched: give back the nodes assigned so far and the request lock."""
+        for node_id, lock in (held.node_locks.items() if held else ()):
+            self._return_node(node_id, request_id, lock)
+        _quiet(rlock.release)
+
+    def _pool_lock(self, pool):
+        """Serialises launch decisions for one pool across launchers (held for milliseconds).
+        Only tried: the loop never waits for it (a busy pool is tried again next pass)."""
+        try:
+            return self.store.lock(f"/nodepool/launcher-locks/{pool.provider}/{pool.name}",
+                                   identifier=self.launcher_name)
+        except LockError:
+            raise _Retry() from None
+
+    def _choose_az(self, assigned_nodes, worker, pool):
+        for node in assigned_nodes:
+            if node.az:
+                return node.az
+        return choose_az(pool, worker.azs)
+
+    def _launch(self, held, label_name, pool, worker):
+        """Create the node record (so the instance can never leak), lock it, start the launch."""
+        prov = worker.provider
+        req = held.request
+        plabel = pool.labels[label_name]
+        config = self.config()
+        image_ext_id, image_id, access = None, None, None
+        if plabel.diskimage:
+            upload = newest_ready_upload(self.store.list_uploads(image=plabel.diskimage,
+                                                           provider=prov.name),
+                                   plabel.diskimage, prov.name)
+            if upload is not None:
+                image_ext_id, image_id = upload.external_id, upload.path
+            dimg = config.diskimages.get(plabel.diskimage)
+            pdimg = prov.diskimages.get(plabel.diskimage)
+            access = (dimg.username if dimg else "zuul", dimg.python_path if dimg else None,
+                      dimg.shell_type if dimg else None,
+                      pdimg.connection_type if pdimg else "ssh",
+                      pdimg.connection_port if pdimg else 22)
+        else:
+            cimg = prov.cloud_images.get(plabel.cloud_image) if plabel.cloud_image else None
+            image_id = plabel.cloud_image
+            if cimg:
+                access = (cimg.username, cimg.python_path, cimg.shell_type,
+                          cimg.connection_type, cimg.connection_port)
+        node = Node(state=NodeState.INIT, provider=prov.name, pool=pool.name, type=[label_name],
+                    launcher=held.pool_id, allocated_to=req.id, tenant_name=req.tenant_name,
+                    requestor=req.requestor, attributes=pool.node_attributes, az=held.az,
+                    image_id=image_id, cloud=prov.name,
+                    resources=dict(worker.label_costs.get(label_name) or {"instances": 1}))
+        if access:
+            (node.username, node.python_path, node.shell_type, node.connection_type,
+             node.connection_port) = access
+        node = self.store.create_node(node)
+        node.hostname = f"np{node.id}"
+        try:
+            nlock = self.store.lock_node(node.id)
+        except Exception:
+            # no instance exists yet: the record can go at once (else cleanup takes it)
+            _quiet(self.store.delete_node, node.id)
+            raise
+        held.node_locks[node.id] = nlock
+        node.set_state(NodeState.BUILDING)
+        self.store.update_node(node, check_version=True)
+        spec = build_launch_spec(node, pool, plabel, self.launcher_name, image_ext_id, req)
+        worker.submit_launch(node, nlock, spec, pool)
+
+    # -- held requests --------------------------------------------------------------------------
+
+    def progress(self, nodes, requests, now):
+        """Move every held request on (``lifecycle.plan_held``), each on its own."""
+        by_id = {n.id: n for n in nodes}
+        current = {r.id: r for r in requests}
+        for rid, held in list(self.held.items()):
+            if self.request_backoff.waiting(rid, now):
+                continue
+            self._isolated(rid, now, self._advance, held, current.get(rid), by_id)
+        self.pool_backoff.forget(lambda key: key[0] in self.views or
+                                 any(h.pool_key == key[0] for h in self.held.values()))
+        self.request_backoff.forget(lambda rid: rid in current)
+
+    def _view(self, held):
+        worker = self.providers.worker_of(held.pool_key.split("/", 1)[0])
+        now = time.monotonic()
+        blocked = frozenset(label for key, label in self.pool_backoff.blocked(now)
+                            if key == held.pool_key)
+        return lc.HeldView(
+            request_id=held.request_id, request=held.request,
+            holds_request=not held.let_go and not held.lost and self.store.holds(held.lock),
+            nodes=tuple((nid, self.store.holds(lock)) for nid, lock in held.node_locks.items()),
+            in_flight=worker.launching_ids() if worker else frozenset(),
+            blocked_labels=blocked,
+            pool_present=self.providers.pool(held.pool_key) is not None)
+
+    def _advance(self, held, current, by_id):
+        """Plan and apply the lifecycle of one held request.  A node missing from the snapshot
+        is read from the store first (a cache may lag behind a node just created)."""
+        for _ in range(2):
+            actions = lc.plan_held(self._view(held), current, by_id)
+            verify = [a.node_id for a in actions if isinstance(a, lc.Verify)]
+            if not verify:
+                break
+            by_id = dict(by_id)
+            for node_id in verify:
+                node = self.store.get_node(node_id)
+                if node is not None:
+                    by_id[node_id] = node
+                else:
+                    # really gone (deleted by an operator): its lock went with it; the slot
+                    # is open again and is launched anew
+                    log.warning("request %s: node %s vanished from the store", held.request_id,
+                                node_id)
+                    lock = held.node_locks.pop(node_id, None)
+                    if lock is not None:
+                        lock.released = True
+        held.open_slots = False
+        for action in actions:
+            self._apply(held, action, by_id)
+            if held.lost:
+                break
+
+    def _apply(self, held, action, by_id):
+        if isinstance(action, lc.Forget):
+            held.node_locks.pop(action.node_id, None)
+        elif isinstance(action, lc.Discard):
+            self._discard(held, by_id[action.node_id], action.reason)
+        elif isinstance(action, lc.ReturnNode):
+            self._return_node(action.node_id, held.request_id,
+                              held.node_locks.pop(action.node_id))
+        elif isinstance(action, lc.Launch):
+            held.open_slots = True
+            self._launch_open(held, action.labels)
+        elif isinstance(action, lc.Wait):
+            if action.reason.kind is Why.BACKOFF:
+                held.open_slots = True
+        elif isinstance(action, lc.Fulfil):
+            self._fulfil(held, action.node_ids)
+        elif isinstance(action, lc.GiveBack):
+            self._give_back(held, action.reason)
+        elif isinstance(action, lc.LetGo):
+            log.info("request %s: letting it go (%s)", held.request_id, action.why)
+            held.let_go = True
+            _quiet(held.lock.release)
+        elif isinstance(action, lc.Done):
+            self._forget(held)
+        elif isinstance(action, lc.Drop):
+            if not held.node_locks:
+                self._forget(held)
+
+    def _forget(self, held):
+        for lock in held.node_locks.values():
+            _quiet(lock.release)
+        held.node_locks.clear()
+        if not held.let_go:
+            _quiet(held.lock.release)
+            held.let_go = True
+        self.held.pop(held.request_id, None)
+
+    def _write_request(self, held, req):
+        """Compare-and-set write of a held request; a lost race means it changed hands."""
+        try:
+            self.store.update_request(req, check_version=True)
+        except ConflictError:
+            log.warning("request %s was changed by someone else while we held it (did our "
+                        "session expire?): letting it go without writing", held.request_id)
+            held.lost = True
+            return False
+        held.request = req
+        return True
+
+    def _fulfil(self, held, node_ids):
+        req = held.request.copy()   # a failed write leaves our copy as it was
+        req.nodes = list(node_ids)
+        req.set_state(RequestState.FULFILLED)
+        if not self._write_request(held, req):
+            return
+        provider, pool_name = held.pool_key.split("/", 1)
+        for label in set(req.node_types):
+            self.pool_backoff.succeeded((held.pool_key, label))
+        self._forget(held)
+        waited = time.time() - (req.created_time or time.time())
+        metrics.REQUESTS_HANDLED.labels(provider, pool_name, "fulfilled").inc()
+        metrics.REQUEST_SECONDS.labels(provider).observe(max(0.0, waited))
+        log.info("request %s fulfilled by %s with node(s) %s", req.id, held.pool_key,
+                 ",".join(req.nodes))
+
+    def _give_back(self, held, reason):
+        req = held.request.copy()   # a failed write leaves our copy as it was
+        req.nodes = []
+        try:
+            self._record_decline(req, held.pool_id, reason)
+        except ConflictError:
+            log.warning("request %s changed hands before it could be declined: letting it go",
+                        held.request_id)
+            held.lost = True
+            return
+        held.request = req
+        held.let_go = True
+        held.lock.release()
+
+    def _discard(self, held, node, reason):
+        """Delete a node of ours that will not serve; keep its lock through the delete."""
+        if node.state == NodeState.ABORTED and node.type:
+            delay = self.pool_backoff.failed((held.pool_key, node.type[0]), time.monotonic())
+            metrics.BACKOFFS.labels(node.provider or "", "quota").inc()
+            log.info("request %s: %s refused a node of %s for quota or capacity: that label "
+                     "waits %.0fs before launching again", held.request_id, held.pool_key,
+                     node.type[0], delay)
+        lock = held.node_locks[node.id]
+        worker = self.providers.worker_of(node.provider)
+        if worker is None:
+            held.node_locks.pop(node.id)
+            lock.release()       # its provider is gone from the configuration
+            return
+        if node.state not in (NodeState.DELETING, NodeState.DELETED):
+            node.set_state(NodeState.DELETING)
+            self.store.update_node(node, check_version=True)
+        held.node_locks.pop(node.id)
+        log.info("node %s on %s: deleting (%s)", node.id, node.provider, reason)
+        worker.submit_delete(node, lock, reason)
+
+    def _return_node(self, node_id, request_id, lock):
+        """A ready node assigned to a request goes back to the pool; its lock is released."""
+        try:
+            node = self.store.get_node(node_id)
+            if node is not None and node.state == NodeState.READY \
+                    and node.allocated_to == request_id:
+                node.allocated_to = None
+                self.store.update_node(node, check_version=True)
+        finally:
+            lock.release()
+
+    def _launch_open(self, held, labels):
+        """Launch nodes for open slots as the pool's room allows (under the pool lock, tried)."""
+        pool = self.providers.pool(held.pool_key)
+        view = self.views.get(held.pool_key)
+        if pool is None or view is None:
+            return
+        worker = self.providers.workers[pool.provider]
+        try:
+            plock = self._pool_lock(pool)
+        except _Retry:
+            return
+        with plock:
+            self.store.sync_nodes()
+            for label in labels:
+                # each launch stores its node record, so the next check counts it
+                if not planner.fits_now(view, [label], self.store.list_nodes()):
+                    return
+                self._launch(held, label, pool, worker)
+
+    # -- session --------------------------------------------------------------------------------
+
+    def session_lost(self):
+        """Every lock we held is gone: forget held requests without writing anything."""
+        for held in self.held.values():
+            for lock in held.node_locks.values():
+                lock.released = True
+            held.lock.released = True
+        count = len(self.held)
+        self.held.clear()
+        return count
+
+    def release_all(self):
+        for held in list(self.held.values()):
+            for lock in held.node_locks.values():
+                _quiet(lock.release)
+            _quiet(held.lock.release)
+
+
+def _quiet(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:
+        log.debug("ignored during cleanup: %s", exc)
