@@ -199,6 +199,7 @@ class Launcher:
             self._handle_session_lost()
         self._maybe_reload()
         now = time.monotonic()
+        self.requests.note_launches()
         nodes = self.store.list_nodes()
         requests = self.store.list_requests()
         components = self.store.list_components("pool")
@@ -232,7 +233,9 @@ class Launcher:
         nodes = self.store.list_nodes()
         self.min_ready.top_up(self.config.labels, nodes, self.store.list_requests(),
                               self.providers.views(nodes),
-                              self.store.list_components("pool"), time.time())
+                              self.store.list_components("pool"),
+                              [c.pool_id for c in self.providers.components.values()],
+                              time.time())
 
     # -- config and providers ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from ..errors import LockError
+from ..errors import LockError, StoreError
 from ..model.records import NodeRequest
 from ..model.states import RequestState
 from .planner import MIN_READY_PRIORITY, MIN_READY_REQUESTOR, is_ready_unallocated, launchable_now
@@ -39,10 +39,11 @@ def is_min_ready(request):
     return request.requestor == MIN_READY_REQUESTOR
 
 
-def servable_labels(views, components):
+def servable_labels(views, components, my_pool_ids):
     """Labels worth asking stock for: a pool of ours could launch one now, or a pool of
-    another launcher supports it."""
-    mine = {pv.pool_id for pv in views}
+    another launcher supports it.  ``my_pool_ids``: our registered pools (those still
+    starting have no view yet, and serve nothing yet)."""
+    mine = set(my_pool_ids)
     out = set()
     for comp in components:
         if comp.pool_id not in mine:
@@ -101,18 +102,29 @@ class MinReady:
         self.store = store
         self.deallocate = deallocate        # (node id, request id, reason) -> None
 
-    def top_up(self, labels, nodes, requests, views, components, now):
+    def top_up(self, labels, nodes, requests, views, components, my_pool_ids, now):
         for action in plan_min_ready(labels, nodes, requests,
-                                     servable_labels(views, components), now):
-            for _ in range(action.count):
-                req = NodeRequest(node_types=[action.label], requestor=MIN_READY_REQUESTOR,
-                                  reuse=False, created_time=time.time())
-                self.store.submit_request(req, priority=MIN_READY_PRIORITY, ephemeral=True)
-            log.info("min-ready: requested %d node(s) of label %s", action.count, action.label)
+                                     servable_labels(views, components, my_pool_ids), now):
+            submitted = 0
+            try:
+                for _ in range(action.count):
+                    req = NodeRequest(node_types=[action.label], requestor=MIN_READY_REQUESTOR,
+                                      reuse=False, created_time=time.time())
+                    self.store.submit_request(req, priority=MIN_READY_PRIORITY, ephemeral=True)
+                    submitted += 1
+            except StoreError as exc:
+                # the next pass counts what was submitted and asks for the rest
+                log.warning("min-ready: requesting label %s failed: %s", action.label, exc)
+            if submitted:
+                log.info("min-ready: requested %d node(s) of label %s", submitted, action.label)
 
     def finish_done(self, requests, locked_requests, now):
         for request_id in min_ready_to_finish(requests, locked_requests, now):
-            self.finish(request_id)
+            try:
+                self.finish(request_id)
+            except StoreError as exc:
+                log.warning("min-ready request %s: finishing failed (will retry): %s",
+                            request_id, exc)
 
     def finish(self, request_id):
         try:

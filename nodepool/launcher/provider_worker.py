@@ -141,7 +141,8 @@ class LaunchJob(_Job):
             return
         self.log.error("node %s failed on %s after %d attempt(s): %s", self.node.id,
                        self.provider.name, self.attempt, exc)
-        self._decide(NodeState.FAILED, f"launch failed after {self.attempt} attempt(s): {exc}")
+        self._after_outcome(NodeState.FAILED,
+                            f"launch failed after {self.attempt} attempt(s): {exc}")
 
     def _decide(self, state, reason=None):
         self.final = (state, reason)

@@ -50,6 +50,13 @@ class RequestHandler:
         self.request_backoff = Backoff(base=1.0, cap=60.0)  # request id whose handling raised
         self.views = {}                        # pool key -> PoolView of the current pass
         self.components = []                   # registered pool components, current pass
+        self._launching_before = {}            # provider -> launches running before the snapshot
+
+    def note_launches(self):
+        """Call before reading the pass's snapshot: a launch that ends between that read and
+        the decision must count as running, not as lost (its node may still look unfinished)."""
+        self._launching_before = {name: w.launching_ids()
+                                  for name, w in self.providers.workers.items()}
 
     # -- new requests ---------------------------------------------------------------------------
 
@@ -312,7 +319,8 @@ class RequestHandler:
             request_id=held.request_id, request=held.request,
             holds_request=not held.let_go and not held.lost and self.store.holds(held.lock),
             nodes=tuple((nid, self.store.holds(lock)) for nid, lock in held.node_locks.items()),
-            in_flight=worker.launching_ids() if worker else frozenset(),
+            in_flight=(self._launching_before.get(worker.provider.name, frozenset())
+                       | worker.launching_ids()) if worker else frozenset(),
             blocked_labels=blocked,
             pool_present=self.providers.pool(held.pool_key) is not None)
 
@@ -430,6 +438,13 @@ class RequestHandler:
             log.info("request %s: %s refused a node of %s for quota or capacity: that label "
                      "waits %.0fs before launching again", held.request_id, held.pool_key,
                      node.type[0], delay)
+        if node.state in lc.LAUNCHING_STATES:
+            # "its launch is no longer running" was judged from a snapshot older than the
+            # worker's list: if the launch wrote since, look again next pass
+            fresh = self.store.get_node(node.id)
+            if fresh is None or fresh.state != node.state:
+                return
+            node = fresh
         lock = held.node_locks[node.id]
         worker = self.providers.worker_of(node.provider)
         if worker is None:

@@ -325,3 +325,21 @@ def test_removed_host_is_forgotten_on_reload(static_env, sshd_server, sshd_facto
     write_static(static_env, host(sshd_server.port))
     wait_until(lambda: not static_nodes(store, port=other.port), message="removed host forgotten")
     assert len(static_nodes(store, port=sshd_server.port)) == 1
+
+
+def test_host_with_several_labels_serves_a_request_for_any_of_them(static_env, sshd_server):
+    # issue 10 item 3: a ready node whose type has two labels was never free
+    write_static(static_env, host(sshd_server.port, labels="[linux, windows]"))
+    static_env.start_launcher()
+    client = static_env.client()
+    store = client.store
+    (slot,) = wait_until(lambda: static_nodes(store, state=NodeState.READY),
+                         message="the slot registered")
+    assert sorted(slot.type) == ["linux", "windows"]
+    (got,) = client.request(["windows"], timeout=30)
+    assert got.id == slot.id
+    waiting = client.submit(["linux"])     # the one slot is taken: this waits for it
+    client.release([got])
+    req = client.wait(waiting.id, timeout=30)
+    assert req.state == RequestState.FULFILLED and req.nodes == [slot.id]
+    client.release(client.accept(req))
