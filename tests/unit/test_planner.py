@@ -385,3 +385,19 @@ def test_request_declined_by_every_remaining_pool_fails():
     other = Component(kind="pool", pool_id="alive", provider_name="x",
                       supported_labels=["small"], priority=100)
     assert planner.plan_requests(snap([r], [], [v], [other])) == []
+
+
+def test_min_ready_asks_only_for_labels_a_pool_can_launch_now():
+    labels = ("drained", "broken", "huge", "noimage", "ok")
+    views = [view(pool(name="off", labels=("drained",), max_servers=0)),
+             view(pool(name="on", labels=("broken", "huge", "noimage", "ok"), max_servers=5),
+                  broken_labels={"broken": "flavor m1.nope not found"},
+                  unavailable_labels={"noimage": "no ready upload"},
+                  label_costs={"huge": Resources.of(instances=1, cores=64)},
+                  cloud_limits=Limits.of(cores=8))]
+    down = view(pool(name="down", provider="other", labels=labels), down="other: no creds")
+    mine = [v.pool_id for v in views + [down]]
+    assert minready.servable_labels(views + [down], [], mine) == {"ok"}
+    # a label only another launcher's pool serves is asked for: that launcher judges it
+    other = comp(view(pool(name="x", provider="elsewhere", labels=("drained",))))
+    assert minready.servable_labels(views, [other], mine) == {"ok", "drained"}
