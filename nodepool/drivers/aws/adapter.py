@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 
 import boto3
 import botocore.config
@@ -601,6 +602,15 @@ class AwsAdapter(Adapter):
         self.log.info("%s: deleted image %s (%s)", self.what, external_id, image.get("Name"))
 
 
+def client_token(node_id):
+    """The ``run_instances`` idempotency token of one create state machine (one launch
+    attempt): EC2 answers a repeated call with the same token with the instance the first call
+    made, so retrying a call whose answer was lost (read timeout) launches nothing more.  The
+    node id names it; the random part keeps attempts apart (a new attempt must launch anew)
+    and so are installations whose node ids overlap in one account."""
+    return f"np{node_id or 'none'}-{uuid.uuid4().hex}"[:64]
+
+
 class CreateInstance(StateMachine):
     """run_instances → ``running`` in the shared listing → Instance."""
 
@@ -611,6 +621,7 @@ class CreateInstance(StateMachine):
         self.adapter = adapter
         self.spec = spec
         self.created_at = None
+        self.client_token = client_token(spec.node_id)
 
     def _what(self):
         return f"{self.adapter.what}: node {self.spec.node_id}"
@@ -662,7 +673,7 @@ class CreateInstance(StateMachine):
         opts, pool_opts = spec.label.options, spec.pool.options
         tags = instance_tags(spec.hostname, spec.label.name, opts, spec.metadata, spec.request)
         kwargs = dict(ImageId=image["ImageId"], MinCount=1, MaxCount=1,
-                      InstanceType=opts["instance-type"],
+                      InstanceType=opts["instance-type"], ClientToken=self.client_token,
                       TagSpecifications=tag_specifications(tags, "instance", "volume"))
         if opts.get("key-name"):
             kwargs["KeyName"] = opts["key-name"]

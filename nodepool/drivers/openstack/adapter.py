@@ -7,6 +7,7 @@ SDK and HTTP errors are turned into ``nodepool.errors`` classes naming the provi
 """
 import base64
 import logging
+import re
 import time
 
 import keystoneauth1.exceptions as ks_exc
@@ -16,7 +17,8 @@ from openstack import exceptions as os_exc
 from ...errors import (CloudError, InstanceNotFound, LabelConfigurationError,
                        PermanentCloudError, QuotaError, TransientCloudError)
 from ...model.quota import Limits, Resources
-from ..base import (META_BUILD_ID, META_PROVIDER, META_UPLOAD_ID, Adapter, CloudResource,
+from ..base import (META_BUILD_ID, META_NODE_ID, META_PROVIDER, META_UPLOAD_ID, Adapter,
+                    CloudResource,
                     Instance, StateMachine, apply_image_access, request_namespace)
 from ..ratelimit import RateLimiter
 from . import DEFAULT_IMAGE_FORMAT
@@ -26,6 +28,7 @@ from .addresses import classify_addresses
 LIST_TTL = 1.0            # seconds a server/floating-IP listing is shared before it is refreshed
 API_TIMEOUT = 60          # seconds one HTTP call may take
 UPLOAD_POLL = 2.0         # seconds between status checks of an upload
+UNANSWERED_KEEP = 3600    # seconds a create without an answer is remembered for its node
 
 log = logging.getLogger("nodepool.drivers.openstack")
 
@@ -104,6 +107,7 @@ class OpenStackAdapter(Adapter):
         self.servers = Listing(self._list_servers)
         self.floating_ips = Listing(self._list_floating_ips)
         self._down_ports = {}         # port id -> monotonic time first seen DOWN
+        self._unanswered = {}         # node id -> monotonic time its create got no answer
         self.log = logging.getLogger(f"nodepool.drivers.openstack.{provider.name}")
 
     # -- connection and calls ---------------------------------------------------------------------
@@ -218,6 +222,31 @@ class OpenStackAdapter(Adapter):
 
     def create_state_machine(self, spec):
         return CreateServer(self, spec)
+
+    def create_unanswered(self, node_id):
+        """Remember that a create for ``node_id`` failed without an answer (timeout, 5xx,
+        lost connection): nova may have made the server all the same."""
+        now = time.monotonic()
+        for old in [n for n, t in self._unanswered.items() if now - t > UNANSWERED_KEEP]:
+            del self._unanswered[old]
+        self._unanswered[node_id] = now
+
+    def server_left_by_unanswered_create(self, spec):
+        """The server an unanswered earlier create of this node made (same name and node-id
+        metadata, not deleted), or None; asks the cloud only after such a create, so a normal
+        launch costs no extra call."""
+        if self._unanswered.pop(spec.node_id, None) is None:
+            return None
+        pattern = f"^{re.escape(spec.hostname)}$"
+        servers = self.call(f"node {spec.node_id}: look for server {spec.hostname} of an "
+                            f"unanswered create",
+                            lambda c: list(c.compute.servers(details=True, name=pattern)))
+        for server in servers:
+            status = (server.status or "").upper()
+            if ((server.metadata or {}).get(META_NODE_ID) == spec.node_id
+                    and status not in ("DELETED", "SOFT_DELETED")):
+                return server
+        return None
 
     def delete_state_machine(self, external_id):
         return DeleteServer(self, external_id)
@@ -505,9 +534,19 @@ class CreateServer(StateMachine):
         if groups:
             kwargs["security_groups"] = [{"name": g} for g in groups]
         self.created_at = time.monotonic()
+        server = adapter.server_left_by_unanswered_create(spec)
+        if server is not None:
+            self.external_id = server.id
+            self.state = self.SERVER_CREATING
+            self.log.info("%s: server %s made by an earlier create whose answer was lost: "
+                          "using it", self._what(), server.id)
+            return
         try:
             server = adapter.call(f"node {spec.node_id}: create server {spec.hostname}",
                                   lambda c: c.compute.create_server(**kwargs))
+        except TransientCloudError:
+            adapter.create_unanswered(spec.node_id)
+            raise
         except PermanentCloudError as exc:
             if "image" in str(exc).lower() or "flavor" in str(exc).lower():
                 adapter.forget("flavors")
