@@ -245,8 +245,14 @@ def cmd_erase(ctx, args):
     return 0
 
 
-@command("config-validate", "validate the configuration file", needs_store=False)
+@command("config-validate", "validate the configuration file", [
+    arg("--check-clouds", action="store_true",
+        help="also load every provider's cloud configuration (clouds.yaml entry, profile, "
+             "credentials) and report each one that cannot be loaded"),
+], needs_store=False)
 def cmd_config_validate(ctx, args):
+    """The file only, like Nodepool's: a host without cloud credentials can validate it.
+    ``--check-clouds`` adds what each provider's start would find."""
     try:
         from ..config import validate_config
     except ImportError:           # fall back to the loader's own checks
@@ -260,6 +266,9 @@ def cmd_config_validate(ctx, args):
     problems, warnings = _validation_outcome(result, ctx.config_path)
     for w in warnings:
         ctx.warn(f"warning: {w}")
+    if args.check_clouds and not problems:
+        from ..drivers import cloud_problems
+        problems = cloud_problems(ctx.config)
     for p in problems:
         ctx.warn(p)
     if problems:

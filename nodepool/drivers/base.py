@@ -321,8 +321,17 @@ class Driver(abc.ABC):
         return {}
 
     def check_provider(self, provider, config):
-        """Cross-checks that need the whole config; return a list of (key_path, message)."""
+        """Cross-checks that need the whole config; return a list of (key_path, message).
+        Only the file itself: credentials and cloud entries are ``check_cloud``'s business, so
+        that one provider's missing cloud never invalidates the whole configuration."""
         return []
+
+    def check_cloud(self, provider):
+        """Load this provider's cloud configuration (credentials, clouds.yaml entry, profile,
+        region) without calling the cloud: None when it loads, else one line saying why.
+        ``nodepool config-validate --check-clouds`` asks this; the adapter's ``start()`` raises
+        the same fact as the provider's start error."""
+        return None
 
     def finalize(self, provider, config):
         """Fill defaults that depend on the whole config (called once the config is built)."""

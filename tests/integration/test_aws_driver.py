@@ -379,6 +379,21 @@ def test_unknown_region_is_permanent(moto, tmp_path):
         adapter.start()
 
 
+def test_check_cloud_reports_missing_credentials_and_start_refuses(moto, tmp_path,
+                                                                   monkeypatch):
+    config = write_config(tmp_path, moto.url)
+    prov = config.providers["aws1"]
+    driver = get_driver("aws")
+    assert driver.check_cloud(prov) is None
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert "aws1" in driver.check_cloud(prov)
+    assert "no AWS credentials found" in driver.check_cloud(prov)
+    with pytest.raises(PermanentCloudError, match="no AWS credentials found"):
+        driver.adapter(prov).start()
+
+
 # -- images ----------------------------------------------------------------------------------------
 
 def upload_spec(config, tmp_path, build="b1" * 16, upload="0000000001"):

@@ -133,6 +133,21 @@ class AwsDriver(Driver):
                              "object-storage.bucket-name is required to upload diskimages"))
         return problems
 
+    def check_cloud(self, provider):
+        """Profile, region and credentials, as the adapter's ``start()`` loads them."""
+        from ...errors import NodepoolError
+        try:
+            adapter = self.adapter(provider)
+        except NodepoolError as exc:
+            return str(exc)
+        try:
+            adapter.start()
+        except NodepoolError as exc:
+            return str(exc)
+        finally:
+            adapter.stop()
+        return None
+
     def adapter(self, provider, rate_limiter=None):
         from .adapter import AwsAdapter
         return AwsAdapter(provider, rate_limiter)

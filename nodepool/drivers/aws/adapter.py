@@ -186,8 +186,17 @@ class AwsAdapter(Adapter):
 
     def start(self):
         """Build the clients (no API call).  An unknown region is refused here when we talk
-        to AWS itself; with an endpoint override any region name is passed through."""
+        to AWS itself; with an endpoint override any region name is passed through.  No
+        credentials at all (environment, profile, instance role) is refused too: every call
+        would fail."""
         self.client("ec2")
+        try:
+            found = self._clients["_session"].get_credentials()
+        except Exception as exc:
+            raise translate_error(exc, f"{self.what}: credentials") from exc
+        if found is None:
+            raise PermanentCloudError(f"{self.what}: no AWS credentials found (environment, "
+                                      f"profile {self.profile or 'default'} or instance role)")
 
     def _session(self):
         try:

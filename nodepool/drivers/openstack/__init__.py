@@ -70,7 +70,8 @@ class OpenStackDriver(Driver):
         }
 
     def check_provider(self, provider, config):
-        """Label image/flavor rules, cloud-image id/name rule, and the clouds.yaml entry."""
+        """Label image/flavor rules and the cloud-image id/name rule (the clouds.yaml entry
+        is ``check_cloud``'s: a host without it must still read the config)."""
         index = list(config.providers).index(provider.name) if provider.name in \
             config.providers else 0
         where = f"providers[{index}]"
@@ -89,12 +90,11 @@ class OpenStackDriver(Driver):
                 problems.append((f"{where}.cloud-images[{image_index}]",
                                  f"cloud image {image.name}: image-id and image-name are "
                                  f"mutually exclusive"))
-        cloud = provider.options.get("cloud")
-        if cloud:
-            message = cloud_config_problem(cloud, provider.options.get("region-name"))
-            if message:
-                problems.append((f"{where}.cloud", message))
         return problems
+
+    def check_cloud(self, provider):
+        return cloud_config_problem(provider.options.get("cloud"),
+                                    provider.options.get("region-name"))
 
     def finalize(self, provider, config):
         """Record the cloud's image format (clouds.yaml ``image_format``) for the builder."""
