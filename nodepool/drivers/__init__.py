@@ -6,6 +6,8 @@ that driver, with a clear message.
 """
 import importlib
 
+from ..errors import NodepoolError
+
 
 
 _cache = {}
@@ -34,7 +36,7 @@ def cloud_problems(config):
     for name, provider in config.providers.items():
         try:
             message = get_driver(provider.driver).check_cloud(provider)
-        except ValueError as exc:       # the driver itself cannot be loaded
+        except (ValueError, NodepoolError) as exc:     # the driver or its SDK cannot load
             message = str(exc)
         if message:
             problems.append(f"provider {name}: {message}")

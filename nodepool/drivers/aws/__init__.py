@@ -7,6 +7,7 @@ boto3 can still run other drivers.  Credentials come from boto3's usual sources 
 """
 import voluptuous as v
 
+from ...extras import requires
 from ..base import Driver
 
 IMAGE_FORMATS = ("raw", "ova", "vhd", "vhdx", "vmdk")
@@ -149,7 +150,8 @@ class AwsDriver(Driver):
         return None
 
     def adapter(self, provider, rate_limiter=None):
-        from .adapter import AwsAdapter
+        with requires("aws", f"provider {provider.name} (driver aws)"):
+            from .adapter import AwsAdapter
         return AwsAdapter(provider, rate_limiter)
 
 
