@@ -39,7 +39,8 @@ LEAKED = Counter(
     "nodepool_leaked_resources", "Cloud resources found leaked and cleaned up",
     ["provider", "type"])
 API_CALLS = Counter(
-    "nodepool_api_calls", "Calls made to a provider's cloud API", ["provider"])
+    "nodepool_api_calls", "Calls made to a provider's cloud API (retries count again)",
+    ["provider", "operation"])
 IMAGE_BUILDS = Counter(
     "nodepool_image_builds", "Diskimage builds by outcome", ["image", "result"])
 IMAGE_BUILD_SECONDS = Histogram(

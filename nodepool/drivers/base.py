@@ -9,8 +9,9 @@ host-key scans and leak detection.  An adapter only talks to the cloud.  Its met
 from one worker thread per provider; they may block for one API call but never wait for a server
 to boot: launches and deletes are ``StateMachine`` objects advanced step by step.
 
-Every API call an adapter makes goes through ``self.rate_limiter`` (``with self.rate_limiter:``),
-so the provider's ``rate`` holds whatever the adapter does.
+Every API call an adapter makes goes through ``self.rate_limiter``
+(``with self.rate_limiter.call(operation):``), so the provider's ``rate`` holds whatever the
+adapter does and ``nodepool_api_calls_total`` counts every call.
 """
 import abc
 import time

@@ -125,3 +125,27 @@ def test_check_provider_rules(tmp_path, monkeypatch):
     assert "cloud 'other' cannot be loaded from clouds.yaml" in DRIVER.check_cloud(prov)
     DRIVER.finalize(prov, config)
     assert prov.options["image-format"] == "qcow2"
+
+
+def test_calls_are_named_after_the_sdk_method_they_reach():
+    from nodepool.drivers.openstack.adapter import SdkMethodName
+
+    class Proxy:
+        def get_endpoint(self):
+            return "http://compute"
+
+        def get_limits(self):
+            return "limits"
+
+    class Connection:
+        compute = Proxy()
+
+        def get_external_ipv4_floating_networks(self):
+            return []
+
+    named = SdkMethodName(Connection())
+    assert named.compute.get_limits() == "limits"
+    assert named.operation == "compute.get_limits"
+    named = SdkMethodName(Connection())
+    assert named.get_external_ipv4_floating_networks() == []
+    assert named.operation == "get_external_ipv4_floating_networks"

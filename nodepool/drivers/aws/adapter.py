@@ -230,12 +230,13 @@ class AwsAdapter(Adapter):
                 self._clients[service] = client
             return client
 
-    def call(self, what, func, missing_ok=False):
-        """One rate-limited API call, retried with backoff while AWS throttles, answers 5xx or
-        cannot be reached; errors come back as our classes naming ``what``."""
+    def call(self, what, func, missing_ok=False, *, operation):
+        """One rate-limited API call (``operation`` is the SDK method, for the metrics),
+        retried with backoff while AWS throttles, answers 5xx or cannot be reached; errors come
+        back as our classes naming ``what``."""
         attempts = len(self.retry_delays) + 1
         for attempt in range(attempts):
-            with self.rate_limiter:
+            with self.rate_limiter.call(operation):
                 try:
                     return func()
                 except Exception as exc:
@@ -248,7 +249,8 @@ class AwsAdapter(Adapter):
 
     def ec2(self, what, method, missing_ok=False, **kwargs):
         client = self.client("ec2")
-        return self.call(what, lambda: getattr(client, method)(**kwargs), missing_ok)
+        return self.call(what, lambda: getattr(client, method)(**kwargs), missing_ok,
+                         operation=method)
 
     def paginate(self, what, service, method, key, **kwargs):
         """Every item of a paginated call; one rate-limited call per page."""
@@ -261,7 +263,7 @@ class AwsAdapter(Adapter):
             args = dict(kwargs)
             if token:
                 args[token_in] = token
-            page = self.call(what, lambda: getattr(client, method)(**args))
+            page = self.call(what, lambda: getattr(client, method)(**args), operation=method)
             out.extend(page.get(key) or [])
             token = page.get(token_out)
             if not token:
@@ -440,7 +442,7 @@ class AwsAdapter(Adapter):
         client = self.client("service-quotas")
         try:
             answer = self.call(f"service quota {code}", lambda: client.get_service_quota(
-                ServiceCode="ec2", QuotaCode=code))
+                ServiceCode="ec2", QuotaCode=code), operation="get_service_quota")
         except PermanentCloudError as exc:
             if code not in self._quota_warned:
                 self._quota_warned.add(code)
@@ -519,7 +521,7 @@ class AwsAdapter(Adapter):
                 tagging = self.call(f"tags of object {key}",
                                     lambda k=key: s3.get_object_tagging(Bucket=self.bucket,
                                                                         Key=k),
-                                    missing_ok=True)
+                                    missing_ok=True, operation="get_object_tagging")
             except InstanceNotFound:
                 continue
             tags = tag_dict(tagging.get("TagSet"))
@@ -544,7 +546,7 @@ class AwsAdapter(Adapter):
             elif resource.type == "object":
                 s3 = self.client("s3")
                 self.call(what, lambda: s3.delete_object(Bucket=self.bucket, Key=resource.id),
-                          missing_ok=True)
+                          missing_ok=True, operation="delete_object")
             else:
                 raise PermanentCloudError(f"{self.what}: cannot delete a {resource.type}")
         except InstanceNotFound:
@@ -605,7 +607,7 @@ class AwsAdapter(Adapter):
             key = self.object_key(image["Name"], metadata=tags)
             try:
                 self.call(f"delete object {key}", lambda: s3.delete_object(
-                    Bucket=self.bucket, Key=key), missing_ok=True)
+                    Bucket=self.bucket, Key=key), missing_ok=True, operation="delete_object")
             except InstanceNotFound:
                 pass
         self.log.info("%s: deleted image %s (%s)", self.what, external_id, image.get("Name"))

@@ -20,7 +20,7 @@ from ...model.quota import Limits, Resources
 from ..base import (META_BUILD_ID, META_NODE_ID, META_PROVIDER, META_UPLOAD_ID, Adapter,
                     CloudResource,
                     Instance, StateMachine, apply_image_access, request_namespace)
-from ..ratelimit import RateLimiter
+from ..ratelimit import RateLimiter, count_api_call
 from . import DEFAULT_IMAGE_FORMAT
 from .flavors import choose_flavor
 from .addresses import classify_addresses
@@ -92,6 +92,27 @@ class Listing:
         self._invalid = True
 
 
+class SdkMethodName:
+    """Stands in for the SDK connection during one ``call`` and remembers the first method the
+    call reaches (``compute.create_server``, ``get_external_ipv4_floating_networks``): the
+    ``operation`` label of ``nodepool_api_calls_total``.  Everything else passes through."""
+
+    def __init__(self, target, prefix=None, owner=None):
+        self._target = target
+        self._prefix = prefix
+        self._owner = owner or self
+        self.operation = None
+
+    def __getattr__(self, name):
+        value = getattr(self._target, name)
+        path = f"{self._prefix}.{name}" if self._prefix else name
+        if self._prefix is None and hasattr(value, "get_endpoint"):   # a service proxy
+            return SdkMethodName(value, path, self._owner)
+        if callable(value) and self._owner.operation is None:
+            self._owner.operation = path
+        return value
+
+
 class OpenStackAdapter(Adapter):
     """One OpenStack provider (a clouds.yaml cloud + region)."""
 
@@ -131,13 +152,17 @@ class OpenStackAdapter(Adapter):
         return self._conn
 
     def call(self, what, func, *args, **kwargs):
-        """One rate-limited API call; errors come back as our classes naming ``what``."""
-        conn = self.connection()
+        """One rate-limited API call, ``func(connection)``; errors come back as our classes
+        naming ``what``.  The call is counted under the SDK method ``func`` reaches (see
+        ``SdkMethodName``), so call sites need not name it twice."""
+        named = SdkMethodName(self.connection())
         with self.rate_limiter:
             try:
-                return func(conn, *args, **kwargs)
+                return func(named, *args, **kwargs)
             except Exception as exc:
                 raise translate_error(exc, f"{self.what}: {what}") from exc
+            finally:
+                count_api_call(self.provider.name, named.operation or "unknown")
 
     def stop(self):
         if self._conn is not None:
