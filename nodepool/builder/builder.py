@@ -34,8 +34,8 @@ from ..errors import (ConfigError, ConflictError, LockError, NodepoolError, NotF
 from ..model.images import build_base_path, build_file_path, parse_build_file_name
 from ..model.records import Component, ImageBuild, ImageUpload
 from ..model.states import BuildState, UploadState
-from ..store.base import (build_lock_path, image_build_lock_path, upload_lock_path,
-                          upload_record_lock_path)
+from ..store.base import (CAS_TRIES, build_lock_path, compare_and_set, image_build_lock_path,
+                          upload_lock_path, upload_record_lock_path)
 from . import planner
 from .runner import kill_orphaned_build, prune_build_logs, run_build
 
@@ -47,9 +47,6 @@ except ImportError:  # pragma: no cover - metrics are optional
 log = logging.getLogger("nodepool.builder")
 
 BUILDER_ID_FILE = "builder_id.txt"
-# How often a write that lost a compare-and-set is re-read and re-decided before the pass gives
-# up (the next pass starts from a fresh read anyway).
-CAS_TRIES = 5
 CHECKSUM_SUFFIXES = ("md5", "sha256")
 
 
@@ -794,18 +791,11 @@ def write_outcome(get, update, in_progress, apply):
     (marked ``deleting`` by the janitor or an operator: it is theirs now, and a blind write
     would bring back a record whose files or cloud image are being deleted).  A lost
     compare-and-set re-reads and applies again."""
-    for _ in range(CAS_TRIES):
-        rec = get()
-        if rec is None or _state(rec) != in_progress.value:
-            return None
+    def change(rec):
+        if _state(rec) != in_progress.value:
+            return False
         apply(rec)
-        try:
-            return update(rec, check_version=True) or rec
-        except ConflictError:
-            continue
-        except NotFoundError:
-            return None
-    raise ConflictError(f"the record kept changing under {CAS_TRIES} attempts to write it")
+    return compare_and_set(get, update, change)
 
 
 def _record_key(record, is_upload):
