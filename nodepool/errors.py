@@ -33,6 +33,15 @@ class ConfigError(NodepoolError):
         return "\n".join(lines)
 
 
+class MissingDependencyError(NodepoolError):
+    """A feature the configuration uses needs an optional package that is not installed."""
+
+    def __init__(self, feature, package, extra):
+        self.feature, self.package, self.extra = feature, package, extra
+        super().__init__(f"{feature} needs the Python package {package!r}, which is not "
+                         f"installed: pip install 'nodepool-py[{extra}]'")
+
+
 # -- state store ---------------------------------------------------------------------------------
 
 class StoreError(NodepoolError):

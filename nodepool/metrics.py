@@ -43,7 +43,8 @@ BACKOFFS = Counter(
     "again (kind: quota, launch-error, delete-error, request-error, store-error)",
     ["provider", "kind"])
 API_CALLS = Counter(
-    "nodepool_api_calls", "Calls made to a provider's cloud API", ["provider"])
+    "nodepool_api_calls", "Calls made to a provider's cloud API (retries count again)",
+    ["provider", "operation"])
 IMAGE_BUILDS = Counter(
     "nodepool_image_builds", "Diskimage builds by outcome", ["image", "result"])
 IMAGE_BUILD_SECONDS = Histogram(

@@ -446,6 +446,30 @@ class StoreContract:
         with pytest.raises(ConflictError):
             a.update_upload(up, check_version=True)
 
+    def test_compare_and_set_rereads_after_a_concurrent_write(self, store_factory):
+        from nodepool.store.base import compare_and_set
+        a, b = store_factory(), store_factory()
+        build = a.create_build(ImageBuild(image="ubuntu"))
+        seen = []
+
+        def mark(rec):
+            seen.append(rec.extra.get("by"))
+            if len(seen) == 1:               # another process writes between our read and write
+                theirs = b.get_build("ubuntu", build.id)
+                theirs.extra["by"] = "them"
+                b.update_build(theirs)
+            rec.extra["mine"] = True
+
+        get = lambda: a.get_build("ubuntu", build.id)   # noqa: E731
+        written = compare_and_set(get, a.update_build, mark)
+        assert seen == [None, "them"]
+        got = b.get_build("ubuntu", build.id)
+        assert (got.extra["by"], got.extra["mine"]) == ("them", True)
+        assert written.version == got.version
+        assert compare_and_set(get, a.update_build, lambda rec: False) is None
+        a.delete_build("ubuntu", build.id)
+        assert compare_and_set(get, a.update_build, mark) is None
+
     def test_delete_build_removes_its_uploads(self, store_factory):
         a, b = store_factory(), store_factory()
         build = a.create_build(ImageBuild(image="ubuntu"))

@@ -29,12 +29,13 @@ import uuid
 from ..config import load_config
 from ..drivers import get_driver
 from ..drivers.base import META_BUILD_ID, META_PROVIDER, META_UPLOAD_ID, ImageUploadSpec
-from ..errors import ConfigError, LockError, NodepoolError, StoreError
+from ..errors import (ConfigError, ConflictError, LockError, NodepoolError, NotFoundError,
+                      StoreError)
 from ..model.images import build_base_path, build_file_path, parse_build_file_name
 from ..model.records import Component, ImageBuild, ImageUpload
 from ..model.states import BuildState, UploadState
-from ..store.base import (build_lock_path, image_build_lock_path, upload_lock_path,
-                          upload_record_lock_path)
+from ..store.base import (CAS_TRIES, build_lock_path, compare_and_set, image_build_lock_path,
+                          upload_lock_path, upload_record_lock_path)
 from . import planner
 from .runner import kill_orphaned_build, prune_build_logs, run_build
 
@@ -391,21 +392,27 @@ class Builder:
         if error is None and self.session_epoch != epoch:
             # Our build lock vanished with the session: another builder may have built too.
             error = "the state store session was lost during the build"
-        build = self.store.get_build(image.name, build.id) or build
-        if error is None:
-            build.set_state(BuildState.READY)
-            build.formats = ",".join(sorted(image.formats))
-            build.username = image.username
-            build.python_path = image.python_path
-            build.shell_type = image.shell_type
-        else:
-            build.set_state(BuildState.FAILED)
+
+        def outcome(rec):
+            if error is None:
+                rec.set_state(BuildState.READY)
+                rec.formats = ",".join(sorted(image.formats))
+                rec.username = image.username
+                rec.python_path = image.python_path
+                rec.shell_type = image.shell_type
+            else:
+                rec.set_state(BuildState.FAILED)
+
+        if error is not None:
             remove_build_files(config.images_dir, image.name, build.id)
         try:
-            self.store.update_build(build)
+            written = write_outcome(lambda: self.store.get_build(image.name, build.id),
+                                    self.store.update_build, BuildState.BUILDING, outcome)
         except StoreError as exc:
-            log.error("image %s build %s: cannot record the result (%s); removing its files",
-                      image.name, build.id, exc)
+            written, error = None, f"cannot record the result ({exc})"
+        if written is None:
+            log.error("image %s build %s: %s; removing its files", image.name, build.id,
+                      error or "the record was marked deleting or removed meanwhile")
             remove_build_files(config.images_dir, image.name, build.id)
             return False
         elapsed = time.monotonic() - started
@@ -468,6 +475,10 @@ class Builder:
                           username=build.username, python_path=build.python_path,
                           shell_type=build.shell_type)
         self.store.create_upload(rec)
+
+        def get_rec():
+            return self.store.get_upload(build.image, build.id, provider_name, rec.id)
+
         name = format_image_name(prov.image_name_format, build.image, build.id, rec.id,
                                  time.time())
         what = f"image {build.image} build {build.id} upload {rec.id} to {provider_name}"
@@ -490,23 +501,22 @@ class Builder:
             message = str(exc) or type(exc).__name__
             log.error("%s failed: %s", what, message)
             self._delete_cloud_image(provider_name, external_id, rec)
-            rec = self.store.get_upload(build.image, build.id, provider_name, rec.id) or rec
-            if _state(rec) == UploadState.UPLOADING.value:
-                rec.set_state(UploadState.FAILED)
-                _quiet_store(self.store.update_upload, rec)
+            _quiet_store(write_outcome, get_rec, self.store.update_upload, UploadState.UPLOADING,
+                         lambda r: r.set_state(UploadState.FAILED))
             _count("IMAGE_UPLOADS", build.image, provider_name, "failed")
             return False
-        rec = self.store.get_upload(build.image, build.id, provider_name, rec.id)
-        if rec is None or _state(rec) != UploadState.UPLOADING.value:
+
+        def ready(r):
+            r.set_state(UploadState.READY)
+            r.external_id = external_id
+            r.external_name = name
+            r.format = fmt
+
+        if write_outcome(get_rec, self.store.update_upload, UploadState.UPLOADING, ready) is None:
             # Deleted or marked deleting while we uploaded: do not leave the image behind.
             log.warning("%s: record changed during upload; deleting the cloud image", what)
             self._delete_cloud_image(provider_name, external_id, rec)
             return False
-        rec.set_state(UploadState.READY)
-        rec.external_id = external_id
-        rec.external_name = name
-        rec.format = fmt
-        self.store.update_upload(rec)
         elapsed = time.monotonic() - started
         log.info("%s ready as %s (%s) in %.1fs", what, name, external_id, elapsed)
         _count("IMAGE_UPLOADS", build.image, provider_name, "ready")
@@ -560,22 +570,68 @@ class Builder:
                     self.remove_leaked_images(prov_name)
             self.janitor_passes += 1
 
+    def _plan_image(self, image):
+        """A fresh retention plan of one image, with the records it was made from.
+
+        Records are listed before the locks are probed: a record seen in progress whose lock is
+        then free was abandoned, or finished meanwhile, in which case its version moved and the
+        compare-and-set that marks it deleting fails."""
+        builds = self.store.list_builds(image=image)
+        uploads = self.store.list_uploads(image=image)
+        held = {p for p in planner.lock_paths_to_probe(builds, uploads)
+                if self.store.is_locked(p)}
+        return planner.plan_retention(self.config, builds, uploads, held), builds, uploads
+
+    def _confirm_deletion(self, action):
+        """Re-decide ``action`` from a fresh read (the caller holds the record's own lock) and
+        mark the record ``deleting`` by compare-and-set.
+
+        Returns ``(decision, record)``: record None when it is gone already, decision None when
+        the fresh plan keeps it (a build or upload that finished after the janitor's snapshot
+        looked abandoned in it).  A lost compare-and-set means someone wrote the record since
+        our read: read and decide again."""
+        is_upload = isinstance(action, planner.DeleteUpload)
+        deleting = UploadState.DELETING if is_upload else BuildState.DELETING
+        update = self.store.update_upload if is_upload else self.store.update_build
+        key = planner.action_key(action)
+        for _ in range(CAS_TRIES):
+            fresh, builds, uploads = self._plan_image(action.image)
+            rec = next((r for r in (uploads if is_upload else builds)
+                        if _record_key(r, is_upload) == key), None)
+            if rec is None:
+                return action, None
+            decision = planner.replanned(action, fresh)
+            if decision is None:
+                log.info("%s: kept (a fresh read no longer plans its deletion: %s)",
+                         _describe(action), _state(rec))
+                return None, rec
+            if _state(rec) == deleting.value:
+                return decision, rec
+            rec.set_state(deleting)
+            try:
+                update(rec, check_version=True)
+                return decision, rec
+            except ConflictError:
+                continue
+            except NotFoundError:
+                return decision, None
+        log.info("%s: changed under every attempt; deciding again next pass", _describe(action))
+        return None, None
+
     def delete_upload(self, action):
+        """Apply a planned DeleteUpload if a fresh read still plans it; True when it is gone."""
         try:
             lock = self.store.lock(upload_record_lock_path(action.image, action.build_id,
                                                            action.provider, action.upload_id))
         except LockError:
             return False
         with lock:
-            rec = self.store.get_upload(action.image, action.build_id, action.provider,
-                                        action.upload_id)
+            decision, rec = self._confirm_deletion(action)
             if rec is None:
-                return True
-            log.info("image %s build %s upload %s on %s: deleting (%s)", action.image,
-                     action.build_id, action.upload_id, action.provider, action.reason)
-            if _state(rec) != UploadState.DELETING.value:
-                rec.set_state(UploadState.DELETING)
-                self.store.update_upload(rec)
+                return decision is not None
+            if decision is None:
+                return False
+            log.info("%s: deleting (%s)", _describe(action), decision.reason)
             if action.provider not in self.config.providers:
                 if rec.external_id:
                     log.warning("provider %s is no longer configured: its image %s is left in "
@@ -587,19 +643,18 @@ class Builder:
             return True
 
     def delete_build(self, action):
+        """Apply a planned DeleteBuild if a fresh read still plans it; True when it is gone."""
         try:
             lock = self.store.lock(build_lock_path(action.image, action.build_id))
         except LockError:
             return False
         with lock:
-            rec = self.store.get_build(action.image, action.build_id)
+            decision, rec = self._confirm_deletion(action)
             if rec is None:
-                return True
-            if _state(rec) != BuildState.DELETING.value:
-                log.info("image %s build %s: deleting (%s)", action.image, action.build_id,
-                         action.reason)
-                rec.set_state(BuildState.DELETING)
-                self.store.update_build(rec)
+                return decision is not None
+            if decision is None:
+                return False
+            log.info("%s: deleting (%s)", _describe(action), decision.reason)
             if self.config.images_dir:
                 remove_build_files(self.config.images_dir, action.image, action.build_id)
             if self.store.list_uploads(image=action.image, build_id=action.build_id):
@@ -727,6 +782,33 @@ def _call_with_timeout(func, timeout, what):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def write_outcome(get, update, in_progress, apply):
+    """Write a worker's result (``apply(record)``) onto its record by compare-and-set.
+
+    Returns the written record, or None when the record is gone or no longer ``in_progress``
+    (marked ``deleting`` by the janitor or an operator: it is theirs now, and a blind write
+    would bring back a record whose files or cloud image are being deleted).  A lost
+    compare-and-set re-reads and applies again."""
+    def change(rec):
+        if _state(rec) != in_progress.value:
+            return False
+        apply(rec)
+    return compare_and_set(get, update, change)
+
+
+def _record_key(record, is_upload):
+    if is_upload:
+        return ("upload", record.image, record.build_id, record.provider, record.id)
+    return ("build", record.image, record.id)
+
+
+def _describe(action):
+    if isinstance(action, planner.DeleteUpload):
+        return (f"image {action.image} build {action.build_id} upload {action.upload_id} "
+                f"on {action.provider}")
+    return f"image {action.image} build {action.build_id}"
 
 
 def _quiet_store(func, *args):

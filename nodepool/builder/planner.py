@@ -253,6 +253,21 @@ def plan_retention(config, builds, uploads, held_locks=()):
     return actions
 
 
+def action_key(action):
+    """The record a deletion is about, to find the same decision in a fresh plan."""
+    if isinstance(action, DeleteUpload):
+        return ("upload", action.image, action.build_id, action.provider, action.upload_id)
+    return ("build", action.image, action.build_id)
+
+
+def replanned(action, fresh_actions):
+    """``action`` as a plan made from a fresher snapshot decides it (its reason may have
+    changed), or None when that plan keeps the record.  A deletion planned from one snapshot
+    must be confirmed by a newer one before it is applied: records change between the two."""
+    key = action_key(action)
+    return next((a for a in fresh_actions if action_key(a) == key), None)
+
+
 def _build_deletion_reason(build, images, kept_build_ids, held_locks):
     state = _state(build)
     if state == BuildState.BUILDING.value:

@@ -5,7 +5,7 @@ import logging.config
 import os
 import sys
 
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, NodepoolError
 
 
 def setup_logging(debug=False, logconfig=None):
@@ -62,7 +62,7 @@ def run_daemon(prog, daemon, pidfile):
     except ConfigError as exc:
         print(f"{prog}: invalid configuration:\n{exc}", file=sys.stderr)
         return 1
-    except StoreError as exc:
+    except NodepoolError as exc:       # store unusable, optional package missing, ...
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     write_pidfile(pidfile)

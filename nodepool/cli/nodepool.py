@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import ConfigError, LockError, NodepoolError
 from ..model.states import BuildState, NodeState, UploadState
 from ..builder.planner import WITHDRAWN_KEY, withdrawn_providers
+from ..store.base import compare_and_set
 from . import tables
 from .common import (CLI_LOCK_IDENTIFIER, COMMANDS, LOCK_TIMEOUT, CliError, CommandContext, arg,
                      command)
@@ -88,18 +89,35 @@ def _report_users(ctx, what, nodes):
         ctx.warn(f"note: {len(nodes)} node(s) still use {what}: {ids}")
 
 
+def _mark_deleting(get, update, deleting, refuse):
+    """Mark a build or upload ``deleting`` by compare-and-set (a builder may write it at the
+    same moment); ``refuse(record)`` raises CliError when it must not be deleted now."""
+    def change(record):
+        refuse(record)
+        if record.state == deleting:
+            return False
+        record.set_state(deleting)
+    compare_and_set(get, update, change)
+
+
 def _mark_upload_deleting(ctx, upload):
-    if getattr(upload.state, "value", upload.state) == UploadState.UPLOADING.value:
-        raise CliError(f"upload {upload.image}/{upload.build_id}/{upload.provider}/{upload.id} "
-                       f"is still uploading; wait for it to finish or fail")
-    if upload.state != UploadState.DELETING:
-        upload.set_state(UploadState.DELETING)
-        ctx.store.update_upload(upload)
-    build = ctx.store.get_build(upload.image, upload.build_id)
-    if build is not None and upload.provider not in withdrawn_providers(build):
+    def refuse(rec):
+        if getattr(rec.state, "value", rec.state) == UploadState.UPLOADING.value:
+            raise CliError(f"upload {rec.image}/{rec.build_id}/{rec.provider}/{rec.id} "
+                           f"is still uploading; wait for it to finish or fail")
+
+    _mark_deleting(lambda: ctx.store.get_upload(upload.image, upload.build_id, upload.provider,
+                                                upload.id),
+                   ctx.store.update_upload, UploadState.DELETING, refuse)
+
+    def withdraw(build):
         # the builder must not upload this build to this provider again (a revert sticks)
+        if upload.provider in withdrawn_providers(build):
+            return False
         build.extra[WITHDRAWN_KEY] = sorted(withdrawn_providers(build) | {upload.provider})
-        ctx.store.update_build(build)
+
+    compare_and_set(lambda: ctx.store.get_build(upload.image, upload.build_id),
+                    ctx.store.update_build, withdraw)
     ctx.print(f"upload {upload.id} of {upload.image} build {upload.build_id} on "
               f"{upload.provider} marked for deletion")
     _report_users(ctx, f"upload {upload.id}", _nodes_using(ctx, [upload.path]))
@@ -245,8 +263,14 @@ def cmd_erase(ctx, args):
     return 0
 
 
-@command("config-validate", "validate the configuration file", needs_store=False)
+@command("config-validate", "validate the configuration file", [
+    arg("--check-clouds", action="store_true",
+        help="also load every provider's cloud configuration (clouds.yaml entry, profile, "
+             "credentials) and report each one that cannot be loaded"),
+], needs_store=False)
 def cmd_config_validate(ctx, args):
+    """The file only, like Nodepool's: a host without cloud credentials can validate it.
+    ``--check-clouds`` adds what each provider's start would find."""
     try:
         from ..config import validate_config
     except ImportError:           # fall back to the loader's own checks
@@ -260,6 +284,9 @@ def cmd_config_validate(ctx, args):
     problems, warnings = _validation_outcome(result, ctx.config_path)
     for w in warnings:
         ctx.warn(f"warning: {w}")
+    if args.check_clouds and not problems:
+        from ..drivers import cloud_problems
+        problems = cloud_problems(ctx.config)
     for p in problems:
         ctx.warn(p)
     if problems:
@@ -374,14 +401,15 @@ def cmd_dib_image_delete(ctx, args):
     image, sep, build_id = args.id.rpartition("-")
     if not sep or not image or not build_id:
         raise CliError(f"build {args.id!r} is not of the form <image>-<build id>")
-    build = ctx.store.get_build(image, build_id)
-    if build is None:
+    if ctx.store.get_build(image, build_id) is None:
         raise CliError(f"build {build_id} of image {image} not found")
-    if getattr(build.state, "value", build.state) == BuildState.BUILDING.value:
-        raise CliError(f"build {args.id} is still building; wait for it to finish or fail")
-    if build.state != BuildState.DELETING:
-        build.set_state(BuildState.DELETING)
-        ctx.store.update_build(build)
+
+    def refuse(build):
+        if getattr(build.state, "value", build.state) == BuildState.BUILDING.value:
+            raise CliError(f"build {args.id} is still building; wait for it to finish or fail")
+
+    _mark_deleting(lambda: ctx.store.get_build(image, build_id), ctx.store.update_build,
+                   BuildState.DELETING, refuse)
     ctx.print(f"build {args.id} marked for deletion")
     paths = [u.path for u in ctx.store.list_uploads(image=image, build_id=build_id)]
     _report_users(ctx, f"build {args.id}", _nodes_using(ctx, paths))

@@ -6,6 +6,8 @@ that driver, with a clear message.
 """
 import importlib
 
+from ..errors import NodepoolError
+
 
 
 _cache = {}
@@ -27,10 +29,24 @@ def get_driver(name):
     return module.DRIVER
 
 
+def cloud_problems(config):
+    """One line per provider whose cloud configuration cannot be loaded (``Driver.check_cloud``),
+    for ``nodepool config-validate --check-clouds``; empty when every one loads."""
+    problems = []
+    for name, provider in config.providers.items():
+        try:
+            message = get_driver(provider.driver).check_cloud(provider)
+        except (ValueError, NodepoolError) as exc:     # the driver or its SDK cannot load
+            message = str(exc)
+        if message:
+            problems.append(f"provider {name}: {message}")
+    return problems
+
+
 def available_drivers():
     """Drivers shipped in this package (whether or not their SDK is installed)."""
     import pkgutil
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
 
 
-__all__ = ["get_driver", "available_drivers"]
+__all__ = ["get_driver", "available_drivers", "cloud_problems"]

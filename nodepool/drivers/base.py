@@ -9,8 +9,9 @@ host-key scans and leak detection.  An adapter only talks to the cloud.  Its met
 from one worker thread per provider; they may block for one API call but never wait for a server
 to boot: launches and deletes are ``StateMachine`` objects advanced step by step.
 
-Every API call an adapter makes goes through ``self.rate_limiter`` (``with self.rate_limiter:``),
-so the provider's ``rate`` holds whatever the adapter does.
+Every API call an adapter makes goes through ``self.rate_limiter``
+(``with self.rate_limiter.call(operation):``), so the provider's ``rate`` holds whatever the
+adapter does and ``nodepool_api_calls_total`` counts every call.
 """
 import abc
 import time
@@ -321,8 +322,17 @@ class Driver(abc.ABC):
         return {}
 
     def check_provider(self, provider, config):
-        """Cross-checks that need the whole config; return a list of (key_path, message)."""
+        """Cross-checks that need the whole config; return a list of (key_path, message).
+        Only the file itself: credentials and cloud entries are ``check_cloud``'s business, so
+        that one provider's missing cloud never invalidates the whole configuration."""
         return []
+
+    def check_cloud(self, provider):
+        """Load this provider's cloud configuration (credentials, clouds.yaml entry, profile,
+        region) without calling the cloud: None when it loads, else one line saying why.
+        ``nodepool config-validate --check-clouds`` asks this; the adapter's ``start()`` raises
+        the same fact as the provider's start error."""
+        return None
 
     def finalize(self, provider, config):
         """Fill defaults that depend on the whole config (called once the config is built)."""

@@ -4,9 +4,16 @@ One ``RateLimiter`` per provider, shared by every thread that calls that provide
 ``with limiter:`` block waits until at least ``1/rate`` seconds have passed since the previous
 call started.  A rate of 0 or less means unlimited.  ``clock`` and ``sleep`` default to the real
 monotonic clock; tests pass a fake pair to check the spacing exactly, without waiting.
+
+Adapters enter it as ``with limiter.call(operation):``, which also counts the call in
+``nodepool_api_calls_total{provider, operation}``: every API call passes here, so this is the one
+place that counts them.
 """
+import contextlib
 import threading
 import time
+
+from .. import metrics
 
 
 class RateLimiter:
@@ -39,3 +46,19 @@ class RateLimiter:
 
     def __exit__(self, *exc):
         return False
+
+    @contextlib.contextmanager
+    def call(self, operation):
+        """One API call named ``operation`` (e.g. ``create``, ``run_instances``,
+        ``compute.create_server``): wait for its turn and count it."""
+        with self:
+            count_api_call(self.name, operation)
+            yield self
+
+
+def count_api_call(provider, operation):
+    """Add one to ``nodepool_api_calls_total``; metrics must never break a cloud call."""
+    try:
+        metrics.API_CALLS.labels(provider, operation).inc()
+    except Exception:
+        pass

@@ -23,6 +23,8 @@ Semantics follow ZooKeeper so that both implementations behave alike:
 import abc
 import threading
 
+from ..errors import ConflictError, NotFoundError
+
 from .zk import paths as P    # Nodepool's layout (pure functions), shared by both stores
 
 
@@ -52,6 +54,29 @@ def upload_lock_path(image, build_id, provider):
 
 def upload_record_lock_path(image, build_id, provider, upload_id):
     return f"{P.upload_path(image, build_id, provider, upload_id)}/lock"
+
+
+CAS_TRIES = 5
+
+
+def compare_and_set(get, update, change, tries=CAS_TRIES):
+    """Change a record that others may write too: ``get()`` reads it, ``change(record)`` edits
+    it in place (returning False leaves it as it is), ``update(record, check_version=True)``
+    writes it.  A lost compare-and-set means someone wrote in between: read and decide again.
+
+    Returns the written record, or None when it is gone or ``change`` declined; raises
+    ConflictError when it kept changing for ``tries`` attempts."""
+    for _ in range(tries):
+        record = get()
+        if record is None or change(record) is False:
+            return None
+        try:
+            return update(record, check_version=True) or record
+        except ConflictError:
+            continue
+        except NotFoundError:
+            return None
+    raise ConflictError(f"the record kept changing under {tries} attempts to write it")
 
 
 class Lock:

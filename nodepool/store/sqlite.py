@@ -3,12 +3,15 @@
 It behaves like the ZooKeeper store so the daemons cannot tell them apart:
 
 * Each store object owns a *session* row with its PID, the process start time (so a reused PID
-  is not mistaken for a live one) and a heartbeat.  A session is dead when its heartbeat is older
-  than ``session_timeout`` or, on this host, its process is gone; a dead session's locks,
-  ephemeral requests and component registrations are removed by whichever process notices first
-  (every store looks for dead sessions of its host each second; lock acquisition treats a dead
-  holder's lock as free at once).  A ``kill -9``'d launcher therefore loses its locks within
-  about a second, not a session timeout.
+  is not mistaken for a live one) and a heartbeat *counter* (``beats``) it increments every
+  ``session_timeout/3``.  A session is dead when, on this host, its process is gone, or when
+  the observer watched its counter stand still for ``session_timeout`` on the observer's own
+  monotonic clock.  The wall clock plays no part: a clock step (NTP, a resumed VM) cannot make
+  one process reap every other session.  A dead session's locks, ephemeral requests and
+  component registrations are removed by whichever process notices first (every store looks
+  for dead sessions each second; lock acquisition treats a dead holder's lock as free at once).
+  A ``kill -9``'d launcher therefore loses its locks within about a second, not a session
+  timeout.  (``heartbeat`` still records the wall time of the last beat, for operators.)
 * If our own session was expired (we were frozen longer than ``session_timeout``), listeners
   hear ``"lost"``, a new session is opened, our components are registered again, ``"connected"``.
 * Locks are rows keyed by Nodepool's lock paths.
@@ -37,10 +40,13 @@ log = logging.getLogger("nodepool.store.sqlite")
 
 COMPONENT_KINDS = ("launcher", "builder", "pool")
 
+SESSION_COLUMNS = "id, pid, pstart, hostname, heartbeat, beats"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY, pid INTEGER, pstart TEXT, hostname TEXT, heartbeat REAL);
+    id TEXT PRIMARY KEY, pid INTEGER, pstart TEXT, hostname TEXT, heartbeat REAL,
+    beats INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS nodes (
     id TEXT PRIMARY KEY, data TEXT NOT NULL, version INTEGER NOT NULL, gen INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
@@ -93,20 +99,38 @@ def _pid_alive(pid):
     return True
 
 
+def session_beating(seen, seen_lock, sid, beats, now, timeout):
+    """Whether session ``sid`` (counter ``beats``, read at ``now`` on the observer's monotonic
+    clock) still beats: its counter moved since we last looked, or has stood still for at most
+    ``timeout`` of our own time.  ``seen`` keeps, per session, the counter and when we saw it
+    move; a session seen for the first time gets a full ``timeout`` from now."""
+    with seen_lock:
+        last = seen.get(sid)
+        if last is None or last[0] != beats:
+            seen[sid] = (beats, now)
+            return True
+        return now - last[1] <= timeout
+
+
 class SQLiteStore(StateStore):
     """The embedded store (see the module docstring).
 
     ``busy_timeout`` is how long a write waits for another process's transaction before giving
     up with a StoreError; transactions here last microseconds, so only a stuck process hits it.
+    ``clock`` is the monotonic clock on which other sessions' silence is measured (tests pass a
+    fake one).
     """
 
     def __init__(self, path, session_timeout=10.0, hostname=None, poll_interval=0.005,
-                 busy_timeout=5.0):
+                 busy_timeout=5.0, clock=time.monotonic):
         self.path = os.path.abspath(str(path))
         self.session_timeout = float(session_timeout)
         self.hostname = hostname or socket.gethostname()
         self.poll_interval = poll_interval
         self.busy_timeout = float(busy_timeout)
+        self._clock = clock
+        self._seen = {}                 # session id -> (beats, our clock when beats last moved)
+        self._seen_lock = threading.Lock()
         self._local = threading.local()
         self._connections = []
         self._conn_lock = threading.Lock()
@@ -274,12 +298,24 @@ class SQLiteStore(StateStore):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)").fetchall()}
+        if "beats" not in columns:      # a file made before sessions had a beat counter
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}
+                if "beats" not in columns:
+                    conn.execute("ALTER TABLE sessions ADD COLUMN beats INTEGER NOT NULL "
+                                 "DEFAULT 0")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def _open_session(self):
         sid = f"{self.hostname}-{self._pid}-{uuid.uuid4().hex[:12]}"
 
         def fn(conn):
-            conn.execute("INSERT INTO sessions VALUES (?,?,?,?,?)",
+            conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?,?,?,?,?,0)",
                          (sid, self._pid, self._pstart, self.hostname, time.time()))
             self._reap(conn)
         self._tx(fn)
@@ -315,25 +351,35 @@ class SQLiteStore(StateStore):
         conn.execute("DELETE FROM sessions WHERE id=?", (sid,))
 
     def _alive(self, row, now):
-        """Whether a session row is live: fresh heartbeat, and on this host a running process
-        that is the same one (start time) that opened it."""
-        sid, pid, pstart, hostname, heartbeat = row
-        if heartbeat is None or now - heartbeat > self.session_timeout:
+        """Whether a session row (``SESSION_COLUMNS``) is live: on this host a running process
+        that is the same one (start time) that opened it, and a beat counter we have not
+        watched stand still for ``session_timeout`` (``now`` is our monotonic clock)."""
+        sid, pid, pstart, hostname, _heartbeat, beats = row
+        if sid == self._session:
+            return True
+        if hostname == self.hostname and not self._process_alive(sid, pid, pstart):
             return False
-        if hostname == self.hostname:
-            if pid == self._pid:
-                return pstart == self._pstart or sid == self._session
-            if not _pid_alive(pid):
-                return False
-            started = _process_start(pid)
-            if started is None or (pstart is not None and started != pstart):
-                return False
-        return True
+        return session_beating(self._seen, self._seen_lock, sid, beats, now,
+                               self.session_timeout)
+
+    def _process_alive(self, sid, pid, pstart):
+        """Whether the process (of this host) that opened session ``sid`` still runs."""
+        if pid == self._pid:
+            return pstart == self._pstart or sid == self._session
+        if not _pid_alive(pid):
+            return False
+        started = _process_start(pid)
+        return not (started is None or (pstart is not None and started != pstart))
 
     def _live_sessions(self, conn=None):
-        rows = (conn or self._conn()).execute("SELECT * FROM sessions").fetchall()
-        now = time.time()
-        return {row[0] for row in rows if self._alive(row, now)}, {row[0] for row in rows}
+        rows = (conn or self._conn()).execute(f"SELECT {SESSION_COLUMNS} FROM sessions") \
+            .fetchall()
+        now = self._clock()
+        every = {row[0] for row in rows}
+        with self._seen_lock:
+            for sid in [sid for sid in self._seen if sid not in every]:
+                del self._seen[sid]
+        return {row[0] for row in rows if self._alive(row, now)}, every
 
     def _reap(self, conn):
         live, every = self._live_sessions(conn)
@@ -372,7 +418,7 @@ class SQLiteStore(StateStore):
                                 self.path, exc)
 
     def _beat(self, conn):
-        cur = conn.execute("UPDATE sessions SET heartbeat=? WHERE id=?",
+        cur = conn.execute("UPDATE sessions SET heartbeat=?, beats=beats+1 WHERE id=?",
                            (time.time(), self._session))
         if cur.rowcount == 0:
             return True
@@ -614,8 +660,9 @@ class SQLiteStore(StateStore):
                 if row[0] == sid:
                     raise LockError(f"lock {path} is already held by this session "
                                     f"(locks are not re-entrant)")
-                srow = conn.execute("SELECT * FROM sessions WHERE id=?", (row[0],)).fetchone()
-                if srow is not None and self._alive(srow, time.time()):
+                srow = conn.execute(f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?",
+                                    (row[0],)).fetchone()
+                if srow is not None and self._alive(srow, self._clock()):
                     return False
                 conn.execute("DELETE FROM locks WHERE path=?", (path,))
             conn.execute("INSERT INTO locks VALUES (?,?,?,?)",

@@ -170,8 +170,6 @@ class _Cache:
         self.records = {"node": {}, "request": {}}       # id -> CachedRecord (tag: mzxid)
         self.ordered = {"node": None, "request": None}   # listing order, None when changed
         self.lockers = {"node": {}, "request": {}}       # id -> set of contender names
-        # bumped by our own lock/unlock: an event-thread listing taken before it is stale
-        self.local_changes = {"node": {}, "request": {}}
 
     def put(self, kind, record, mzxid):
         with self.lock:
@@ -186,34 +184,13 @@ class _Cache:
                 self.ordered[kind] = None
             if kind == "node":
                 self.lockers["node"].pop(record_id, None)
-                self.local_changes["node"].pop(record_id, None)
-
-    def local_mark(self, kind, record_id):
-        with self.lock:
-            return self.local_changes[kind].get(record_id, 0)
-
-    def set_lockers(self, kind, record_id, names, mark=None):
-        """Replace the contenders seen for a record, unless our own lock or unlock happened
-        since ``mark`` was taken (then the listing predates it; the next event corrects it)."""
-        with self.lock:
-            if mark is not None and self.local_changes[kind].get(record_id, 0) != mark:
-                return
-            if names:
-                self.lockers[kind][record_id] = set(names)
-            else:
-                self.lockers[kind].pop(record_id, None)
 
     def add_locker(self, kind, record_id, name):
         with self.lock:
-            self._bump_local(kind, record_id)
             self.lockers[kind].setdefault(record_id, set()).add(name)
-
-    def _bump_local(self, kind, record_id):
-        self.local_changes[kind][record_id] = self.local_changes[kind].get(record_id, 0) + 1
 
     def remove_locker(self, kind, record_id, name):
         with self.lock:
-            self._bump_local(kind, record_id)
             names = self.lockers[kind].get(record_id)
             if names is not None:
                 names.discard(name)
@@ -643,6 +620,8 @@ class ZooKeeperStore(StateStore):
         if kind in ("node", "request"):
             if event_type == EventType.DELETED:
                 self._cache.drop(kind, record_id)
+                if kind == "request":       # its lock directory goes with it, sooner or later
+                    self._assured_lock_paths.discard(f"{P.REQUEST_LOCK_ROOT}/{record_id}")
                 return
             ours = event_type == EventType.CHANGED and self._own_set_seen(path)
             if not self._caching:

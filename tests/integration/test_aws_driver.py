@@ -326,6 +326,37 @@ def test_throttling_is_retried_then_transient(aws):
     assert slept == [0.01, 0.01, 0.01, 0.01]
 
 
+def test_run_instances_retried_after_a_lost_answer_repeats_its_client_token(aws, moto):
+    """A read timeout after EC2 accepted run_instances: the retry must carry the same
+    ClientToken, so EC2 answers with the instance the first call made instead of launching a
+    second one.  moto records ClientToken but does not deduplicate by it (it would launch two),
+    so this checks what goes over the wire; a new create state machine (the next launch attempt)
+    gets a new token."""
+    from urllib.parse import parse_qs
+    from botocore.exceptions import ReadTimeoutError
+    config, adapter = aws()
+    ec2 = adapter.client("ec2")
+    sent = []
+
+    def record(request, **kw):
+        sent.append(parse_qs(request.body.decode() if isinstance(request.body, bytes)
+                             else request.body).get("ClientToken", [None])[0])
+
+    def lose_first_answer(**kw):
+        if len(sent) == 1:
+            raise ReadTimeoutError(endpoint_url=moto.url)
+
+    ec2.meta.events.register("before-send.ec2.RunInstances", record)
+    ec2.meta.events.register("after-call.ec2.RunInstances", lose_first_answer)
+    machine = adapter.create_state_machine(spec_for(config, "small"))
+    inst = run_machine(machine)
+    assert inst.ready
+    assert len(sent) == 2 and sent[0] == sent[1]
+    assert sent[0].startswith("np0000000001-") and len(sent[0]) <= 64
+    run_machine(adapter.create_state_machine(spec_for(config, "small")))
+    assert len(sent) == 3 and sent[2] != sent[0]
+
+
 def test_unreachable_endpoint_is_transient(moto, tmp_path):
     config = write_config(tmp_path, f"http://127.0.0.1:{free_port()}")
     adapter = get_driver("aws").adapter(config.providers["aws1"])
@@ -346,6 +377,21 @@ def test_unknown_region_is_permanent(moto, tmp_path):
     adapter = get_driver("aws").adapter(prov)
     with pytest.raises(PermanentCloudError, match="aws1.*unknown region 'mars-north-1'"):
         adapter.start()
+
+
+def test_check_cloud_reports_missing_credentials_and_start_refuses(moto, tmp_path,
+                                                                   monkeypatch):
+    config = write_config(tmp_path, moto.url)
+    prov = config.providers["aws1"]
+    driver = get_driver("aws")
+    assert driver.check_cloud(prov) is None
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert "aws1" in driver.check_cloud(prov)
+    assert "no AWS credentials found" in driver.check_cloud(prov)
+    with pytest.raises(PermanentCloudError, match="no AWS credentials found"):
+        driver.adapter(prov).start()
 
 
 # -- images ----------------------------------------------------------------------------------------

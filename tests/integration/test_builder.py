@@ -561,3 +561,100 @@ def test_builder_killed_mid_build_and_mid_upload_leaks_nothing(env, processes):
         [up] = store.list_uploads(provider=prov)
         assert env.cloud_image_ids(prov) == [up.external_id]
     assert store.list_components("builder") == []
+
+
+# -- races between the janitor and the workers ------------------------------------------------------
+# Another builder (its own store session) acts between two store calls of ours, exactly where a
+# real race lands; before the fix each of these deleted, or resurrected, a current image.
+
+@pytest.fixture
+def raced(env):
+    """(builder on an interleaving store, our plain store, another builder's store session)."""
+    from fixtures.interleave import InterleavedStore
+    inner = SQLiteStore(str(env.db)).start()
+    other = SQLiteStore(str(env.db)).start()
+    builder = env.builder(store=InterleavedStore(inner))
+    yield builder, env.open_store(), other
+    other.stop()
+    builder.shutdown()
+    inner.stop()
+
+
+def test_build_finishing_between_listing_and_lock_probe_is_kept(env, raced):
+    from nodepool.model.records import ImageBuild
+    from nodepool.store.base import image_build_lock_path
+    builder, store, other = raced
+    lock = other.lock(image_build_lock_path("ubuntu"))
+    build = other.create_build(ImageBuild(image="ubuntu", state="building",
+                                          state_time=time.time(), formats="qcow2"))
+
+    def finish():
+        rec = other.get_build("ubuntu", build.id)
+        rec.set_state("ready")
+        other.update_build(rec)
+        lock.release()
+
+    builder.store.before("is_locked", finish)
+    builder.janitor_pass()
+    assert builder.store.fired == [("before", "is_locked")]
+    assert str(store.get_build("ubuntu", build.id).state) == "ready"
+
+
+def test_upload_finishing_between_listing_and_lock_probe_is_kept(env, raced):
+    from nodepool.model.records import ImageUpload
+    from nodepool.store.base import upload_lock_path
+    builder, store, other = raced
+    build_and_upload(builder, store)
+    b2 = build_and_upload(builder, store)
+    store.request_image_build("ubuntu")
+    assert builder.build_once() == 1
+    b3 = store.list_builds("ubuntu")[-1]
+    # another builder is uploading b3 to sim-a: lock, record, then the cloud image
+    lock = other.lock(upload_lock_path("ubuntu", b3.id, "sim-a"))
+    up = other.create_upload(ImageUpload(image="ubuntu", build_id=b3.id, provider="sim-a",
+                                         state="uploading", format="qcow2"))
+    image = env.cloud("sim-a").create_image(
+        "ubuntu-new", image_format="qcow2", size=1, md5=None, sha256=None,
+        metadata={"nodepool_build_id": b3.id, "nodepool_upload_id": up.id,
+                  "nodepool_provider_name": "sim-a"})
+
+    def finish():
+        rec = other.get_upload("ubuntu", b3.id, "sim-a", up.id)
+        rec.set_state("ready")
+        rec.external_id = image.id
+        other.update_upload(rec)
+        lock.release()
+
+    builder.store.before("is_locked", finish,
+                         when=lambda path: path == upload_lock_path("ubuntu", b3.id, "sim-a"))
+    builder.janitor_pass()
+    assert builder.store.fired == [("before", "is_locked")]
+    current = newest_ready_upload(store.list_uploads(), "ubuntu", "sim-a")
+    assert (current.id, current.build_id) == (up.id, b3.id)
+    assert image.id in env.cloud_image_ids("sim-a")
+    builder.janitor_pass()      # the next pass drops the oldest, keeps current and previous
+    assert sorted(u.build_id for u in store.list_uploads(provider="sim-a")) == sorted(
+        [b2.id, b3.id])
+
+
+def test_upload_marked_deleting_while_uploading_is_not_made_ready(env, raced):
+    builder, store, other = raced
+    assert builder.build_once() == 1
+
+    def operator_deletes(upload):
+        rec = other.get_upload(upload.image, upload.build_id, upload.provider, upload.id)
+        rec.set_state("deleting")               # what `nodepool image-delete` does
+        other.update_upload(rec)
+
+    # between the worker's read of its record and its write of "ready"
+    builder.store.before("update_upload", lambda: operator_deletes(target[0]),
+                         when=lambda rec, **kw: rec.provider == "sim-a")
+    target = []
+    builder.store.after("create_upload", target.append,
+                        when=lambda rec: rec.provider == "sim-a")
+    builder.upload_once()
+    [up] = store.list_uploads(provider="sim-a")
+    assert str(up.state) == "deleting"
+    assert env.cloud_image_ids("sim-a") == []       # the worker removed what it made
+    builder.janitor_pass()
+    assert store.list_uploads(provider="sim-a") == []

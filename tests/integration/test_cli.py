@@ -1,5 +1,6 @@
 """The ``nodepool`` CLI run as a subprocess against a real SQLite store file."""
 import json
+import textwrap
 
 import pytest
 
@@ -189,6 +190,38 @@ def test_config_validate(status_env, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "min-ready" in result.stderr or "providers" in result.stderr
+
+
+def test_cli_works_without_a_provider_s_cloud_and_check_clouds_reports_it(status_env,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    empty = tmp_path / "clouds.yaml"
+    empty.write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(empty))
+    cfg = tmp_path / "with-openstack.yaml"
+    cfg.write_text(open(status_env.config_path).read() + textwrap.indent(textwrap.dedent("""\
+          - name: gone
+            driver: openstack
+            cloud: no-such-cloud
+            cloud-images:
+              - name: cirros
+            pools:
+              - name: main
+                labels:
+                  - name: small
+                    cloud-image: cirros
+                    min-ram: 512
+        """), "  "))
+    status_env.populate()
+    assert len(table(ok(status_env.run_cli("list", config=str(cfg))))) == len(status_env.nodes)
+    assert "Config is valid" in ok(status_env.run_cli("config-validate", config=str(cfg)))
+    checked = status_env.run_cli("config-validate", "--check-clouds", config=str(cfg))
+    assert checked.returncode == 1, checked.stderr
+    [line] = checked.stderr.strip().splitlines()
+    assert line.startswith("provider gone: ") and "no-such-cloud" in line
+    assert "Traceback" not in checked.stderr
+    assert "Config is invalid: 1 problem(s)" in checked.stdout
+    assert "Config is valid" in ok(status_env.run_cli("config-validate", "--check-clouds"))
 
 
 def test_bad_inputs_are_one_line_errors(status_env, tmp_path):

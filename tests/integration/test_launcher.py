@@ -483,3 +483,49 @@ def test_lock_directories_of_finished_requests_are_collected(launcher_env, zk_ra
     # the fulfilled request's directory goes once its request is gone; the live one's stays
     wait_until(lambda: zk_raw.get_children("/nodepool/requests-lock") == [pending.id],
                message="only the live request's lock directory left")
+
+
+def test_provider_whose_cloud_cannot_be_loaded_does_not_stop_the_others(sqlite_launcher_env,
+                                                                         tmp_path, monkeypatch):
+    """One provider's clouds.yaml entry is missing: the launcher starts, the healthy provider
+    serves, requests only the broken one could serve are declined with its start error."""
+    empty = tmp_path / "clouds.yaml"
+    empty.write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(empty))
+    env = sqlite_launcher_env
+    env.write("""\
+        labels:
+          - name: small
+          - name: os-small
+        providers:
+          - name: sim
+            driver: simulated
+            boot-time: 0.05
+            cloud-images:
+              - name: img
+            pools:
+              - name: main
+                labels:
+                  - name: small
+                    cloud-image: img
+          - name: gone
+            driver: openstack
+            cloud: no-such-cloud
+            cloud-images:
+              - name: cirros
+            pools:
+              - name: main
+                labels:
+                  - name: os-small
+                    cloud-image: cirros
+                    min-ram: 512
+        """)
+    launcher = env.start_launcher()
+    client = env.client()
+    nodes = client.request(["small"], timeout=20)
+    assert [n.provider for n in nodes] == ["sim"]
+    client.release(nodes)
+    req = client.wait(client.submit(["os-small"]).id, timeout=20)
+    assert req.state == RequestState.FAILED
+    assert "no-such-cloud" in " ".join(req.extra["declined_reasons"].values())
+    assert "no-such-cloud" in launcher.workers["gone"].start_error

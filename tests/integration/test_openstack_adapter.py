@@ -261,3 +261,32 @@ def test_nova_api_down_then_back(openstack_cloud, openstack_provider):
             time.sleep(1)
     inst = run(adapter.create_state_machine(spec_for(prov, "0000000031")))
     run(adapter.delete_state_machine(inst.external_id))
+
+
+def test_create_whose_answer_was_lost_is_found_by_the_next_attempt(openstack_cloud,
+                                                                   openstack_provider):
+    """Nova made the server but its answer never arrived (read timeout): the launcher's next
+    attempt must use that server, not boot a second one for the same node."""
+    from nodepool.errors import TransientCloudError
+    prov = make_provider(openstack_provider, pool={"auto-floating-ip": False})
+    adapter = DRIVER.adapter(prov)
+    adapter.start()
+    real_call = adapter.call
+
+    def answer_lost(what, func, *args, **kwargs):
+        result = real_call(what, func, *args, **kwargs)
+        if "create server" in what:
+            raise TransientCloudError(f"{what}: read timeout")
+        return result
+
+    adapter.call = answer_lost
+    with pytest.raises(TransientCloudError, match="read timeout"):
+        adapter.create_state_machine(spec_for(prov, "0000000040")).advance()
+    adapter.call = real_call
+    inst = run(adapter.create_state_machine(spec_for(prov, "0000000040")))
+    servers = adapter.call("list", lambda c: list(c.compute.servers(name="^np0000000040$")))
+    try:
+        assert [s.id for s in servers] == [inst.external_id]
+    finally:
+        for server in servers:
+            run(adapter.delete_state_machine(server.id))

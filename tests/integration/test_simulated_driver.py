@@ -411,3 +411,39 @@ def test_upload_refuses_missing_empty_or_corrupt_files(tmp_path):
     with pytest.raises(PermanentCloudError, match="md5 of .* expected 0000"):
         adapter.upload_image(upload_spec(data, md5="0000"))
     assert adapter.cloud.list_images() == []
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+def test_api_calls_are_counted_in_the_metrics_endpoint(tmp_path):
+    """nodepool_api_calls_total{provider, operation} as /metrics serves it moves with every
+    call the adapter makes (the registry is process-wide: compare before and after)."""
+    import re
+    import urllib.request
+    from nodepool.store.sqlite import SQLiteStore
+    from nodepool.web.app import StatusWebApp
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        counts = {}
+        for op, value in re.findall(r'^nodepool_api_calls_total\{operation="([^"]+)",'
+                                    r'provider="metrics-sim"\} ([0-9.e+]+)$', text, re.M):
+            counts[op] = float(value)
+        return counts
+
+    store = SQLiteStore(tmp_path / "state.sqlite").start()
+    app = StatusWebApp(store, lambda: None, 0, "127.0.0.1")
+    app.start()
+    try:
+        before = scrape()
+        adapter = adapter_for(tmp_path, FakeClock(), name="metrics-sim", boot_time=0)
+        run_to_end(adapter.create_state_machine(spec_for(adapter)))
+        adapter.list_images()
+        after = scrape()
+    finally:
+        app.stop()
+        store.stop()
+    moved = {op: after[op] - before.get(op, 0) for op in after}
+    assert moved == {op: float(n) for op, n in adapter.api_calls.items()}
+    assert moved["create"] == 1 and moved["list images"] == 1

@@ -333,7 +333,8 @@ def test_lock_of_a_reused_pid_session_is_free(db_path, make_store):
     """Our own PID with another process start time: that session's process is long dead."""
     store = make_store()
     conn = raw(db_path)
-    conn.execute("INSERT INTO sessions VALUES ('ghost', ?, 'not-our-start', ?, ?)",
+    conn.execute("INSERT INTO sessions (id, pid, pstart, hostname, heartbeat) "
+                 "VALUES ('ghost', ?, 'not-our-start', ?, ?)",
                  (os.getpid(), store.hostname, time.time()))
     conn.execute("INSERT INTO locks VALUES (?, 'ghost', 'old', ?)",
                  (node_lock_path("0000000009"), time.time()))
@@ -342,19 +343,110 @@ def test_lock_of_a_reused_pid_session_is_free(db_path, make_store):
     store.lock_node("0000000009").release()
 
 
-def test_session_of_another_host_lives_until_its_heartbeat_is_old(db_path, make_store):
-    store = make_store(session_timeout=5)
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_session_of_another_host_lives_while_its_counter_moves(db_path, make_store):
+    clock = FakeClock()
+    store = make_store(session_timeout=5, clock=clock)
     conn = raw(db_path)
-    conn.execute("INSERT INTO sessions VALUES ('remote', 1, 'x', 'elsewhere', ?)", (time.time(),))
+    conn.execute("INSERT INTO sessions (id, pid, pstart, hostname, heartbeat) "
+                 "VALUES ('remote', 1, 'x', 'elsewhere', 0)")
     conn.execute("INSERT INTO locks VALUES (?, 'remote', NULL, ?)",
                  (node_lock_path("0000000001"), time.time()))
     assert store.is_node_locked("0000000001")
     with pytest.raises(LockError):
         store.lock_node("0000000001")
-    conn.execute("UPDATE sessions SET heartbeat=? WHERE id='remote'", (time.time() - 60,))
+    for _ in range(3):                       # it beats: minutes of our time, still alive
+        clock.now += 4
+        conn.execute("UPDATE sessions SET beats=beats+1 WHERE id='remote'")
+        assert store.is_node_locked("0000000001")
+    clock.now += 4                           # silent, but not for a whole timeout yet
+    assert store.is_node_locked("0000000001")
+    clock.now += 2                           # silent for 6s > 5s: frozen or gone
     conn.close()
     assert not store.is_node_locked("0000000001")
     store.lock_node("0000000001").release()
+
+
+class SteppedWallClock:
+    """Stands in for the ``time`` module inside nodepool.store.sqlite: ``time()`` is the real
+    wall clock plus ``offset`` (an NTP step or a resumed VM), everything else is the real one."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self):
+        return time.time() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_wall_clock_steps_reap_no_session_and_lose_no_lock(db_path, make_store, monkeypatch):
+    import nodepool.store.sqlite as sqlite_module
+    wall = SteppedWallClock()
+    monkeypatch.setattr(sqlite_module, "time", wall)
+    a, b = make_store(session_timeout=3), make_store(session_timeout=3)
+    lock = b.lock_node("0000000003")
+    req = b.submit_request(NodeRequest(node_types=["small"]))
+    comp = b.register_component(Component(kind="launcher"))
+    sessions = {a.session_id, b.session_id}
+    for step in (600, -1200, 3600, -3000):
+        wall.offset += step
+        for store in (a, b):                 # what every heartbeat and lock attempt does
+            store._tx(store._beat)
+            store._tx(store._reap)
+            with pytest.raises(LockError):
+                store.lock_node("0000000003")
+    rows = raw(db_path).execute("SELECT id FROM sessions").fetchall()
+    assert {r[0] for r in rows} == sessions
+    assert a.is_node_locked("0000000003") and not lock.released
+    assert a.get_request(req.id) is not None
+    assert [c.id for c in a.list_components("launcher")] == [comp.id]
+
+
+def test_file_made_before_the_beat_counter_is_upgraded(db_path):
+    os.makedirs(os.path.dirname(db_path))
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, pid INTEGER, pstart TEXT, "
+                 "hostname TEXT, heartbeat REAL)")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(db_path).start()
+    try:
+        store.lock_node("0000000005").release()
+        [(beats,)] = raw(db_path).execute("SELECT beats FROM sessions").fetchall()
+        assert beats == 0
+    finally:
+        store.stop()
+
+
+def test_frozen_session_is_reaped_after_its_counter_stood_still(db_path, make_store):
+    clock = FakeClock()
+    watcher = make_store(session_timeout=5, clock=clock)
+    frozen = make_store(session_timeout=5)
+    frozen.lock_node("0000000004")
+    req = frozen.submit_request(NodeRequest(node_types=["small"]))
+    frozen._stop.set()                       # its heartbeat thread stops; the process lives
+    for thread in frozen._threads:
+        thread.join(WAIT)
+    watcher._tx(watcher._reap)               # first look: counter noted
+    clock.now += 4.9
+    watcher._tx(watcher._reap)
+    assert watcher.is_node_locked("0000000004")
+    clock.now += 0.2
+    assert watcher._tx(watcher._reap) == {frozen.session_id}
+    assert not watcher.is_node_locked("0000000004")
+    assert watcher.get_request(req.id) is None
+    watcher.lock_node("0000000004").release()
 
 
 @pytest.mark.slow

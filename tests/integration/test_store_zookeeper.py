@@ -262,6 +262,34 @@ def test_request_created_right_after_the_first_walk_is_cached(store, zk_raw):
 
 # -- locks ---------------------------------------------------------------------------------------
 
+def test_bookkeeping_of_finished_requests_stays_bounded(store, make_store):
+    """A launcher handles requests for months: nothing kept per request may outlive it."""
+    requestor = make_store()
+
+    def per_request_entries():
+        sizes = {}
+        for name, value in vars(store._cache).items():
+            if isinstance(value, dict) and isinstance(value.get("request"), (dict, set)):
+                sizes[f"cache.{name}"] = len(value["request"])
+        sizes["released contenders"] = len(store._released_contenders)
+        sizes["assured request locks"] = len([p for p in store._assured_lock_paths
+                                              if p.startswith("/nodepool/requests-lock/")])
+        return sizes
+
+    assert store.list_requests() == []          # a launcher lists them: the cache is on
+    for _ in range(150):
+        req = requestor.submit_request(NodeRequest(node_types=["small"]))
+        wait_for(lambda: store.get_request(req.id) is not None, what="request")
+        with store.lock_request(req.id):
+            got = store.get_request(req.id)
+            got.state = RequestState.FULFILLED
+            store.update_request(got)
+        requestor.delete_request(req.id)
+    wait_for(lambda: not store.list_requests(), what="requests gone from the cache")
+    wait_for(lambda: max(per_request_entries().values()) <= 5,
+             what=f"bounded bookkeeping (now {per_request_entries()})")
+
+
 def test_locks_interoperate_with_kazoo_recipe(store, zk_raw):
     node = store.create_node(Node(state=NodeState.READY))
     path = node_lock_path(node.id)

@@ -732,3 +732,46 @@ def test_driver_check_provider_problems(tmp_path, tiny):
 def test_default_driver_is_openstack(tmp_path):
     problems = problems_of(tmp_path, "providers:\n  - name: cloud1\n")
     assert_problem(problems, "providers[0].cloud", "required key is missing")
+
+
+MISSING_CLOUD = """\
+labels:
+  - name: small
+  - name: os-small
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        labels:
+          - name: small
+            cloud-image: img
+  - name: gone
+    driver: openstack
+    cloud: no-such-cloud
+    cloud-images:
+      - name: cirros
+    pools:
+      - name: main
+        labels:
+          - name: os-small
+            cloud-image: cirros
+            min-ram: 512
+"""
+
+
+def test_a_provider_s_missing_cloud_leaves_the_config_valid(tmp_path, monkeypatch):
+    """Credentials are the host's, not the file's: a cloud this host cannot load is that
+    provider's start error (and ``config-validate --check-clouds``'s report), never the whole
+    configuration's."""
+    empty = tmp_path / "clouds.yaml"
+    empty.write_text("clouds: {}\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(empty))
+    path = write(tmp_path, MISSING_CLOUD)
+    config = load_config(path)
+    assert sorted(config.providers) == ["gone", "sim"]
+    assert list(validate_config(path).problems) == []
+    [problem] = drivers.cloud_problems(config)
+    assert problem.startswith("provider gone: ") and "no-such-cloud" in problem

@@ -119,8 +119,33 @@ def test_check_provider_rules(tmp_path, monkeypatch):
     assert "labels[2]: label noflavor: at least one of min-ram and flavor-name" in text
     assert "cloud-images[0]: cloud image c: image-id and image-name" in text
     assert len(problems) == 3
-    prov.options["cloud"] = "other"
-    problems = DRIVER.check_provider(prov, config)
-    assert any(k == "providers[0].cloud" and "'other'" in m for k, m in problems)
+    assert DRIVER.check_cloud(prov) is None
+    prov.options["cloud"] = "other"         # the host's clouds.yaml is not the file's business
+    assert len(DRIVER.check_provider(prov, config)) == 3
+    assert "cloud 'other' cannot be loaded from clouds.yaml" in DRIVER.check_cloud(prov)
     DRIVER.finalize(prov, config)
     assert prov.options["image-format"] == "qcow2"
+
+
+def test_calls_are_named_after_the_sdk_method_they_reach():
+    from nodepool.drivers.openstack.adapter import SdkMethodName
+
+    class Proxy:
+        def get_endpoint(self):
+            return "http://compute"
+
+        def get_limits(self):
+            return "limits"
+
+    class Connection:
+        compute = Proxy()
+
+        def get_external_ipv4_floating_networks(self):
+            return []
+
+    named = SdkMethodName(Connection())
+    assert named.compute.get_limits() == "limits"
+    assert named.operation == "compute.get_limits"
+    named = SdkMethodName(Connection())
+    assert named.get_external_ipv4_floating_networks() == []
+    assert named.operation == "get_external_ipv4_floating_networks"

@@ -7,6 +7,7 @@ boto3 can still run other drivers.  Credentials come from boto3's usual sources 
 """
 import voluptuous as v
 
+from ...extras import requires
 from ..base import Driver
 
 IMAGE_FORMATS = ("raw", "ova", "vhd", "vhdx", "vmdk")
@@ -133,8 +134,24 @@ class AwsDriver(Driver):
                              "object-storage.bucket-name is required to upload diskimages"))
         return problems
 
+    def check_cloud(self, provider):
+        """Profile, region and credentials, as the adapter's ``start()`` loads them."""
+        from ...errors import NodepoolError
+        try:
+            adapter = self.adapter(provider)
+        except NodepoolError as exc:
+            return str(exc)
+        try:
+            adapter.start()
+        except NodepoolError as exc:
+            return str(exc)
+        finally:
+            adapter.stop()
+        return None
+
     def adapter(self, provider, rate_limiter=None):
-        from .adapter import AwsAdapter
+        with requires("aws", f"provider {provider.name} (driver aws)"):
+            from .adapter import AwsAdapter
         return AwsAdapter(provider, rate_limiter)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 
 import boto3
 import botocore.config
@@ -185,8 +186,17 @@ class AwsAdapter(Adapter):
 
     def start(self):
         """Build the clients (no API call).  An unknown region is refused here when we talk
-        to AWS itself; with an endpoint override any region name is passed through."""
+        to AWS itself; with an endpoint override any region name is passed through.  No
+        credentials at all (environment, profile, instance role) is refused too: every call
+        would fail."""
         self.client("ec2")
+        try:
+            found = self._clients["_session"].get_credentials()
+        except Exception as exc:
+            raise translate_error(exc, f"{self.what}: credentials") from exc
+        if found is None:
+            raise PermanentCloudError(f"{self.what}: no AWS credentials found (environment, "
+                                      f"profile {self.profile or 'default'} or instance role)")
 
     def _session(self):
         try:
@@ -220,12 +230,13 @@ class AwsAdapter(Adapter):
                 self._clients[service] = client
             return client
 
-    def call(self, what, func, missing_ok=False):
-        """One rate-limited API call, retried with backoff while AWS throttles, answers 5xx or
-        cannot be reached; errors come back as our classes naming ``what``."""
+    def call(self, what, func, missing_ok=False, *, operation):
+        """One rate-limited API call (``operation`` is the SDK method, for the metrics),
+        retried with backoff while AWS throttles, answers 5xx or cannot be reached; errors come
+        back as our classes naming ``what``."""
         attempts = len(self.retry_delays) + 1
         for attempt in range(attempts):
-            with self.rate_limiter:
+            with self.rate_limiter.call(operation):
                 try:
                     return func()
                 except Exception as exc:
@@ -238,7 +249,8 @@ class AwsAdapter(Adapter):
 
     def ec2(self, what, method, missing_ok=False, **kwargs):
         client = self.client("ec2")
-        return self.call(what, lambda: getattr(client, method)(**kwargs), missing_ok)
+        return self.call(what, lambda: getattr(client, method)(**kwargs), missing_ok,
+                         operation=method)
 
     def paginate(self, what, service, method, key, **kwargs):
         """Every item of a paginated call; one rate-limited call per page."""
@@ -251,7 +263,7 @@ class AwsAdapter(Adapter):
             args = dict(kwargs)
             if token:
                 args[token_in] = token
-            page = self.call(what, lambda: getattr(client, method)(**args))
+            page = self.call(what, lambda: getattr(client, method)(**args), operation=method)
             out.extend(page.get(key) or [])
             token = page.get(token_out)
             if not token:
@@ -430,7 +442,7 @@ class AwsAdapter(Adapter):
         client = self.client("service-quotas")
         try:
             answer = self.call(f"service quota {code}", lambda: client.get_service_quota(
-                ServiceCode="ec2", QuotaCode=code))
+                ServiceCode="ec2", QuotaCode=code), operation="get_service_quota")
         except PermanentCloudError as exc:
             if code not in self._quota_warned:
                 self._quota_warned.add(code)
@@ -509,7 +521,7 @@ class AwsAdapter(Adapter):
                 tagging = self.call(f"tags of object {key}",
                                     lambda k=key: s3.get_object_tagging(Bucket=self.bucket,
                                                                         Key=k),
-                                    missing_ok=True)
+                                    missing_ok=True, operation="get_object_tagging")
             except InstanceNotFound:
                 continue
             tags = tag_dict(tagging.get("TagSet"))
@@ -534,7 +546,7 @@ class AwsAdapter(Adapter):
             elif resource.type == "object":
                 s3 = self.client("s3")
                 self.call(what, lambda: s3.delete_object(Bucket=self.bucket, Key=resource.id),
-                          missing_ok=True)
+                          missing_ok=True, operation="delete_object")
             else:
                 raise PermanentCloudError(f"{self.what}: cannot delete a {resource.type}")
         except InstanceNotFound:
@@ -595,10 +607,19 @@ class AwsAdapter(Adapter):
             key = self.object_key(image["Name"], metadata=tags)
             try:
                 self.call(f"delete object {key}", lambda: s3.delete_object(
-                    Bucket=self.bucket, Key=key), missing_ok=True)
+                    Bucket=self.bucket, Key=key), missing_ok=True, operation="delete_object")
             except InstanceNotFound:
                 pass
         self.log.info("%s: deleted image %s (%s)", self.what, external_id, image.get("Name"))
+
+
+def client_token(node_id):
+    """The ``run_instances`` idempotency token of one create state machine (one launch
+    attempt): EC2 answers a repeated call with the same token with the instance the first call
+    made, so retrying a call whose answer was lost (read timeout) launches nothing more.  The
+    node id names it; the random part keeps attempts apart (a new attempt must launch anew)
+    and so are installations whose node ids overlap in one account."""
+    return f"np{node_id or 'none'}-{uuid.uuid4().hex}"[:64]
 
 
 class CreateInstance(StateMachine):
@@ -611,6 +632,7 @@ class CreateInstance(StateMachine):
         self.adapter = adapter
         self.spec = spec
         self.created_at = None
+        self.client_token = client_token(spec.node_id)
 
     def _what(self):
         return f"{self.adapter.what}: node {self.spec.node_id}"
@@ -662,7 +684,7 @@ class CreateInstance(StateMachine):
         opts, pool_opts = spec.label.options, spec.pool.options
         tags = instance_tags(spec.hostname, spec.label.name, opts, spec.metadata, spec.request)
         kwargs = dict(ImageId=image["ImageId"], MinCount=1, MaxCount=1,
-                      InstanceType=opts["instance-type"],
+                      InstanceType=opts["instance-type"], ClientToken=self.client_token,
                       TagSpecifications=tag_specifications(tags, "instance", "volume"))
         if opts.get("key-name"):
             kwargs["KeyName"] = opts["key-name"]

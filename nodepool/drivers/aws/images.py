@@ -70,10 +70,11 @@ class ImageUpload:
         adapter = self.adapter
         s3 = adapter.client("s3")
         adapter.call(f"{self.what}: bucket {adapter.bucket}",
-                     lambda: s3.head_bucket(Bucket=adapter.bucket))
+                     lambda: s3.head_bucket(Bucket=adapter.bucket), operation="head_bucket")
         adapter.call(f"{self.what}: put s3://{adapter.bucket}/{key}",
                      lambda: s3.upload_file(self.spec.filename, adapter.bucket, key,
-                                            ExtraArgs={"Tagging": s3_tagging(self.tags)}))
+                                            ExtraArgs={"Tagging": s3_tagging(self.tags)}),
+                     operation="upload_file")
         self.created.append(("object", key))
 
     def import_snapshot(self, key):
@@ -254,7 +255,7 @@ class ImageUpload:
                     s3 = adapter.client("s3")
                     adapter.call(f"{self.what}: delete object {ident}",
                                  lambda k=ident: s3.delete_object(Bucket=adapter.bucket, Key=k),
-                                 missing_ok=True)
+                                 missing_ok=True, operation="delete_object")
             except CloudError as exc:
                 adapter.log.warning("%s: cannot remove %s %s after a failed upload: %s",
                                     self.what, kind, ident, exc)

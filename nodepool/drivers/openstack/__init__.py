@@ -6,6 +6,8 @@ only when a provider uses it, so a machine without the SDK can still run other d
 """
 import voluptuous as v
 
+from ...errors import NodepoolError
+from ...extras import requires
 from ..base import Driver
 
 DEFAULT_IMAGE_FORMAT = "qcow2"
@@ -70,7 +72,8 @@ class OpenStackDriver(Driver):
         }
 
     def check_provider(self, provider, config):
-        """Label image/flavor rules, cloud-image id/name rule, and the clouds.yaml entry."""
+        """Label image/flavor rules and the cloud-image id/name rule (the clouds.yaml entry
+        is ``check_cloud``'s: a host without it must still read the config)."""
         index = list(config.providers).index(provider.name) if provider.name in \
             config.providers else 0
         where = f"providers[{index}]"
@@ -89,12 +92,11 @@ class OpenStackDriver(Driver):
                 problems.append((f"{where}.cloud-images[{image_index}]",
                                  f"cloud image {image.name}: image-id and image-name are "
                                  f"mutually exclusive"))
-        cloud = provider.options.get("cloud")
-        if cloud:
-            message = cloud_config_problem(cloud, provider.options.get("region-name"))
-            if message:
-                problems.append((f"{where}.cloud", message))
         return problems
+
+    def check_cloud(self, provider):
+        return cloud_config_problem(provider.options.get("cloud"),
+                                    provider.options.get("region-name"))
 
     def finalize(self, provider, config):
         """Record the cloud's image format (clouds.yaml ``image_format``) for the builder."""
@@ -102,13 +104,16 @@ class OpenStackDriver(Driver):
             provider.options.get("cloud"), provider.options.get("region-name")))
 
     def adapter(self, provider, rate_limiter=None):
-        from .adapter import OpenStackAdapter
+        with requires("openstack", f"provider {provider.name} (driver openstack)"):
+            from .adapter import OpenStackAdapter
         return OpenStackAdapter(provider, rate_limiter)
 
 
 def _cloud_region(cloud, region):
-    """openstacksdk's config for ``cloud``; raises whatever the SDK raises."""
-    from openstack import config as os_config
+    """openstacksdk's config for ``cloud``; raises whatever the SDK raises (and
+    MissingDependencyError without the SDK)."""
+    with requires("openstack", f"cloud {cloud!r}"):
+        from openstack import config as os_config
     return os_config.OpenStackConfig().get_one(cloud=cloud, region_name=region)
 
 
@@ -116,8 +121,8 @@ def cloud_config_problem(cloud, region=None):
     """None when clouds.yaml (as openstacksdk finds it) has ``cloud``, else one line saying why."""
     try:
         _cloud_region(cloud, region)
-    except ImportError:
-        return "openstacksdk is not installed (pip install openstacksdk)"
+    except NodepoolError as exc:
+        return str(exc)
     except Exception as exc:
         return f"cloud {cloud!r} cannot be loaded from clouds.yaml: {exc}"
     return None

@@ -7,6 +7,7 @@ SDK and HTTP errors are turned into ``nodepool.errors`` classes naming the provi
 """
 import base64
 import logging
+import re
 import time
 
 import keystoneauth1.exceptions as ks_exc
@@ -16,9 +17,10 @@ from openstack import exceptions as os_exc
 from ...errors import (CloudError, InstanceNotFound, LabelConfigurationError,
                        PermanentCloudError, QuotaError, TransientCloudError)
 from ...model.quota import Limits, Resources
-from ..base import (META_BUILD_ID, META_PROVIDER, META_UPLOAD_ID, Adapter, CloudResource,
+from ..base import (META_BUILD_ID, META_NODE_ID, META_PROVIDER, META_UPLOAD_ID, Adapter,
+                    CloudResource,
                     Instance, StateMachine, apply_image_access, request_namespace)
-from ..ratelimit import RateLimiter
+from ..ratelimit import RateLimiter, count_api_call
 from . import DEFAULT_IMAGE_FORMAT
 from .flavors import choose_flavor
 from .addresses import classify_addresses
@@ -26,6 +28,7 @@ from .addresses import classify_addresses
 LIST_TTL = 1.0            # seconds a server/floating-IP listing is shared before it is refreshed
 API_TIMEOUT = 60          # seconds one HTTP call may take
 UPLOAD_POLL = 2.0         # seconds between status checks of an upload
+UNANSWERED_KEEP = 3600    # seconds a create without an answer is remembered for its node
 
 log = logging.getLogger("nodepool.drivers.openstack")
 
@@ -89,6 +92,27 @@ class Listing:
         self._invalid = True
 
 
+class SdkMethodName:
+    """Stands in for the SDK connection during one ``call`` and remembers the first method the
+    call reaches (``compute.create_server``, ``get_external_ipv4_floating_networks``): the
+    ``operation`` label of ``nodepool_api_calls_total``.  Everything else passes through."""
+
+    def __init__(self, target, prefix=None, owner=None):
+        self._target = target
+        self._prefix = prefix
+        self._owner = owner or self
+        self.operation = None
+
+    def __getattr__(self, name):
+        value = getattr(self._target, name)
+        path = f"{self._prefix}.{name}" if self._prefix else name
+        if self._prefix is None and hasattr(value, "get_endpoint"):   # a service proxy
+            return SdkMethodName(value, path, self._owner)
+        if callable(value) and self._owner.operation is None:
+            self._owner.operation = path
+        return value
+
+
 class OpenStackAdapter(Adapter):
     """One OpenStack provider (a clouds.yaml cloud + region)."""
 
@@ -104,6 +128,7 @@ class OpenStackAdapter(Adapter):
         self.servers = Listing(self._list_servers)
         self.floating_ips = Listing(self._list_floating_ips)
         self._down_ports = {}         # port id -> monotonic time first seen DOWN
+        self._unanswered = {}         # node id -> monotonic time its create got no answer
         self.log = logging.getLogger(f"nodepool.drivers.openstack.{provider.name}")
 
     # -- connection and calls ---------------------------------------------------------------------
@@ -127,13 +152,17 @@ class OpenStackAdapter(Adapter):
         return self._conn
 
     def call(self, what, func, *args, **kwargs):
-        """One rate-limited API call; errors come back as our classes naming ``what``."""
-        conn = self.connection()
+        """One rate-limited API call, ``func(connection)``; errors come back as our classes
+        naming ``what``.  The call is counted under the SDK method ``func`` reaches (see
+        ``SdkMethodName``), so call sites need not name it twice."""
+        named = SdkMethodName(self.connection())
         with self.rate_limiter:
             try:
-                return func(conn, *args, **kwargs)
+                return func(named, *args, **kwargs)
             except Exception as exc:
                 raise translate_error(exc, f"{self.what}: {what}") from exc
+            finally:
+                count_api_call(self.provider.name, named.operation or "unknown")
 
     def stop(self):
         if self._conn is not None:
@@ -218,6 +247,31 @@ class OpenStackAdapter(Adapter):
 
     def create_state_machine(self, spec):
         return CreateServer(self, spec)
+
+    def create_unanswered(self, node_id):
+        """Remember that a create for ``node_id`` failed without an answer (timeout, 5xx,
+        lost connection): nova may have made the server all the same."""
+        now = time.monotonic()
+        for old in [n for n, t in self._unanswered.items() if now - t > UNANSWERED_KEEP]:
+            del self._unanswered[old]
+        self._unanswered[node_id] = now
+
+    def server_left_by_unanswered_create(self, spec):
+        """The server an unanswered earlier create of this node made (same name and node-id
+        metadata, not deleted), or None; asks the cloud only after such a create, so a normal
+        launch costs no extra call."""
+        if self._unanswered.pop(spec.node_id, None) is None:
+            return None
+        pattern = f"^{re.escape(spec.hostname)}$"
+        servers = self.call(f"node {spec.node_id}: look for server {spec.hostname} of an "
+                            f"unanswered create",
+                            lambda c: list(c.compute.servers(details=True, name=pattern)))
+        for server in servers:
+            status = (server.status or "").upper()
+            if ((server.metadata or {}).get(META_NODE_ID) == spec.node_id
+                    and status not in ("DELETED", "SOFT_DELETED")):
+                return server
+        return None
 
     def delete_state_machine(self, external_id):
         return DeleteServer(self, external_id)
@@ -505,9 +559,19 @@ class CreateServer(StateMachine):
         if groups:
             kwargs["security_groups"] = [{"name": g} for g in groups]
         self.created_at = time.monotonic()
+        server = adapter.server_left_by_unanswered_create(spec)
+        if server is not None:
+            self.external_id = server.id
+            self.state = self.SERVER_CREATING
+            self.log.info("%s: server %s made by an earlier create whose answer was lost: "
+                          "using it", self._what(), server.id)
+            return
         try:
             server = adapter.call(f"node {spec.node_id}: create server {spec.hostname}",
                                   lambda c: c.compute.create_server(**kwargs))
+        except TransientCloudError:
+            adapter.create_unanswered(spec.node_id)
+            raise
         except PermanentCloudError as exc:
             if "image" in str(exc).lower() or "flavor" in str(exc).lower():
                 adapter.forget("flavors")

@@ -159,7 +159,7 @@ class SimulatedAdapter(Adapter):
 
     def _api(self, operation, func, *args, **kwargs):
         """One API call: rate limit, latency, injected 5xx, then the cloud's answer."""
-        with self.rate_limiter:
+        with self.rate_limiter.call(operation):
             self.api_calls[operation] += 1
             if self.api_latency:
                 time.sleep(self.api_latency)
