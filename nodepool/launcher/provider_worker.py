@@ -446,7 +446,14 @@ class ProviderWorker:
         self.leak_interval = leak_interval
         self.instance_interval = instance_interval
         self.log = logging.getLogger(f"nodepool.launcher.provider.{provider.name}")
-        self.adapter = get_driver(provider.driver).adapter(provider)
+        self.start_error = None
+        try:
+            self.adapter = get_driver(provider.driver).adapter(provider)
+        except Exception as exc:
+            # e.g. its SDK is not installed: a start error like any other (pools decline with
+            # it, and making the adapter is tried again with the start)
+            self.adapter = None
+            self.start_error = str(exc) or type(exc).__name__
         self._inbox = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -471,7 +478,6 @@ class ProviderWorker:
         self.reconcile_interval = RECONCILE_SECONDS
         self._last_reconcile = -1e9
         self.started = False
-        self.start_error = None
         self.thread = threading.Thread(target=self._run, name=f"provider-{provider.name}",
                                        daemon=True)
 
@@ -539,6 +545,8 @@ class ProviderWorker:
     def _try_start(self):
         """Start the adapter; on failure keep the reason (pools decline with it) and retry."""
         try:
+            if self.adapter is None:
+                self.adapter = get_driver(self.provider.driver).adapter(self.provider)
             self.adapter.start()
         except Exception as exc:
             if str(exc) != self.start_error:
@@ -572,7 +580,8 @@ class ProviderWorker:
                 self._wake.wait(1.0)
             self._wake.clear()
         try:
-            self.adapter.stop()
+            if self.adapter is not None:
+                self.adapter.stop()
         except Exception:
             self.log.exception("provider %s adapter stop failed", self.provider.name)
 

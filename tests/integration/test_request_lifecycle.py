@@ -327,3 +327,19 @@ def test_request_taken_over_meanwhile_is_not_overwritten(launcher_env):
     wait_until(lambda: client.store.get_node(node.id).allocated_to is None,
                message="the node returned to the pool")
     client.store.delete_request(req.id)
+
+
+# -- a provider whose adapter cannot even be made declines instead of leaving requests waiting --
+
+def test_provider_without_its_sdk_declines_its_requests(sqlite_launcher_env, monkeypatch):
+    from nodepool.drivers.simulated import SimulatedDriver
+
+    def no_sdk(self, provider, rate_limiter=None):
+        raise RuntimeError("the cloud SDK is not installed (from the test)")
+    monkeypatch.setattr(SimulatedDriver, "adapter", no_sdk)
+    basic(sqlite_launcher_env)
+    sqlite_launcher_env.start_launcher()
+    client = sqlite_launcher_env.client()
+    done = ended(client, client.submit(["small"]).id)
+    assert done.state == RequestState.FAILED
+    assert "SDK is not installed" in " ".join(done.extra["declined_reasons"].values())
