@@ -104,14 +104,16 @@ class FaultEnv(LauncherEnv):
         return count
 
     def crashes(self):
-        """Lines of every daemon log where our own code failed (a loop caught an exception)."""
+        """Log lines where a daemon loop caught an exception of our own code (the message is
+        followed by a traceback; expected store outages are logged without one)."""
         found = []
         for proc in self.procs:
             proc.log.flush()
             with open(proc.log.name) as f:
-                for line in f:
-                    if any(c in line for c in CRASHES):
-                        found.append(f"{os.path.basename(proc.log.name)}: {line.strip()}")
+                lines = f.read().splitlines()
+            for line, after in zip(lines, lines[1:]):
+                if any(c in line for c in CRASHES) and after.startswith("Traceback"):
+                    found.append(f"{os.path.basename(proc.log.name)}: {line.strip()}")
         return found
 
 
