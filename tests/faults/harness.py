@@ -26,6 +26,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -63,6 +64,17 @@ def report(name, **figures):
 class FaultEnv(LauncherEnv):
     """A ``LauncherEnv`` whose daemons we kill, freeze and restart."""
 
+    def write(self, body):
+        """Write the config; a body naming its own ``state-file`` keeps it (one cloud per
+        provider), otherwise every simulated provider shares ``cloud.sqlite``."""
+        if "state-file:" not in body:
+            return super().write(body)
+        with open(self.config_path, "w") as f:
+            f.write(self.store_yaml + textwrap.dedent(body))
+        st = os.stat(self.config_path)
+        os.utime(self.config_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return self.config_path
+
     def spawn_launcher(self, wrapper=(), env=None):
         """``nodepool-launcher -f`` as a process (optionally under ``wrapper``, e.g. faketime)."""
         return self._spawn("launcher", [*wrapper, sys.executable, "-m", "nodepool.cli.launcher",
@@ -90,9 +102,10 @@ class FaultEnv(LauncherEnv):
             proc.send_signal(signal.SIGKILL)
         proc.wait(30)
 
-    def cloud(self):
-        """The simulated cloud's state file, read directly (no injected API errors)."""
-        return SimulatedCloud(self.dir / "cloud.sqlite")
+    def cloud(self, name="cloud"):
+        """A simulated cloud's state file (``<name>.sqlite``), read directly (no injected API
+        errors)."""
+        return SimulatedCloud(self.dir / f"{name}.sqlite")
 
     def log_count(self, text):
         """How many lines of all daemon logs contain ``text``."""
