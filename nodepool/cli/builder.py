@@ -1,7 +1,8 @@
 """``nodepool-builder``: run the image builder daemon."""
 import sys
 
-from .launcher import check_foreground, daemon_parser, run_daemon, setup_logging
+from .launcher import (check_foreground, daemon_parser, load_daemon_config, run_daemon,
+                       setup_logging)
 
 
 def main(argv=None):
@@ -19,10 +20,17 @@ def main(argv=None):
     if not check_foreground("nodepool-builder", args):
         return 2
     setup_logging(args.debug, args.logconfig)
+    config = load_daemon_config("nodepool-builder", args)
+    if config is None:
+        return 1
     from ..builder.builder import Builder
+    settings = config.builder
     return run_daemon("nodepool-builder",
                       Builder(args.config, args.secure, build_workers=args.build_workers,
-                              upload_workers=args.upload_workers),
+                              upload_workers=args.upload_workers,
+                              build_interval=settings.build_interval,
+                              upload_interval=settings.upload_interval,
+                              cleanup_interval=settings.cleanup_interval),
                       args.pidfile)
 
 

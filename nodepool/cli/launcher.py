@@ -54,6 +54,17 @@ def check_foreground(prog, args):
     return False
 
 
+def load_daemon_config(prog, args):
+    """The config the daemon will start with (its intervals are read once, here), or None after
+    printing why it is invalid; the daemon loads and watches the file itself afterwards."""
+    from ..config import load_config
+    try:
+        return load_config(args.config, args.secure)
+    except ConfigError as exc:
+        print(f"{prog}: invalid configuration:\n{exc}", file=sys.stderr)
+        return None
+
+
 def run_daemon(prog, daemon, pidfile):
     """Start a daemon (launcher or builder) and run it until it is stopped; exit code."""
     daemon.install_signal_handlers()
@@ -77,10 +88,15 @@ def main(argv=None):
     if not check_foreground("nodepool-launcher", args):
         return 2
     setup_logging(args.debug, args.logconfig)
+    config = load_daemon_config("nodepool-launcher", args)
+    if config is None:
+        return 1
     from ..launcher.launcher import Launcher
     return run_daemon("nodepool-launcher",
-                      Launcher(args.config, args.secure, webapp=not args.no_webapp),
+                      Launcher(args.config, args.secure, webapp=not args.no_webapp,
+                               leak_interval=config.launcher.leak_interval),
                       args.pidfile)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,9 +21,9 @@ from .. import drivers
 from ..errors import ConfigError
 from ..model.quota import Limits
 from . import schema
-from .model import (CloudImage, Config, DiskImage, EmbeddedStore, Label, Pool, PoolLabel,
-                    Provider, ProviderDiskImage, TenantLimit, WebApp, ZooKeeperServer,
-                    ZooKeeperTLS)
+from .model import (BuilderSettings, CloudImage, Config, DiskImage, EmbeddedStore, Label,
+                    LauncherSettings, Pool, PoolLabel, Provider, ProviderDiskImage, TenantLimit,
+                    WebApp, ZooKeeperServer, ZooKeeperTLS)
 
 ENV_REFERENCE = re.compile(r"%\((NODEPOOL_[A-Za-z0-9_]*)\)")
 
@@ -376,6 +376,11 @@ class _Builder:
         store = data["embedded-store"]
         config.embedded_store = EmbeddedStore(path=store["path"],
                                               session_timeout=store["session-timeout"])
+        config.launcher = LauncherSettings(leak_interval=data["launcher"]["leak-interval"])
+        builder = data["builder"]
+        config.builder = BuilderSettings(build_interval=builder["build-interval"],
+                                         upload_interval=builder["upload-interval"],
+                                         cleanup_interval=builder["cleanup-interval"])
         config.images_dir = data.get("images-dir")
         config.build_log_dir = data["build-log-dir"]
         config.build_log_retention = data["build-log-retention"]

@@ -160,6 +160,20 @@ class WebApp:
 
 
 @dataclass
+class LauncherSettings:
+    """``launcher:``: intervals of the launcher daemon's periodic passes, in seconds."""
+    leak_interval: float = 60.0         # scan each provider's cloud for leaked resources
+
+
+@dataclass
+class BuilderSettings:
+    """``builder:``: intervals of the builder daemon's loops, in seconds."""
+    build_interval: float = 10.0        # look for images that need a build
+    upload_interval: float = 10.0       # look for builds missing an upload
+    cleanup_interval: float = 60.0      # janitor: retention, leaked cloud images, local files
+
+
+@dataclass
 class EmbeddedStore:
     path: str = "/var/lib/nodepool/nodepool.sqlite"
     session_timeout: float = 10.0
@@ -178,6 +192,8 @@ class Config:
     zookeeper_tls: Optional[ZooKeeperTLS] = None
     zookeeper_timeout: float = 10.0
     embedded_store: EmbeddedStore = field(default_factory=EmbeddedStore)
+    launcher: LauncherSettings = field(default_factory=LauncherSettings)
+    builder: BuilderSettings = field(default_factory=BuilderSettings)
     images_dir: Optional[str] = None
     build_log_dir: str = "/var/log/nodepool/builds"
     build_log_retention: int = 7

@@ -44,6 +44,14 @@ def Number(minimum=None):
     return check
 
 
+def Interval(value):
+    """A number of seconds greater than zero (a loop that runs every 0 s would spin)."""
+    value = Number()(value)
+    if value <= 0:
+        raise v.Invalid(f"must be > 0, got {value}")
+    return value
+
+
 def _not_a_string(value):
     if isinstance(value, bool):
         return v.Invalid("expected str, got a boolean (quote it: YAML reads yes/no/on/off as "
@@ -379,6 +387,15 @@ def config_schema():
         v.Optional("images-dir"): Str,
         v.Optional("build-log-dir", default="/var/log/nodepool/builds"): Str,
         v.Optional("build-log-retention", default=7): Int(-1),
+        # our own: how often the daemons' periodic passes run (seconds)
+        v.Optional("launcher", default={}): Mapping({
+            v.Optional("leak-interval", default=60): Interval,
+        }),
+        v.Optional("builder", default={}): Mapping({
+            v.Optional("build-interval", default=10): Interval,
+            v.Optional("upload-interval", default=10): Interval,
+            v.Optional("cleanup-interval", default=60): Interval,
+        }),
         # our own: where the embedded (SQLite) state store lives
         v.Optional("embedded-store", default={}): {
             v.Optional("path", default="/var/lib/nodepool/nodepool.sqlite"): Name,

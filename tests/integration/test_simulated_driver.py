@@ -447,3 +447,23 @@ def test_api_calls_are_counted_in_the_metrics_endpoint(tmp_path):
     moved = {op: after[op] - before.get(op, 0) for op in after}
     assert moved == {op: float(n) for op, n in adapter.api_calls.items()}
     assert moved["create"] == 1 and moved["list images"] == 1
+
+
+def test_api_calls_of_every_adapter_add_up_in_the_state_file_when_counted(tmp_path):
+    counted = adapter_for(tmp_path, count_api_calls=True, api_error_rate=0.5, seed=3)
+    other = adapter_for(tmp_path, count_api_calls=True)
+    quiet = adapter_for(tmp_path)                      # counting is off by default
+    failures = 0
+    for _ in range(20):
+        try:
+            counted.list_instances()
+        except TransientCloudError:
+            failures += 1
+    run_to_end(other.create_state_machine(spec_for(other)))
+    quiet.list_instances()
+    counts = counted.cloud.api_call_counts()
+    assert 0 < failures < 20
+    assert counts["list"][0] == 20 + other.api_calls["list"]
+    assert counts["list"][1] == failures
+    assert counts["create"] == (1, 0)
+    assert quiet.api_calls == {"list": 1}

@@ -775,3 +775,37 @@ def test_a_provider_s_missing_cloud_leaves_the_config_valid(tmp_path, monkeypatc
     assert list(validate_config(path).problems) == []
     [problem] = drivers.cloud_problems(config)
     assert problem.startswith("provider gone: ") and "no-such-cloud" in problem
+
+
+# -- daemon intervals -----------------------------------------------------------------------------
+
+def test_daemon_intervals_default_to_nodepools_and_can_be_shortened(tmp_path):
+    default = load_config(write(tmp_path, SIM_PROVIDER))
+    assert (default.launcher.leak_interval, default.builder.build_interval,
+            default.builder.upload_interval, default.builder.cleanup_interval) == (60, 10, 10, 60)
+    short = load_config(write(tmp_path, SIM_PROVIDER + textwrap.dedent("""\
+        launcher:
+          leak-interval: 0.5
+        builder:
+          build-interval: 1
+          upload-interval: 2
+          cleanup-interval: 0.25
+        """)))
+    assert short.launcher.leak_interval == 0.5
+    assert (short.builder.build_interval, short.builder.upload_interval,
+            short.builder.cleanup_interval) == (1, 2, 0.25)
+
+
+def test_daemon_intervals_must_be_positive_numbers_under_known_keys(tmp_path):
+    problems = problems_of(tmp_path, SIM_PROVIDER + textwrap.dedent("""\
+        launcher:
+          leak-interval: 0
+          cleanup-intervl: 3
+        builder:
+          cleanup-interval: yes
+          upload-interval: -1
+        """))
+    assert_problem(problems, "launcher.leak-interval", "must be > 0")
+    assert_problem(problems, "launcher.cleanup-intervl", "unknown key")
+    assert_problem(problems, "builder.cleanup-interval", "expected a number")
+    assert_problem(problems, "builder.upload-interval", "must be > 0")

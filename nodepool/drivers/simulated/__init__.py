@@ -38,6 +38,8 @@ class SimulatedDriver(Driver):
                 v.Optional("ram"): v.All(int, v.Range(min=0)),
             },
             v.Optional("seed"): int,
+            # count every API call (and whether it failed) in the state file, across processes
+            v.Optional("count-api-calls", default=False): bool,
         }
 
     def label_schema(self):

@@ -1,7 +1,9 @@
 """The simulated driver's adapter: the client side of ``cloud.SimulatedCloud``.
 
 Every API call goes through ``_api``: it takes the provider's rate limiter, pays ``api-latency``
-and fails with ``api-error-rate`` like a 5xx would, so a provider can model a slow or flaky cloud.
+and fails with ``api-error-rate`` like a 5xx would, so a provider can model a slow or flaky cloud;
+with ``count-api-calls`` it is also counted in the cloud's state file, where the calls of every
+process using the provider add up (``SimulatedCloud.api_call_counts``).
 Launch and delete machines make at most one API call per ``advance()``.  Machines waiting for a
 boot or a delete do not ask about their own instance: they read one shared instance listing that
 is refreshed lazily at most once per ``list_interval``, so a hundred launches in flight cost one
@@ -122,6 +124,7 @@ class SimulatedAdapter(Adapter):
         self.api_latency = float(opts.get("api-latency", 0.0))
         self.api_error_rate = float(opts.get("api-error-rate", 0.0))
         self.upload_time = float(opts.get("upload-time", 0.0))
+        self.count_api_calls = bool(opts.get("count-api-calls", False))
         boot_time = float(opts.get("boot-time", 1.0))
         delete_time = float(opts.get("delete-time", 0.0))
         seed = opts.get("seed")
@@ -163,7 +166,10 @@ class SimulatedAdapter(Adapter):
             self.api_calls[operation] += 1
             if self.api_latency:
                 time.sleep(self.api_latency)
-            if self.api_error_rate and self.rng.random() < self.api_error_rate:
+            failed = bool(self.api_error_rate) and self.rng.random() < self.api_error_rate
+            if self.count_api_calls:
+                self.cloud.record_api_call(operation, failed)
+            if failed:
                 raise TransientCloudError(
                     f"simulated cloud {self.provider.name}: {operation} failed: "
                     f"503 Service Unavailable (api-error-rate {self.api_error_rate})")

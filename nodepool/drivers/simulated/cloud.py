@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS images (
     status TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS api_calls (
+    operation TEXT PRIMARY KEY,
+    calls INTEGER NOT NULL,
+    errors INTEGER NOT NULL
+);
 """
 
 _INSTANCE_COLUMNS = ("seq, id, name, image_id, az, region, cores, ram, metadata, created_at, "
@@ -355,6 +360,22 @@ class SimulatedCloud:
             conn.execute("UPDATE instances SET delete_at = ?, gone_at = ? WHERE id = ?",
                          (now, now + self.delete_time, instance_id))
         return "deleting"
+
+    # -- API call accounting (the provider's ``count-api-calls``) ---------------------------------
+
+    def record_api_call(self, operation, failed=False):
+        """Count one API call a client made (``failed``: it was answered with an error), so
+        tests can tell how many calls every process together made per node."""
+        with self._write() as conn:
+            conn.execute("INSERT INTO api_calls (operation, calls, errors) VALUES (?, 1, ?) "
+                         "ON CONFLICT(operation) DO UPDATE SET calls = calls + 1, "
+                         "errors = errors + excluded.errors", (operation, int(failed)))
+
+    def api_call_counts(self):
+        """``{operation: (calls, errors)}`` recorded so far by every client of this file."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT operation, calls, errors FROM api_calls").fetchall()
+        return {op: (calls, errors) for op, calls, errors in rows}
 
     # -- helpers for tests (another tool using the same account) ---------------------------------
 

@@ -1,0 +1,349 @@
+"""What the fault tests share: daemons as processes, a Zuul-like request stream, invariant checks.
+
+``FaultEnv`` extends the launcher fixtures' ``LauncherEnv`` with what killing daemons needs:
+launchers started through a wrapper (``faketime``) or with extra environment, builder processes,
+and a direct view of the simulated cloud's state file (no injected API errors on the test's own
+reads).
+
+``RequestStream`` plays Zuul: a few client threads submit 1- and 2-label requests, wait, lock the
+nodes, use them and return them as ``used``.  What a client sees that breaks a promise (a node
+accepted for two requests, a node not ready when accepted, a request failed without a reason,
+no answer in time) is recorded, never raised in the thread.
+
+``AllocationWatch`` samples the requests while the stream runs: no node may be listed by two
+fulfilled requests at once.
+
+``settle`` waits, after the faults, until the system is quiet again and returns what is still
+wrong (transitional nodes, leftover requests, instances without a record, records without an
+instance); the tests assert it is nothing.
+
+Every random choice comes from ``fault_rng``: the seed is printed and ``NODEPOOL_FAULT_SEED``
+replays the same schedule of kills, labels and cloud failures (thread timing still varies).
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+from fixtures.launcher import REPO, LauncherEnv
+from fixtures.procs import die_with_parent
+from nodepool.client import NodepoolClient
+from nodepool.drivers.simulated.cloud import SimulatedCloud
+from nodepool.errors import LockError, NotFoundError, StoreError
+from nodepool.model import NodeState, RequestState
+
+# messages the daemons log (with a traceback) when their own code failed; see fixtures.launcher
+CRASHES = ("launcher loop failed", "worker iteration failed", "unexpected error launching",
+           "worker failed (will retry)", "builder worker", "ZooKeeper cache update failed")
+
+
+def fault_rng(name):
+    """A ``random.Random`` for one test, from ``NODEPOOL_FAULT_SEED`` or a fresh seed (printed)."""
+    seed = os.environ.get("NODEPOOL_FAULT_SEED")
+    seed = int(seed) if seed else random.SystemRandom().randrange(1, 2**31)
+    print(f"[faults] {name}: NODEPOOL_FAULT_SEED={seed}")
+    rng = random.Random(f"{seed}:{name}")
+    rng.seed_value = seed
+    return rng
+
+
+def report(name, **figures):
+    """Print the figures of a run (and append them to ``$NODEPOOL_FAULT_REPORT`` as JSON)."""
+    print(f"[faults] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    path = os.environ.get("NODEPOOL_FAULT_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **figures}, sort_keys=True) + "\n")
+
+
+class FaultEnv(LauncherEnv):
+    """A ``LauncherEnv`` whose daemons we kill, freeze and restart."""
+
+    def write(self, body):
+        """Write the config; a body naming its own ``state-file`` keeps it (one cloud per
+        provider), otherwise every simulated provider shares ``cloud.sqlite``."""
+        if "state-file:" not in body:
+            return super().write(body)
+        with open(self.config_path, "w") as f:
+            f.write(self.store_yaml + textwrap.dedent(body))
+        st = os.stat(self.config_path)
+        os.utime(self.config_path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return self.config_path
+
+    def spawn_launcher(self, wrapper=(), env=None):
+        """``nodepool-launcher -f`` as a process (optionally under ``wrapper``, e.g. faketime)."""
+        return self._spawn("launcher", [*wrapper, sys.executable, "-m", "nodepool.cli.launcher",
+                                        "-f", "-c", self.config_path, "--no-webapp"], env)
+
+    def spawn_builder(self, env=None):
+        return self._spawn("builder", [sys.executable, "-m", "nodepool.cli.builder", "-f", "-c",
+                                       self.config_path, "--upload-workers", "2"], env)
+
+    def _spawn(self, kind, argv, env):
+        full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+        log = open(self.dir / f"{kind}-{len(self.procs)}.log", "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=full_env,
+                                preexec_fn=die_with_parent)
+        proc.log = log
+        proc.kind = kind
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def kill(proc):
+        """SIGKILL one daemon we started (by its PID) and reap it."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+    def cloud(self, name="cloud"):
+        """A simulated cloud's state file (``<name>.sqlite``), read directly (no injected API
+        errors)."""
+        return SimulatedCloud(self.dir / f"{name}.sqlite")
+
+    def log_count(self, text):
+        """How many lines of all daemon logs contain ``text``."""
+        count = 0
+        for proc in self.procs:
+            proc.log.flush()
+            with open(proc.log.name) as f:
+                count += sum(1 for line in f if text in line)
+        return count
+
+    def crashes(self):
+        """Log lines where a daemon loop caught an exception of our own code (the message is
+        followed by a traceback; expected store outages are logged without one)."""
+        found = []
+        for proc in self.procs:
+            proc.log.flush()
+            with open(proc.log.name) as f:
+                lines = f.read().splitlines()
+            for line, after in zip(lines, lines[1:]):
+                if any(c in line for c in CRASHES) and after.startswith("Traceback"):
+                    found.append(f"{os.path.basename(proc.log.name)}: {line.strip()}")
+        return found
+
+
+class RequestStream:
+    """Zuul-like clients on one store: request, accept, use, return; record what goes wrong."""
+
+    def __init__(self, store, rng, nodesets, clients=3, use_time=(0.0, 0.2),
+                 wait_timeout=90, pause=(0.0, 0.1)):
+        self.store = store
+        self.nodesets = nodesets
+        self.clients = clients
+        self.use_time = use_time
+        self.pause = pause
+        self.wait_timeout = wait_timeout
+        self.seeds = [rng.randrange(2**31) for _ in range(clients)]
+        self.lock = threading.Lock()
+        self.submitted = 0
+        self.fulfilled = 0
+        self.failed = {}              # request id -> reasons (a failed request must say why)
+        self.lost = 0                 # requests that vanished with the client's own session
+        self.store_errors = 0         # store calls that failed (the store was unreachable)
+        self.accepted = {}            # node id -> request id it was accepted for
+        self.nodes_served = 0
+        self.problems = []            # broken promises, as sentences
+        self._stop = threading.Event()
+        self._threads = []
+
+    def start(self):
+        for index in range(self.clients):
+            thread = threading.Thread(target=self._run, args=(index,), daemon=True,
+                                      name=f"zuul-{index}")
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self, timeout=120):
+        """Let each client finish the request in hand, then stop."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                self.problem(f"client {thread.name} did not finish its request in {timeout}s")
+
+    def problem(self, text):
+        with self.lock:
+            self.problems.append(text)
+
+    def _run(self, index):
+        rng = random.Random(self.seeds[index])
+        client = NodepoolClient(self.store, requestor=f"zuul-{index}")
+        while not self._stop.is_set():
+            labels = list(rng.choice(self.nodesets))
+            try:
+                self._one(client, labels, rng)
+            except StoreError as exc:
+                with self.lock:
+                    self.store_errors += 1
+                time.sleep(0.2)
+                if self.store_errors % 20 == 1:
+                    print(f"[faults] zuul-{index}: store error: {exc}")
+            time.sleep(rng.uniform(*self.pause))
+
+    def _one(self, client, labels, rng):
+        req = client.submit(labels)
+        with self.lock:
+            self.submitted += 1
+        try:
+            done = client.wait(req.id, timeout=self.wait_timeout)
+        except TimeoutError:
+            now = self.store.get_request(req.id)
+            self.problem(f"request {req.id} for {labels} not answered in {self.wait_timeout}s "
+                         f"(state {now.state if now else 'gone'}, "
+                         f"declined by {now.declined_by if now else '-'})")
+            client.cancel(req.id)
+            return
+        except NotFoundError:
+            # an ephemeral request goes with its requestor's session (ZooKeeper restarted
+            # longer than the session timeout): Zuul resubmits
+            with self.lock:
+                self.lost += 1
+            return
+        if done.state == RequestState.FAILED:
+            reasons = done.extra.get("declined_reasons") or {}
+            with self.lock:
+                self.failed[done.id] = reasons
+            if not reasons or not all(reasons.values()):
+                self.problem(f"request {done.id} for {labels} failed without a reason "
+                             f"(declined by {done.declined_by})")
+            client.cancel(done.id)
+            return
+        try:
+            nodes = client.accept(done)
+        except (LockError, NotFoundError) as exc:
+            self.problem(f"request {done.id} for {labels} was fulfilled with {done.nodes} but "
+                         f"its nodes could not be taken: {exc}")
+            return
+        try:
+            self._check_nodes(done, labels, nodes)
+            client.use(nodes)
+            time.sleep(rng.uniform(*self.use_time))
+        finally:
+            client.release(nodes)
+
+    def _check_nodes(self, req, labels, nodes):
+        with self.lock:
+            self.fulfilled += 1
+            self.nodes_served += len(nodes)
+            for node in nodes:
+                other = self.accepted.get(node.id)
+                if other is not None:
+                    self.problems.append(f"node {node.id} accepted for request {req.id} was "
+                                         f"already accepted for request {other}")
+                self.accepted[node.id] = req.id
+                if node.state != NodeState.READY:
+                    self.problems.append(f"node {node.id} was {node.state} (not ready) when "
+                                         f"request {req.id} took it")
+            got = sorted(label for node in nodes for label in node.type)
+            if got != sorted(labels):
+                self.problems.append(f"request {req.id} for {labels} got nodes of {got}")
+
+
+class AllocationWatch:
+    """Samples the requests: no node may be listed by two fulfilled requests at once."""
+
+    def __init__(self, store, interval=0.05):
+        self.store = store
+        self.interval = interval
+        self.samples = 0
+        self.problems = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="allocation-watch")
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                requests = self.store.list_requests()
+            except StoreError:
+                continue
+            self.samples += 1
+            owner = {}
+            for req in requests:
+                if req.state != RequestState.FULFILLED:
+                    continue
+                for node_id in req.nodes:
+                    if owner.get(node_id, req.id) != req.id and len(self.problems) < 20:
+                        self.problems.append(f"node {node_id} is listed by fulfilled requests "
+                                             f"{owner[node_id]} and {req.id} at once")
+                    owner[node_id] = req.id
+
+
+def snapshot(store):
+    """Nodes (after a sync, so a cached store shows everything) and requests."""
+    store.sync_nodes()
+    return store.list_nodes(), store.list_requests()
+
+
+def whats_wrong(store, cloud, expect_ready=None):
+    """Everything that keeps the system from being quiet and consistent, as sentences."""
+    nodes, requests = snapshot(store)
+    wrong = []
+    live = [n for n in nodes if n.state != NodeState.DELETED]
+    for node in live:
+        if node.state != NodeState.READY:
+            wrong.append(f"node {node.id} ({','.join(node.type)}) is {node.state}")
+        elif node.allocated_to:
+            wrong.append(f"ready node {node.id} is still allocated to {node.allocated_to}")
+    for req in requests:
+        wrong.append(f"request {req.id} ({req.requestor}, {','.join(req.node_types)}) is left "
+                     f"in state {req.state}")
+    instances = {inst.id: inst for inst in cloud.list_instances()}
+    records = {n.external_id: n for n in live if n.external_id}
+    for extid in sorted(set(instances) - set(records)):
+        meta = instances[extid].metadata
+        wrong.append(f"instance {extid} (node id tag {meta.get('nodepool_node_id')}) has no "
+                     f"node record")
+    for extid in sorted(set(records) - set(instances)):
+        wrong.append(f"node {records[extid].id} records instance {extid}, which is gone")
+    for extid, inst in instances.items():
+        if extid in records and inst.status != "ACTIVE":
+            wrong.append(f"instance {extid} of ready node {records[extid].id} is {inst.status}")
+    if expect_ready is not None:
+        for label, count in expect_ready.items():
+            have = sum(1 for n in live if n.state == NodeState.READY and label in n.type)
+            if have < count:
+                wrong.append(f"label {label}: {have} ready node(s), min-ready {count}")
+    return wrong
+
+
+def settle(store, cloud, timeout, expect_ready=None):
+    """Wait until ``whats_wrong`` is empty; returns what was still wrong at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wrong = whats_wrong(store, cloud, expect_ready)
+        except StoreError as exc:
+            wrong = [f"store error: {exc}"]
+        if not wrong or time.monotonic() > deadline:
+            return wrong
+        time.sleep(0.25)
+
+
+def wait_until(cond, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+        except StoreError:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
