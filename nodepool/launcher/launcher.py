@@ -40,6 +40,7 @@ from .requests import RequestHandler
 log = logging.getLogger("nodepool.launcher")
 
 PASS_FLOOR = 0.01        # seconds between the starts of two passes, at least
+MAX_PASS_GAP = 0.5       # a long pass is followed by a pause as long, up to this
 
 
 class Launcher:
@@ -173,9 +174,12 @@ class Launcher:
                 self.ready = True
                 if self.webapp:
                     self.webapp.ready = True
+                took = time.monotonic() - started
                 self.watcher.wait(0.25 if self.providers.busy() else self.loop_interval)
-                # a pass that wakes itself (its own writes are changes too) must not spin
-                rest = PASS_FLOOR - (time.monotonic() - started)
+                # a pass that wakes itself (its own writes are changes too) must not spin, and
+                # a busy launcher with a large fleet must not spend every moment in passes:
+                # the next pass starts no sooner than one more pass-length later
+                rest = max(PASS_FLOOR, min(took, MAX_PASS_GAP)) - (time.monotonic() - started)
                 if rest > 0:
                     self._stop.wait(rest)
         finally:
@@ -194,14 +198,16 @@ class Launcher:
     # -- one pass ----------------------------------------------------------------------------------
 
     def run_once(self):
-        """One pass: requests first (new ones routed, held ones moved on), then housekeeping."""
+        """One pass: requests first (new ones routed, held ones moved on), then housekeeping,
+        all decided from one snapshot of the store (records shared with its cache, not
+        copied: every decision only reads them, and writes go through fresh reads)."""
         if self._session_lost.is_set():
             self._handle_session_lost()
         self._maybe_reload()
         now = time.monotonic()
         self.requests.note_launches()
-        nodes = self.store.list_nodes()
-        requests = self.store.list_requests()
+        nodes = self.store.list_nodes(shared=True)
+        requests = self.store.list_requests(shared=True)
         components = self.store.list_components("pool")
         locked_nodes = self.store.locked_node_ids()
         views = self.providers.views(nodes)
@@ -213,14 +219,14 @@ class Launcher:
             {t: tl.limits for t, tl in self.config.tenant_limits.items()}, now)
         self.providers.set_paused(paused)
         self.paused_pools = paused
-        self.housekeeping_once()
+        self.housekeeping_once(nodes, requests, locked_nodes, views, components)
 
-    def housekeeping_once(self):
+    def housekeeping_once(self, nodes, requests, locked_nodes, views, components):
         """Returned nodes, finished min-ready requests, periodic cleanup and new min-ready
-        requests: after the requests of the pass, so a new request never waits behind them."""
-        nodes = self.store.list_nodes()
-        requests = self.store.list_requests()
-        locked_nodes = self.store.locked_node_ids()
+        requests: after the requests of the pass, so a new request never waits behind them.
+        The pass's snapshot is used: what the request handling changed is seen next pass
+        (every action here re-checks under its lock, and min-ready counts outstanding
+        requests, so an older view never asks for too much)."""
         mono = time.monotonic()
         if mono - self._last_cleanup >= self.cleanup_interval:
             self._last_cleanup = mono
@@ -230,10 +236,7 @@ class Launcher:
             self.cleanup.delete_used(nodes, locked_nodes)
         # locks are not listed here: taking a finished request's lock tells who holds it
         self.min_ready.finish_done(requests, (), time.time())
-        nodes = self.store.list_nodes()
-        self.min_ready.top_up(self.config.labels, nodes, self.store.list_requests(),
-                              self.providers.views(nodes),
-                              self.store.list_components("pool"),
+        self.min_ready.top_up(self.config.labels, nodes, requests, views, components,
                               [c.pool_id for c in self.providers.components.values()],
                               time.time())
 

@@ -153,7 +153,10 @@ def plan_held(held, current, nodes_by_id):
         return actions + [GiveBack(rid, reason)] + _finish_nodes(rid, nodes, held.in_flight)
 
     live = []
+    blocked = set(held.blocked_labels)
     for node in nodes:
+        if node.state == NodeState.ABORTED and node.type:
+            blocked.add(node.type[0])     # the cloud just refused it: the label backs off first
         if node.state in LAUNCHING_STATES and node.id not in held.in_flight:
             actions.append(Discard(node.id, "its launch is no longer running"))
         elif node.state in LAUNCHING_STATES or node.state == NodeState.READY:
@@ -169,7 +172,7 @@ def plan_held(held, current, nodes_by_id):
                            else Discard(node.id, f"not needed by request {rid}"))
     open_labels = [lbl for pos, lbl in enumerate(req.node_types) if pos not in slots]
     if open_labels:
-        launchable = tuple(lbl for lbl in open_labels if lbl not in held.blocked_labels)
+        launchable = tuple(lbl for lbl in open_labels if lbl not in blocked)
         if launchable:
             actions.append(Launch(rid, launchable))
         if len(launchable) < len(open_labels):

@@ -339,24 +339,41 @@ def _try_pool(pv, req, pick, free_ready, pool_usage, provider_usage, tenant_usag
     return Accept(req.id, pv.key, tuple(assign), tuple(launch))
 
 
+class Room:
+    """What one pool may still launch, counted once from every node record there is now
+    (under the pool lock, so launchers racing for the last slots cannot both take them);
+    each ``take`` that fits is counted against what is left."""
+
+    def __init__(self, pv, nodes):
+        views = {pv.key: pv}
+        self.pv = pv
+        self.pool_used = Resources()
+        self.provider_used = Resources(pv.unmanaged_usage)
+        for n in nodes:
+            if n.provider != pv.provider or n.state == NodeState.DELETED:
+                continue
+            cost = node_cost(n, views)
+            self.provider_used += cost
+            if n.pool == pv.pool.name:
+                self.pool_used += cost
+
+    def take(self, labels):
+        pv = self.pv
+        need = Resources.total(pv.cost(lbl) for lbl in labels)
+        if not pv.pool.limits.fits(self.pool_used, need):
+            return False
+        if pv.cloud_limits is not None and not pv.ignore_provider_quota \
+                and not pv.cloud_limits.fits(self.provider_used, need):
+            return False
+        self.pool_used += need
+        self.provider_used += need
+        return True
+
+
 def fits_now(pv, labels, nodes):
     """Whether launching ``labels`` in ``pv``'s pool stays within the pool's limits and the
-    cloud's quota, given every node record there is now (checked again under the pool lock,
-    so launchers racing for the last slots cannot both take them)."""
-    views = {pv.key: pv}
-    need = Resources.total(pv.cost(lbl) for lbl in labels)
-    pool_used = Resources.total(node_cost(n, views) for n in nodes
-                                if n.provider == pv.provider and n.pool == pv.pool.name
-                                and n.state != NodeState.DELETED)
-    if not pv.pool.limits.fits(pool_used, need):
-        return False
-    if pv.cloud_limits is not None and not pv.ignore_provider_quota:
-        prov_used = Resources.total(node_cost(n, views) for n in nodes
-                                    if n.provider == pv.provider
-                                    and n.state != NodeState.DELETED) + pv.unmanaged_usage
-        if not pv.cloud_limits.fits(prov_used, need):
-            return False
-    return True
+    cloud's quota, given every node record there is now."""
+    return Room(pv, nodes).take(labels)
 
 
 def request_failed(request, registered_pool_ids):

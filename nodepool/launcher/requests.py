@@ -70,24 +70,45 @@ class RequestHandler:
             locked_nodes=locked_nodes, active_requests=skip, tenant_limits=tenant_limits,
             backoff=self.pool_backoff.blocked(now))
         paused = set()
+        launching = {}                         # pool key -> accepts that launch, in order
         for action in planner.plan_requests(snap):
             if isinstance(action, planner.Defer):
                 if action.pauses:
                     paused.add(action.pool_key)
-                continue
-            self._isolated(action.request_id, now, self._apply_route, action)
+            elif isinstance(action, planner.Accept) and action.launch:
+                launching.setdefault(action.pool_key, []).append(action)
+            else:
+                self._isolated(action.request_id, now, self._apply_route, action)
+        for pool_key, accepts in launching.items():
+            self._accept_launching(pool_key, accepts, now)
         for held in self.held.values():
             if held.open_slots:
                 paused.add(held.pool_key)
         return paused
 
-    def _apply_route(self, action):
+    def _apply_route(self, action, room=None):
         if isinstance(action, planner.Decline):
             self._decline(action)
         elif isinstance(action, planner.FailRequest):
             self._fail_declined(action)
         elif isinstance(action, planner.Accept):
-            self._accept(action)
+            self._accept(action, room)
+
+    def _accept_launching(self, pool_key, accepts, now):
+        """Accepts that launch, one pool at a time: the pool lock is tried once and the pool's
+        room counted once for all of them (not once per request: that cost grew with the
+        fleet).  A pool another launcher is deciding for is tried again next pass."""
+        pool = self.views[pool_key].pool
+        try:
+            plock = self._pool_lock(pool)
+        except _Retry:
+            return
+        with plock:
+            # other launchers may have filled the pool since our snapshot
+            self.store.sync_nodes()
+            room = planner.Room(self.views[pool_key], self.store.list_nodes(shared=True))
+            for action in accepts:
+                self._isolated(action.request_id, now, self._apply_route, action, room)
 
     def _isolated(self, request_id, now, fn, *args):
         """Run ``fn`` for one request; an error is that request's alone."""
@@ -166,7 +187,9 @@ class RequestHandler:
             log.info("request %s declined by %s: %s", req.id, pool_id, reason)
         self.store.update_request(req, check_version=True)
 
-    def _accept(self, action):
+    def _accept(self, action, room=None):
+        """Take a request: lock it, assign its ready nodes, and (``room`` given: under the pool
+        lock) launch the rest if they fit."""
         view = self.views[action.pool_key]
         pool = view.pool
         worker = self.providers.workers[pool.provider]
@@ -198,23 +221,20 @@ class RequestHandler:
                 self.store.update_node(node, check_version=True)
                 assigned[node_id] = node
             if action.launch:
-                with self._pool_lock(pool):
-                    # other launchers may have filled the pool since our snapshot
-                    self.store.sync_nodes()
-                    if not planner.fits_now(view, action.launch, self.store.list_nodes()):
-                        raise _Retry()
-                    req.set_state(RequestState.PENDING)
-                    self.store.update_request(req, check_version=True)
-                    self.held[req.id] = held
-                    held.az = self._choose_az(assigned.values(), worker, pool)
-                    # from here on the lifecycle owns it: a launch that fails to start leaves
-                    # its slot open and is planned again next pass
-                    try:
-                        for label in action.launch:
-                            self._launch(held, label, pool, worker)
-                    except Exception as exc:
-                        log.warning("request %s: starting a launch on %s failed (%s); it is "
-                                    "retried", req.id, pool.key, exc)
+                if room is None or not room.take(action.launch):
+                    raise _Retry()
+                req.set_state(RequestState.PENDING)
+                self.store.update_request(req, check_version=True)
+                self.held[req.id] = held
+                held.az = self._choose_az(assigned.values(), worker, pool)
+                # from here on the lifecycle owns it: a launch that fails to start leaves its
+                # slot open and is planned again next pass
+                try:
+                    for label in action.launch:
+                        self._launch(held, label, pool, worker)
+                except Exception as exc:
+                    log.warning("request %s: starting a launch on %s failed (%s); it is "
+                                "retried", req.id, pool.key, exc)
                 log.info("request %s accepted by %s: %d ready node(s) assigned, %d launching",
                          req.id, pool.key, len(action.assign), len(action.launch))
             else:
@@ -445,6 +465,8 @@ class RequestHandler:
             if fresh is None or fresh.state != node.state:
                 return
             node = fresh
+        else:
+            node = node.copy()              # snapshot records are shared with the store's cache
         lock = held.node_locks[node.id]
         worker = self.providers.worker_of(node.provider)
         if worker is None:
@@ -482,9 +504,9 @@ class RequestHandler:
             return
         with plock:
             self.store.sync_nodes()
+            room = planner.Room(view, self.store.list_nodes(shared=True))
             for label in labels:
-                # each launch stores its node record, so the next check counts it
-                if not planner.fits_now(view, [label], self.store.list_nodes()):
+                if not room.take([label]):
                     return
                 self._launch(held, label, pool, worker)
 

@@ -184,8 +184,11 @@ class StateStore(abc.ABC):
         """The node, or None."""
 
     @abc.abstractmethod
-    def list_nodes(self):
-        """Every node, ordered by id.  Must be cheap enough to call every loop iteration."""
+    def list_nodes(self, shared=False):
+        """Every node, ordered by id.  Must be cheap enough to call every loop iteration.
+        ``shared``: the records may be objects shared with the store's cache (no copy: for
+        loops that only read a snapshot); the caller must not change them, and copies one
+        (``record.copy()``) before writing it back."""
 
     @abc.abstractmethod
     def update_node(self, node, check_version=False):
@@ -208,8 +211,9 @@ class StateStore(abc.ABC):
         """The request, or None."""
 
     @abc.abstractmethod
-    def list_requests(self):
-        """Every request, in handling order (priority, relative_priority, sequence)."""
+    def list_requests(self, shared=False):
+        """Every request, in handling order (priority, relative_priority, sequence).
+        ``shared`` as for ``list_nodes``."""
 
     @abc.abstractmethod
     def update_request(self, request, check_version=False):

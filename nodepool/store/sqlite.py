@@ -147,7 +147,7 @@ class SQLiteStore(StateStore):
         self._cache_lock = threading.Lock()
         self._caches = {"nodes": {}, "requests": {}}     # table -> {id: CachedRecord}
         self._ordered = {"nodes": [], "requests": []}    # table -> [CachedRecord] in listing order
-        self._gens = {"nodes": None, "requests": None}
+        self._gens = {"nodes": -1, "requests": -1}   # -1: nothing read yet
         self._started = False
 
     # -- connections -------------------------------------------------------------------------------
@@ -522,35 +522,31 @@ class SQLiteStore(StateStore):
         self._notify_watchers()
         return record
 
-    def _cached_list(self, table, cls, order):
-        """All records of ``table`` as fresh objects in ``order``; only rows whose ``gen``
-        changed since the last call are read and parsed again."""
+    def _cached_list(self, table, cls, order, shared=False):
+        """All records of ``table`` in ``order``, as fresh objects (or, with ``shared``, the
+        cache's own objects, which the caller must not change).  Only rows written since the
+        last call (``gen`` is a per-table counter every write advances) are read and parsed
+        again; the ids are listed only when a row went."""
         with self._cache_lock:
             rows = self._read("SELECT value FROM meta WHERE key=?", (f"gen:{table}",))
             gen = rows[0][0] if rows else 0
             if gen != self._gens[table]:
                 cache = self._caches[table]
-                current = dict(self._read(f"SELECT id, gen FROM {table}"))
-                for rid in [rid for rid in cache if rid not in current]:
-                    del cache[rid]
-                stale = [rid for rid, g in current.items()
-                         if rid not in cache or cache[rid].tag != g]
-                if stale:
-                    if len(stale) > 500:
-                        fetched = self._read(f"SELECT id, data, version, gen FROM {table}")
-                    else:
-                        marks = ",".join("?" * len(stale))
-                        fetched = self._read(
-                            f"SELECT id, data, version, gen FROM {table} WHERE id IN ({marks})",
-                            stale)
-                    wanted = set(stale)
-                    for rid, data, version, g in fetched:
-                        if rid in wanted:
-                            cache[rid] = CachedRecord(
-                                cls.from_dict(json.loads(data), id=rid, version=version), g)
+                for rid, data, version, g in self._read(
+                        f"SELECT id, data, version, gen FROM {table} WHERE gen > ?",
+                        (self._gens[table],)):
+                    cache[rid] = CachedRecord(
+                        cls.from_dict(json.loads(data), id=rid, version=version), g)
+                count = self._read(f"SELECT count(*) FROM {table}")[0][0]
+                if count != len(cache):
+                    present = {r[0] for r in self._read(f"SELECT id FROM {table}")}
+                    for rid in [rid for rid in cache if rid not in present]:
+                        del cache[rid]
                 self._ordered[table] = sorted(cache.values(), key=lambda c: order(c.record))
                 self._gens[table] = gen
             ordered = self._ordered[table]
+        if shared:
+            return [c.record for c in ordered]
         return [c.fresh() for c in ordered]
 
     # -- nodes -------------------------------------------------------------------------------------
@@ -578,8 +574,8 @@ class SQLiteStore(StateStore):
             return None
         return Node.from_dict(json.loads(rows[0][0]), id=str(node_id), version=rows[0][1])
 
-    def list_nodes(self):
-        return self._cached_list("nodes", Node, lambda n: n.id)
+    def list_nodes(self, shared=False):
+        return self._cached_list("nodes", Node, lambda n: n.id, shared)
 
     def update_node(self, node, check_version=False):
         return self._write_record("nodes", "node", node, check_version)
@@ -623,8 +619,8 @@ class SQLiteStore(StateStore):
             return None
         return NodeRequest.from_dict(json.loads(rows[0][0]), id=request_id, version=rows[0][1])
 
-    def list_requests(self):
-        return self._cached_list("requests", NodeRequest, NodeRequest.sort_key)
+    def list_requests(self, shared=False):
+        return self._cached_list("requests", NodeRequest, NodeRequest.sort_key, shared)
 
     def update_request(self, request, check_version=False):
         return self._write_record("requests", "request", request, check_version)

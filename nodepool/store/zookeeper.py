@@ -231,14 +231,17 @@ class _Cache:
         with self.lock:
             self.lockers[kind].pop(record_id, None)
 
-    def copies(self, kind):
+    def copies(self, kind, shared=False):
         """Copies of all records of ``kind`` in listing order (nodes by id, requests by
-        priority); the order is worked out again only after a change."""
+        priority); the order is worked out again only after a change.  ``shared``: the cached
+        objects themselves (never changed in place: a change replaces them)."""
         with self.lock:
             ordered = self.ordered[kind]
             if ordered is None:
                 key = _ID_ORDER if kind == "node" else _REQUEST_ORDER
                 ordered = self.ordered[kind] = sorted(self.records[kind].values(), key=key)
+        if shared:
+            return [c.record for c in ordered]
         return [c.fresh() for c in ordered]
 
     def ids(self, kind):
@@ -726,9 +729,9 @@ class ZooKeeperStore(StateStore):
             return None
         return self._record_from("node", node_id, data, stat)
 
-    def list_nodes(self):
+    def list_nodes(self, shared=False):
         self._ensure_caches()
-        return self._cache.copies("node")
+        return self._cache.copies("node", shared)
 
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
@@ -802,9 +805,9 @@ class ZooKeeperStore(StateStore):
             return None
         return self._record_from("request", request_id, data, stat)
 
-    def list_requests(self):
+    def list_requests(self, shared=False):
         self._ensure_caches()
-        return self._cache.copies("request")
+        return self._cache.copies("request", shared)
 
     def update_request(self, request, check_version=False):
         self._update("request", P.request_path(request.id), request, check_version)

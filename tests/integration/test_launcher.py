@@ -268,15 +268,15 @@ def test_ready_nodes_assigned_to_a_retried_accept_go_back_to_the_pool(launcher_e
     launcher_env.start_launcher()
     store = launcher_env.store()
     [ready] = wait_until(lambda: ready_unallocated(store), message="one ready node")
-    real_fits_now, refused = planner.fits_now, []
+    real_take, refused = planner.Room.take, []
 
-    def filled_meanwhile_once(view, labels, nodes):
+    def filled_meanwhile_once(room, labels):
         if not refused:
             refused.append(list(labels))
             return False
-        return real_fits_now(view, labels, nodes)
+        return real_take(room, labels)
 
-    monkeypatch.setattr(planner, "fits_now", filled_meanwhile_once)
+    monkeypatch.setattr(planner.Room, "take", filled_meanwhile_once)
     client = launcher_env.client()
     req = client.submit(["small", "small"])
     done = client.wait(req.id, timeout=20)

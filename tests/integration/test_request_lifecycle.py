@@ -86,7 +86,7 @@ FAULT_SITES = ["lock_request", "get_request", "update_request", "lock_node", "ge
 @pytest.mark.parametrize("site", FAULT_SITES)
 def test_a_store_error_at_any_call_ends_every_request(sqlite_launcher_env, site, nth):
     env = sqlite_launcher_env
-    basic(env, min_ready=1)
+    basic(env, min_ready=2)          # stock taken and replenished: every site is called twice
     launcher, store = faulty_launcher(env)
     client = env.client()
     wait_until(lambda: ready_unallocated(client.store), message="min-ready stock")

@@ -50,11 +50,13 @@ def test_open_slot_is_launched_unless_its_label_backs_off():
     assert actions == [lc.Wait("100-1", Reason(Why.BACKOFF, "big"))]
 
 
-def test_quota_aborted_node_is_discarded_and_its_slot_relaunched():
+def test_quota_aborted_node_is_discarded_and_its_slot_waits_for_the_backoff():
     r = req(["small"])
     nodes = [node("1", state="aborted")]
     actions = plan(held(r, nodes), r, nodes)
-    assert kinds(actions) == ["Discard", "Launch"]
+    assert kinds(actions) == ["Discard", "Wait"] and actions[1].reason.kind is Why.BACKOFF
+    # once the aborted node is gone and the backoff ran out, the slot is launched again
+    assert kinds(plan(held(r, []), r, [])) == ["Launch"]
 
 
 def test_launch_that_is_no_longer_running_is_discarded_and_relaunched():

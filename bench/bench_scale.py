@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""How the launcher's cost grows with its fleet: one simulated provider, label ``small`` with
+min-ready N, boot time 0.1 s, the launcher as its own process.
+
+For each N (default 200, 1000, 3000) and store it prints:
+  fill_s            launcher start -> N ready nodes
+  fill_cpu_s        launcher CPU for that, and per node launched (ms)
+  idle_cpu_pct      launcher CPU over 10 s with nothing to do, in % of one core
+  list_s            ``nodepool list`` (a fresh process) wall time
+  ready_ms          ready-node request latency over 30 sequential requests (median / max)
+  zk_packets_per_request  (ZooKeeper) packets the server received per ready-node request,
+                    all clients and the launcher included (the ``mntr`` counter)
+``--profile`` runs the launcher under cProfile and prints its top functions for the fill.
+Prints figures; asserts nothing about time.  Usage:
+  python bench/bench_scale.py [--sizes 200,1000,3000] [--store sqlite|zookeeper|both] [--profile]
+"""
+import argparse
+import os
+import pstats
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+from bench_launcher import cpu_seconds, ready_unallocated, wait_for, write_config  # noqa: E402
+from nodepool.client import NodepoolClient  # noqa: E402
+from nodepool.config import load_config  # noqa: E402
+from nodepool.store import open_store  # noqa: E402
+
+
+def start_launcher(config, logfile, profile_to=None):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable]
+    if profile_to:
+        cmd += ["-m", "cProfile", "-o", profile_to]
+    cmd += ["-m", "nodepool.cli.launcher"]
+    cmd += ["-f", "-c", config, "--no-webapp"]
+    return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def zk_packets(hosts):
+    """ZooKeeper's count of packets received (``mntr``), or None when 4lw is not allowed."""
+    host, port = hosts.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as s:
+            s.sendall(b"mntr")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("zk_packets_received"):
+            return int(line.split()[1])
+    return None
+
+
+def args_fill_timeout(n):
+    return 120 + n * 0.5
+
+
+def run_one(n, store_kind, tmp, zk_hosts, profile):
+    tmp = os.path.join(tmp, f"{store_kind}-{n}")      # its own simulated cloud, too
+    os.makedirs(tmp)
+    if store_kind == "sqlite":
+        store_lines = f"embedded-store:\n  path: {tmp}/state.sqlite"
+    else:
+        host, port = zk_hosts.rsplit(":", 1)
+        store_lines = (f"zookeeper-servers:\n  - host: {host}\n    port: {port}\n"
+                       f"    chroot: /scale-{os.getpid()}-{n}\n"
+                       f"embedded-store:\n  path: {tmp}/unused.sqlite")
+    config = os.path.join(tmp, f"nodepool-{store_kind}-{n}.yaml")
+    write_config(config, n, n + 50, 0.1, store_lines)
+    out = {"n": n, "store": store_kind}
+    store = open_store(load_config(config))
+    store.start()
+    log = open(os.path.join(tmp, f"launcher-{store_kind}-{n}.log"), "w")
+    prof = os.path.join(tmp, f"launcher-{store_kind}-{n}.prof") if profile else None
+    proc = start_launcher(config, log, prof)
+    try:
+        t0 = time.monotonic()
+        ok = wait_for(lambda: len(ready_unallocated(store)) >= n, args_fill_timeout(n),
+                      interval=0.2)
+        out["fill_s"] = round(time.monotonic() - t0, 1) if ok else None
+        if not ok:
+            out["fill_timeout"] = (f"{len(ready_unallocated(store))} of {n} nodes ready after "
+                                   f"{args_fill_timeout(n)} s; see the launcher log")
+            print(out, flush=True)
+            return out
+        out["fill_cpu_s"] = round(cpu_seconds(proc.pid), 1)
+        out["fill_cpu_ms_per_node"] = round(1000 * out["fill_cpu_s"] / n, 2)
+        time.sleep(3)           # let the last writes settle
+        c0 = cpu_seconds(proc.pid)
+        time.sleep(10)
+        out["idle_cpu_pct"] = round(100 * (cpu_seconds(proc.pid) - c0) / 10, 2)
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "nodepool.cli.nodepool", "-c", config, "list"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                       env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+        out["list_s"] = round(time.monotonic() - t0, 2)
+        client = NodepoolClient(store, requestor="bench-scale")
+        lat = []
+        packets0 = zk_packets(zk_hosts) if store_kind == "zookeeper" else None
+        for _ in range(30):
+            if not wait_for(lambda: len(ready_unallocated(store)) >= n - 5, 60, interval=0.01):
+                out["ready_wait_timeout"] = "stock not replenished within 60 s"
+                break
+            time.sleep(0.05)
+            t1 = time.monotonic()
+            req = client.wait(client.submit(["small"]).id, timeout=120)
+            lat.append(time.monotonic() - t1)
+            nodes = client.accept(req)
+            client.release(nodes)
+        if packets0 is not None:
+            packets1 = zk_packets(zk_hosts)
+            if packets1 is not None:
+                # includes the replacement launches and deletes of the 30 used nodes
+                out["zk_packets_per_request"] = round((packets1 - packets0) / 30, 1)
+        out["ready_ms_median"] = round(1000 * statistics.median(lat), 1)
+        out["ready_ms_max"] = round(1000 * max(lat), 1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        store.stop()
+        log.close()
+    if prof and os.path.exists(prof):
+        print(f"--- profile, N={n}, {store_kind}: top 25 by cumulative time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="200,1000,3000")
+    ap.add_argument("--store", default="sqlite", choices=["sqlite", "zookeeper", "both"])
+    ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper (default: start one)")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    kinds = ["sqlite", "zookeeper"] if args.store == "both" else [args.store]
+    tmp = tempfile.mkdtemp(prefix="nodepool-scale-")
+    zk_server = None
+    try:
+        zk_hosts = args.zk
+        if "zookeeper" in kinds and not zk_hosts:
+            sys.path.insert(0, os.path.join(REPO, "tests"))
+            from fixtures.zookeeper import ZooKeeperServer
+            zk_server = ZooKeeperServer(os.path.join(tmp, "zookeeper"))
+            zk_server.start()
+            zk_hosts = zk_server.hosts
+        for kind in kinds:
+            for n in sizes:
+                print(run_one(n, kind, tmp, zk_hosts, args.profile), flush=True)
+    finally:
+        if zk_server is not None:
+            zk_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
