@@ -41,11 +41,12 @@ log = logging.getLogger("nodepool.launcher")
 
 PASS_FLOOR = 0.01        # seconds between the starts of two passes, at least
 MAX_PASS_GAP = 0.5       # a long pass is followed by a pause as long, up to this
+IDLE_PASS = 5.0          # with nothing changing, a full pass at least this often
 
 
 class Launcher:
     def __init__(self, config_path, secure_path=None, hostname=None, webapp=True,
-                 loop_interval=1.0, cleanup_interval=1.0, leak_interval=60.0,
+                 loop_interval=1.0, cleanup_interval=5.0, leak_interval=60.0,
                  worker_tick=0.05, store=None, lock_gc_interval=60.0,
                  request_lock_max_age=REQUEST_LOCK_MAX_AGE):
         self.config_path = config_path
@@ -74,6 +75,7 @@ class Launcher:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_cleanup = 0.0
+        self._last_pass = 0.0
         self._session_lost = threading.Event()
         self.watcher = None
 
@@ -159,23 +161,28 @@ class Launcher:
         signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
 
     def run(self):
-        """Run until ``stop()``, then shut down."""
+        """Run until ``stop()``, then shut down.  A pass runs when the store changed, or when
+        something is due by time alone (cleanup, a backoff running out, the config file);
+        an idle launcher with a large fleet does not re-plan it every second."""
+        changed = True
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
-                try:
-                    self.run_once()
-                except StoreError as exc:
-                    log.error("state store error (will retry): %s", exc)
-                    self._stop.wait(1)
-                except Exception:
-                    log.exception("launcher loop failed (will retry)")
-                    self._stop.wait(1)
-                self.ready = True
-                if self.webapp:
-                    self.webapp.ready = True
+                if changed or self._due(started):
+                    self._last_pass = started
+                    try:
+                        self.run_once()
+                    except StoreError as exc:
+                        log.error("state store error (will retry): %s", exc)
+                        self._stop.wait(1)
+                    except Exception:
+                        log.exception("launcher loop failed (will retry)")
+                        self._stop.wait(1)
+                    self.ready = True
+                    if self.webapp:
+                        self.webapp.ready = True
                 took = time.monotonic() - started
-                self.watcher.wait(0.25 if self.providers.busy() else self.loop_interval)
+                changed = self.watcher.wait(0.25 if self.providers.busy() else self.loop_interval)
                 # a pass that wakes itself (its own writes are changes too) must not spin, and
                 # a busy launcher with a large fleet must not spend every moment in passes:
                 # the next pass starts no sooner than one more pass-length later
@@ -184,6 +191,14 @@ class Launcher:
                     self._stop.wait(rest)
         finally:
             self.shutdown()
+
+    def _due(self, now):
+        """Whether a pass is needed although the store did not change."""
+        return (now - self._last_pass >= IDLE_PASS
+                or now - self._last_cleanup >= self.cleanup_interval
+                or self._session_lost.is_set() or self._reload.is_set()
+                or self._mtimes() != self._config_mtimes
+                or self.requests.waiting_on_time())
 
     def _wake(self):
         if self.watcher is not None:

@@ -510,6 +510,12 @@ class RequestHandler:
                     return
                 self._launch(held, label, pool, worker)
 
+    def waiting_on_time(self):
+        """Whether something waits for a clock rather than a store change: a held request
+        with open slots (room, a backoff), or a request or pool label backing off."""
+        return bool(len(self.request_backoff) or len(self.pool_backoff)
+                    or any(h.open_slots for h in self.held.values()))
+
     # -- session --------------------------------------------------------------------------------
 
     def session_lost(self):
