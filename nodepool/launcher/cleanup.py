@@ -238,12 +238,7 @@ class Cleanup:
 
     def reset_lost(self, request_id):
         """A pending request nobody holds (its launcher died): back in the queue."""
-        try:
-            lock = self.store.lock_request(request_id)
-        except LockError:
-            return
-        with lock:
-            req = self.store.get_request(request_id)
+        with self.store.request_if_free(request_id) as req:
             if req is None or req.state != RequestState.PENDING:
                 return
             for node in self.store.list_nodes():

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from ..errors import LockError, StoreError
+from ..errors import StoreError
 from ..model.records import NodeRequest
 from ..model.states import RequestState
 from .planner import MIN_READY_PRIORITY, MIN_READY_REQUESTOR, is_ready_unallocated, launchable_now
@@ -127,12 +127,7 @@ class MinReady:
                             request_id, exc)
 
     def finish(self, request_id):
-        try:
-            lock = self.store.lock_request(request_id)
-        except LockError:
-            return
-        with lock:
-            req = self.store.get_request(request_id)
+        with self.store.request_if_free(request_id) as req:
             if req is None:
                 return
             if req.state == RequestState.FAILED:

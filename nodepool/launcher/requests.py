@@ -142,12 +142,7 @@ class RequestHandler:
     def _decline(self, action):
         if self._image_appeared(action):
             return
-        try:
-            lock = self.store.lock_request(action.request_id)
-        except LockError:
-            return
-        with lock:
-            req = self.store.get_request(action.request_id)
+        with self.store.request_if_free(action.request_id) as req:
             if req is None or req.state != RequestState.REQUESTED \
                     or action.pool_id in req.declined_by:
                 return
@@ -155,12 +150,7 @@ class RequestHandler:
 
     def _fail_declined(self, action):
         """Every pool still registered has declined it (the others went away): it failed."""
-        try:
-            lock = self.store.lock_request(action.request_id)
-        except LockError:
-            return
-        with lock:
-            req = self.store.get_request(action.request_id)
+        with self.store.request_if_free(action.request_id) as req:
             if req is None or req.state != RequestState.REQUESTED or not planner.request_failed(
                     req, [c.pool_id for c in self.components]):
                 return

@@ -21,9 +21,10 @@ Semantics follow ZooKeeper so that both implementations behave alike:
   record instead of raising.
 """
 import abc
+import contextlib
 import threading
 
-from ..errors import ConflictError, NotFoundError
+from ..errors import ConflictError, LockError, NotFoundError
 
 from .zk import paths as P    # Nodepool's layout (pure functions), shared by both stores
 
@@ -348,6 +349,18 @@ class StateStore(abc.ABC):
 
     def lock_request(self, request_id, blocking=False, timeout=None, identifier=None):
         return self.lock(request_lock_path(request_id), blocking, timeout, identifier)
+
+    @contextlib.contextmanager
+    def request_if_free(self, request_id):
+        """The request as read under its lock, held for the ``with`` block; None when somebody
+        else holds the lock (they are handling it) or the request is gone."""
+        try:
+            lock = self.lock_request(request_id)
+        except LockError:
+            yield None
+            return
+        with lock:
+            yield self.get_request(request_id)
 
     def sync_nodes(self):
         """Make ``list_nodes`` include every node record committed (by anyone) before this

@@ -8,7 +8,7 @@ from nodepool.launcher.backoff import Backoff
 from nodepool.launcher.matching import can_match_all, match_labels
 from nodepool.launcher.reasons import Reason, Why
 from nodepool.model import Node, NodeRequest
-from nodepool.model.states import NodeState, RequestState
+from nodepool.model.states import NodeState
 
 
 def req(labels=("small",), state="pending", nodes=()):
