@@ -17,6 +17,7 @@ Request routing rules (Nodepool's, made deterministic across all of one launcher
 * a pool at quota *pauses*: the request stays and the pool accepts nothing after it in this pass
   (no starvation of large requests); tenant limits and max-concurrency defer without pausing.
 """
+import bisect
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class Snapshot:
     active_requests: set = field(default_factory=set)      # request ids this launcher handles
     tenant_limits: dict = field(default_factory=dict)      # tenant -> Limits
     backoff: set = field(default_factory=set)   # (pool key, label) waiting after a refusal
+    fleet: Optional["Fleet"] = None      # tallies carried between passes, updated to ``nodes``
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class Defer:
 def node_cost(node, pool_views_by_key):
     """Resources a node occupies: its stored ``resources``, else its label's cost."""
     if node.resources:
-        return Resources(node.resources)
+        return node.resources            # read only: callers add it to their own tallies
     pv = pool_views_by_key.get(f"{node.provider}/{node.pool}")
     if pv and node.type:
         return pv.cost(node.type[0])
@@ -166,31 +168,98 @@ def launchable_now(pv, label):
     return pv.launches and never_reason(pv, [label]) is None
 
 
-class FreeNodes:
-    """Ready unallocated nodes per pool, each handed out at most once in a pass.  A node with
-    several labels (a static host) can serve any one of them."""
+class Fleet:
+    """Usage tallies (per pool, provider and tenant) and the free ready nodes of a snapshot,
+    carried from one pass to the next.  Only records that changed are counted again: stores
+    replace a changed record and never change one in place, so identity tells.  A pass with
+    a few changes then costs one look at each record instead of a recount of the fleet."""
 
     def __init__(self):
-        self._by_label = defaultdict(list)     # (pool key, label) -> [node], oldest first
+        self._seen = {}            # node id -> (record, pool key, cost, in free index)
+        self._costs_key = None
+        self.pool_usage = defaultdict(Resources)
+        self.provider_usage = defaultdict(Resources)
+        self.tenant_usage = defaultdict(Resources)
+        self.free = defaultdict(list)     # (pool key, label) -> [node], oldest first
+
+    def update(self, nodes, views):
+        """Bring the tallies to ``nodes`` (the full current list); ``views``: pool key ->
+        PoolView (label costs for nodes that carry no resources of their own)."""
+        costs_key = tuple(sorted((k, id(v.label_costs)) for k, v in views.items()))
+        if costs_key != self._costs_key:
+            self.__init__()
+            self._costs_key = costs_key
+        present = set()
+        for node in nodes:
+            present.add(node.id)
+            old = self._seen.get(node.id)
+            if old is not None:
+                if old[0] is node:
+                    continue
+                self._remove(node.id, old)
+            self._add(node, views)
+        for node_id in [i for i in self._seen if i not in present]:
+            self._remove(node_id, self._seen[node_id])
+        return self
+
+    def _add(self, node, views):
+        if node.state == NodeState.DELETED:
+            self._seen[node.id] = (node, None, None, False)
+            return
+        key = f"{node.provider}/{node.pool}"
+        cost = node_cost(node, views)
+        self.pool_usage[key] += cost
+        self.provider_usage[node.provider] += cost
+        if node.tenant_name:
+            self.tenant_usage[node.tenant_name] += cost
+        free = is_ready_unallocated(node)
+        if free:
+            for label in node.type or []:
+                bisect.insort(self.free[(key, label)], node, key=_age)
+        self._seen[node.id] = (node, key, cost, free)
+
+    def _remove(self, node_id, entry):
+        node, key, cost, free = entry
+        del self._seen[node_id]
+        if key is None:
+            return
+        self.pool_usage[key] -= cost
+        self.provider_usage[node.provider] -= cost
+        if node.tenant_name:
+            self.tenant_usage[node.tenant_name] -= cost
+        if free:
+            for label in node.type or []:
+                nodes = self.free[(key, label)]
+                i = bisect.bisect_left(nodes, _age(node), key=_age)
+                while i < len(nodes) and nodes[i] is not node:
+                    i += 1
+                if i < len(nodes):
+                    del nodes[i]
+
+    def usage_copies(self):
+        """Per-pass copies of the tallies (a pass counts its own accepts into them)."""
+        return tuple(defaultdict(Resources, {k: Resources(v) for k, v in d.items()})
+                     for d in (self.pool_usage, self.provider_usage, self.tenant_usage))
+
+
+def _age(node):
+    return (node.state_time or 0, node.id)
+
+
+class FreeNodes:
+    """The fleet's free ready nodes as one pass sees them: each handed out at most once in the
+    pass, never one somebody holds locked.  A node with several labels (a static host) can
+    serve any one of them."""
+
+    def __init__(self, fleet, locked=frozenset()):
+        self._by_label = fleet.free
+        self._locked = locked
         self._taken = set()
 
-    def add(self, pool_key, node):
-        for label in node.type or []:
-            self._by_label[(pool_key, label)].append(node)
-
-    def sort(self):
-        for nodes in self._by_label.values():
-            nodes.sort(key=lambda n: (n.state_time or 0, n.id))
-
     def _first_free(self, pool_key, label, count):
-        nodes = self._by_label.get((pool_key, label))
-        if not nodes:
-            return []
-        while nodes and nodes[0].id in self._taken:
-            nodes.pop(0)
         out = []
-        for node in nodes:
-            if node.id not in self._taken:
+        for node in self._by_label.get((pool_key, label), ()):
+            if node.id not in self._taken and node.id not in self._locked:
                 out.append(node)
                 if len(out) == count:
                     break
@@ -215,24 +284,14 @@ class FreeNodes:
 
 def plan_requests(snap):
     """Decide, for every waiting request, what this launcher's pools do with it."""
+    if not any(req.state == RequestState.REQUESTED and req.id not in snap.active_requests
+               and req.node_types for req in snap.requests):
+        return []                         # nothing to route: the fleet need not be tallied
     views = {pv.key: pv for pv in snap.pools}
     my_ids = {pv.pool_id for pv in snap.pools}
-    pool_usage = defaultdict(Resources)
-    provider_usage = defaultdict(Resources)
-    tenant_usage = defaultdict(Resources)
-    free_ready = FreeNodes()
-    for node in snap.nodes:
-        if node.state == NodeState.DELETED:
-            continue
-        cost = node_cost(node, views)
-        key = f"{node.provider}/{node.pool}"
-        pool_usage[key] += cost
-        provider_usage[node.provider] += cost
-        if node.tenant_name:
-            tenant_usage[node.tenant_name] += cost
-        if is_ready_unallocated(node) and node.id not in snap.locked_nodes:
-            free_ready.add(key, node)
-    free_ready.sort()
+    fleet = snap.fleet if snap.fleet is not None else Fleet().update(snap.nodes, views)
+    pool_usage, provider_usage, tenant_usage = fleet.usage_copies()
+    free_ready = FreeNodes(fleet, snap.locked_nodes)
     in_flight = {pv.provider: pv.in_flight for pv in snap.pools}
 
     actions = []
@@ -340,22 +399,18 @@ def _try_pool(pv, req, pick, free_ready, pool_usage, provider_usage, tenant_usag
 
 
 class Room:
-    """What one pool may still launch, counted once from every node record there is now
-    (under the pool lock, so launchers racing for the last slots cannot both take them);
-    each ``take`` that fits is counted against what is left."""
+    """What one pool may still launch, counted from every node record there is now (under
+    the pool lock, so launchers racing for the last slots cannot both take them); each
+    ``take`` that fits is counted against what is left.  ``fleet``: tallies already brought
+    up to date with those records (else they are counted from ``nodes``)."""
 
-    def __init__(self, pv, nodes):
-        views = {pv.key: pv}
+    def __init__(self, pv, nodes=(), fleet=None):
+        if fleet is None:
+            fleet = Fleet().update(nodes, {pv.key: pv})
         self.pv = pv
-        self.pool_used = Resources()
-        self.provider_used = Resources(pv.unmanaged_usage)
-        for n in nodes:
-            if n.provider != pv.provider or n.state == NodeState.DELETED:
-                continue
-            cost = node_cost(n, views)
-            self.provider_used += cost
-            if n.pool == pv.pool.name:
-                self.pool_used += cost
+        self.pool_used = Resources(fleet.pool_usage.get(pv.key, {}))
+        self.provider_used = Resources(fleet.provider_usage.get(pv.provider, {}))
+        self.provider_used += pv.unmanaged_usage
 
     def take(self, labels):
         pv = self.pv

@@ -51,6 +51,7 @@ class RequestHandler:
         self.views = {}                        # pool key -> PoolView of the current pass
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
+        self.fleet = planner.Fleet()           # usage tallies, updated by what changed
 
     def note_launches(self):
         """Call before reading the pass's snapshot: a launch that ends between that read and
@@ -68,7 +69,8 @@ class RequestHandler:
         snap = planner.Snapshot(
             requests=requests, nodes=nodes, pools=views, registered_pools=components,
             locked_nodes=locked_nodes, active_requests=skip, tenant_limits=tenant_limits,
-            backoff=self.pool_backoff.blocked(now))
+            backoff=self.pool_backoff.blocked(now),
+            fleet=self.fleet.update(nodes, self.views))
         paused = set()
         launching = {}                         # pool key -> accepts that launch, in order
         for action in planner.plan_requests(snap):
@@ -106,7 +108,7 @@ class RequestHandler:
         with plock:
             # other launchers may have filled the pool since our snapshot
             self.store.sync_nodes()
-            room = planner.Room(self.views[pool_key], self.store.list_nodes(shared=True))
+            room = self._room(self.views[pool_key])
             for action in accepts:
                 self._isolated(action.request_id, now, self._apply_route, action, room)
 
@@ -243,6 +245,11 @@ class RequestHandler:
         for node_id, lock in (held.node_locks.items() if held else ()):
             self._return_node(node_id, request_id, lock)
         _quiet(rlock.release)
+
+    def _room(self, view):
+        """The pool's room now (call under its lock, after ``sync_nodes``)."""
+        return planner.Room(view, fleet=self.fleet.update(self.store.list_nodes(shared=True),
+                                                          self.views))
 
     def _pool_lock(self, pool):
         """Serialises launch decisions for one pool across launchers (held for milliseconds).
@@ -494,7 +501,7 @@ class RequestHandler:
             return
         with plock:
             self.store.sync_nodes()
-            room = planner.Room(view, self.store.list_nodes(shared=True))
+            room = self._room(view)
             for label in labels:
                 if not room.take([label]):
                     return

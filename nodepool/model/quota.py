@@ -19,6 +19,17 @@ class Resources(dict):
             out[k] = out[k] + v
         return out
 
+    def __iadd__(self, other):
+        """In place: tallies over thousands of nodes each pass must not allocate per node."""
+        for k, v in other.items():
+            self[k] = self[k] + v
+        return self
+
+    def __isub__(self, other):
+        for k, v in other.items():
+            self[k] = self[k] - v
+        return self
+
     def __sub__(self, other):
         out = Resources(self)
         for k, v in other.items():
@@ -36,7 +47,7 @@ class Resources(dict):
     def total(cls, items):
         out = cls()
         for item in items:
-            out = out + item
+            out += item
         return out
 
 

@@ -401,3 +401,34 @@ def test_min_ready_asks_only_for_labels_a_pool_can_launch_now():
     # a label only another launcher's pool serves is asked for: that launcher judges it
     other = comp(view(pool(name="x", provider="elsewhere", labels=("drained",))))
     assert minready.servable_labels(views, [other], mine) == {"ok", "drained"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 7), st.sampled_from(
+    ["ready", "building", "in-use", "deleted"]), st.booleans(), st.sampled_from(["a", "b"]),
+    st.integers(0, 3)), max_size=8), min_size=1, max_size=6))
+def test_fleet_carried_between_passes_equals_a_fresh_count(passes):
+    """Records are replaced when they change: the carried tallies must match a recount."""
+    v = view(pool(labels=("a", "b")))
+    views = {v.key: v}
+    fleet = planner.Fleet()
+    current = {}
+    for changes in passes:
+        for nid, state, allocated, label, t in changes:
+            if state == "deleted" and allocated:
+                current.pop(str(nid), None)          # the record went
+                continue
+            current[str(nid)] = node(str(nid), label=label, state=state, state_time=float(t),
+                                     allocated_to="100-1" if allocated else None,
+                                     tenant_name="t" if t % 2 else None,
+                                     resources={"instances": 1, "cores": t})
+        nodes = sorted(current.values(), key=lambda n: n.id)
+        fleet.update(nodes, views)
+        fresh = planner.Fleet().update(nodes, views)
+        clean = lambda d: {k: {r: x for r, x in res.items() if x} for k, res in d.items()
+                           if any(res.values())}
+        assert clean(fleet.pool_usage) == clean(fresh.pool_usage)
+        assert clean(fleet.provider_usage) == clean(fresh.provider_usage)
+        assert clean(fleet.tenant_usage) == clean(fresh.tenant_usage)
+        assert {k: [n.id for n in ns] for k, ns in fleet.free.items() if ns} == \
+            {k: [n.id for n in ns] for k, ns in fresh.free.items() if ns}
