@@ -37,7 +37,7 @@ class ResetLostRequest:
     request_id: str
 
 
-# -- cleanup -------------------------------------------------------------------------------------
+# -- cleanup --------------------------------------------------------------------------------------
 
 # ``deleted`` is written just before the record is removed: one still there is a delete whose
 # last step failed (a store error, a crash), finished like any other unlocked delete
@@ -92,7 +92,7 @@ def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, pr
     return actions
 
 
-# -- leaked instances ----------------------------------------------------------------------------
+# -- leaked instances -----------------------------------------------------------------------------
 
 STABLE_STATES = (NodeState.READY, NodeState.IN_USE, NodeState.USED, NodeState.HOLD)
 
@@ -133,7 +133,7 @@ def unmanaged_usage(provider_name, instances, nodes):
     return total
 
 
-# -- applying the decisions --------------------------------------------------------------------------
+# -- applying the decisions -----------------------------------------------------------------------
 
 def return_to_pool(store, node_id, request_id, reason, only_if_request_gone=False):
     """Return a ready node allocated to ``request_id`` to the pool (under its lock)."""

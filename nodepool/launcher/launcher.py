@@ -251,7 +251,9 @@ class Launcher:
             self.cleanup.delete_used(nodes, locked_nodes)
         # locks are not listed here: taking a finished request's lock tells who holds it
         self.min_ready.finish_done(requests, (), time.time())
-        self.min_ready.top_up(self.config.labels, nodes, requests, views, components,
+        # the fleet tallies are the pass's snapshot's (brought up to date when routing)
+        self.min_ready.top_up(self.config.labels, self.requests.fleet.ready, requests, views,
+                              components,
                               [c.pool_id for c in self.providers.components.values()],
                               time.time())
 

@@ -39,14 +39,14 @@ class HeldView:
     """One held request, as facts of this process (rebuilt every pass)."""
     request_id: str
     request: object                      # our own last copy of the request (read/written by us)
-    holds_request: bool                  # the request lock is still ours (session alive, no lost CAS)
+    holds_request: bool                  # the request lock is still ours (no lost session/CAS)
     nodes: tuple = ()                    # ((node id, lock still ours), ...)
     in_flight: frozenset = frozenset()   # node ids whose launch our provider worker still runs
     blocked_labels: frozenset = frozenset()   # labels backing off after a refusal in this pool
     pool_present: bool = True            # the pool is still in the running configuration
 
 
-# -- actions -----------------------------------------------------------------------------------------
+# -- actions --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Forget:
@@ -118,7 +118,7 @@ class Wait:
     reason: Reason
 
 
-# -- the decision ------------------------------------------------------------------------------------
+# -- the decision ---------------------------------------------------------------------------------
 
 def plan_held(held, current, nodes_by_id):
     """Actions for one held request.

@@ -58,17 +58,22 @@ def _held_failure(request, now):
         now - (request.state_time or now) < FAILED_HOLD
 
 
-def plan_min_ready(labels, nodes, requests, servable, now):
-    """How many min-ready requests to submit per label.
-
-    ``labels``: config labels; ``servable``: ``servable_labels``.  Ready unallocated nodes and
-    outstanding min-ready requests (of any launcher) both count towards the target, so several
-    launchers do not overshoot.
-    """
+def ready_counts(nodes):
+    """Ready unallocated nodes per label (nodes of one label: stock is launched per label)."""
     ready = Counter()
     for node in nodes:
         if is_ready_unallocated(node) and len(node.type) == 1:
             ready[node.type[0]] += 1
+    return ready
+
+
+def plan_min_ready(labels, ready, requests, servable, now):
+    """How many min-ready requests to submit per label.
+
+    ``labels``: config labels; ``ready``: ``ready_counts`` of the nodes; ``servable``:
+    ``servable_labels``.  Ready unallocated nodes and outstanding min-ready requests (of any
+    launcher) both count towards the target, so several launchers do not overshoot.
+    """
     pending = Counter()
     for req in requests:
         # a fulfilled min-ready request's node is still allocated to it until it is finished
@@ -102,8 +107,8 @@ class MinReady:
         self.store = store
         self.deallocate = deallocate        # (node id, request id, reason) -> None
 
-    def top_up(self, labels, nodes, requests, views, components, my_pool_ids, now):
-        for action in plan_min_ready(labels, nodes, requests,
+    def top_up(self, labels, ready, requests, views, components, my_pool_ids, now):
+        for action in plan_min_ready(labels, ready, requests,
                                      servable_labels(views, components, my_pool_ids), now):
             submitted = 0
             try:

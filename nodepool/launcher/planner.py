@@ -19,7 +19,7 @@ Request routing rules (Nodepool's, made deterministic across all of one launcher
 """
 import bisect
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -181,6 +181,7 @@ class Fleet:
         self.provider_usage = defaultdict(Resources)
         self.tenant_usage = defaultdict(Resources)
         self.free = defaultdict(list)     # (pool key, label) -> [node], oldest first
+        self.ready = Counter()            # label -> free ready nodes of that one label
 
     def update(self, nodes, views):
         """Bring the tallies to ``nodes`` (the full current list); ``views``: pool key ->
@@ -216,6 +217,8 @@ class Fleet:
         if free:
             for label in node.type or []:
                 bisect.insort(self.free[(key, label)], node, key=_age)
+            if len(node.type) == 1:
+                self.ready[node.type[0]] += 1
         self._seen[node.id] = (node, key, cost, free)
 
     def _remove(self, node_id, entry):
@@ -228,6 +231,8 @@ class Fleet:
         if node.tenant_name:
             self.tenant_usage[node.tenant_name] -= cost
         if free:
+            if len(node.type) == 1:
+                self.ready[node.type[0]] -= 1
             for label in node.type or []:
                 nodes = self.free[(key, label)]
                 i = bisect.bisect_left(nodes, _age(node), key=_age)

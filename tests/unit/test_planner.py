@@ -247,9 +247,10 @@ def test_min_ready_counts_ready_and_outstanding_requests():
     # a failed one counts while it is held (so a label nobody serves is not asked for in a
     # loop), and no longer after that
     reqs[1].state_time = 1000.0
-    actions = minready.plan_min_ready(labels, nodes, reqs, {"small", "big"}, 1010.0)
+    ready = minready.ready_counts(nodes)
+    actions = minready.plan_min_ready(labels, ready, reqs, {"small", "big"}, 1010.0)
     assert actions == [SubmitMinReady("small", 1)]
-    actions = minready.plan_min_ready(labels, nodes, reqs, {"small", "big"},
+    actions = minready.plan_min_ready(labels, ready, reqs, {"small", "big"},
                                       1000.0 + minready.FAILED_HOLD + 1)
     assert actions == [SubmitMinReady("big", 1), SubmitMinReady("small", 1)]
 
@@ -259,12 +260,13 @@ def test_fulfilled_min_ready_request_still_counts_until_finished():
     reqs = [req("900-1", ["small"], requestor=planner.MIN_READY_REQUESTOR, state="fulfilled",
                 nodes=["1"])]
     nodes = [node("1", allocated_to="900-1")]
-    assert minready.plan_min_ready(labels, nodes, reqs, {"small"}, 0.0) == []
+    ready = minready.ready_counts(nodes)
+    assert minready.plan_min_ready(labels, ready, reqs, {"small"}, 0.0) == []
 
 
 def test_min_ready_skips_labels_nobody_serves():
     labels = {"small": Label("small", min_ready=2)}
-    assert minready.plan_min_ready(labels, [], [], set(), 0.0) == []
+    assert minready.plan_min_ready(labels, minready.ready_counts([]), [], set(), 0.0) == []
 
 
 # -- cleanup ---------------------------------------------------------------------------------------
@@ -432,3 +434,4 @@ def test_fleet_carried_between_passes_equals_a_fresh_count(passes):
         assert clean(fleet.tenant_usage) == clean(fresh.tenant_usage)
         assert {k: [n.id for n in ns] for k, ns in fleet.free.items() if ns} == \
             {k: [n.id for n in ns] for k, ns in fresh.free.items() if ns}
+        assert +fleet.ready == minready.ready_counts(nodes)
