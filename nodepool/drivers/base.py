@@ -297,6 +297,15 @@ class Driver(abc.ABC):
 
     name = None
 
+    #: common keys this driver does not take, per level (``provider``, ``pool``, ``label``):
+    #: the schema refuses them naming the driver, as Nodepool's schema of that driver does
+    unused_common_keys = {}
+
+    #: True (OpenStack): a pool label may name a diskimage listed only in the top-level
+    #: ``diskimages`` and not in the provider's; the config loads with a warning and the label
+    #: has no image on that provider.  False: that is a config error.
+    label_image_may_be_missing = False
+
     #: defaults for provider keys shared by all drivers but with driver-specific defaults
     provider_defaults = {"rate": 1.0, "boot-timeout": 60, "launch-timeout": 3600,
                          "launch-retries": 3}
