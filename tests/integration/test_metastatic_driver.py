@@ -1,0 +1,224 @@
+"""The metastatic driver end to end: a launcher (in this process) on the embedded SQLite store,
+backing nodes from the simulated cloud and from a static host behind a real sshd."""
+import time
+
+import pytest
+
+from fixtures.launcher import wait_until
+from nodepool.client import RequestFailed
+from nodepool.drivers.base import KEPT_BY
+from nodepool.drivers.metastatic import adapter as meta_adapter
+from nodepool.launcher import provider_worker
+from nodepool.model import NodeState
+
+pytestmark = pytest.mark.slow
+
+REQUESTOR = "NodePool:metastatic:meta"
+
+SIMULATED = """\
+labels:
+  - name: big
+  - name: small
+  - name: orphan
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: 0.05
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        max-servers: 10
+        labels:
+          - name: big
+            cloud-image: img
+  - name: meta
+    driver: metastatic
+    launch-retries: 1
+    pools:
+      - name: main
+        max-servers: 10
+        host-key-checking: false
+        node-attributes:
+          kind: meta
+        labels:
+          - name: small
+            backing-label: big
+            max-parallel-jobs: 2
+            grace-time: {grace}
+          - name: orphan
+            backing-label: nowhere
+labels-extra: []
+"""
+
+
+@pytest.fixture
+def env(sqlite_launcher_env, monkeypatch):
+    monkeypatch.setattr(provider_worker, "PERIODIC_SECONDS", 0.1)
+    monkeypatch.setattr(meta_adapter, "RECONCILE", 0.2)
+    return sqlite_launcher_env
+
+
+def write(env, grace=0.5):
+    text = SIMULATED.format(grace=grace).replace("labels-extra: []\n", "")
+    text = text.replace("  - name: orphan\nproviders", "  - name: orphan\n  - name: nowhere\n"
+                        "providers")
+    return env.write(text)
+
+
+def nodes_of(store, provider, state=None):
+    return [n for n in store.list_nodes() if n.provider == provider
+            and (state is None or n.state == state)]
+
+
+def our_requests(store):
+    return [r for r in store.list_requests() if r.requestor == REQUESTOR]
+
+
+def test_slots_share_a_backing_node_which_is_returned_after_grace(env):
+    write(env)
+    env.start_launcher()
+    client = env.client()
+    store = client.store
+    first = client.request(["small", "small"], timeout=30)
+    [backing] = nodes_of(store, "sim")
+    assert backing.state == NodeState.IN_USE
+    assert backing.user_data[KEPT_BY] == "meta" and backing.user_data["label"] == "big"
+    assert sorted(n.external_id for n in first) == [f"{backing.id}-0", f"{backing.id}-1"]
+    for node in first:
+        assert node.provider == "meta" and node.type == ["small"]
+        assert node.interface_ip == backing.interface_ip
+        assert node.driver_data == {"backing_node": backing.id, "slot": node.slot}
+        assert node.attributes == {"kind": "meta"}
+    # a third slot needs a second backing node
+    client.use(first)
+    [third] = client.request(["small"], timeout=30)
+    backings = nodes_of(store, "sim")
+    assert len(backings) == 2
+    assert third.external_id.rsplit("-", 1)[0] != backing.id
+    assert our_requests(store) == []          # every backing request was ended
+    # returned slots: once empty for the grace time, both backing nodes go back and are deleted
+    client.release(first)
+    client.release([third])
+    wait_until(lambda: not nodes_of(store, "sim") and not nodes_of(store, "meta"),
+               timeout=30, message="backing and metastatic nodes deleted")
+    assert env.adapter("sim").list_instances() == []
+
+
+def test_a_free_slot_is_used_before_a_new_backing_node(env):
+    write(env, grace=30)
+    env.start_launcher()
+    client = env.client()
+    store = client.store
+    [one] = client.request(["small"], timeout=30)
+    client.release([one])                    # its slot is freed; the backing node stays
+    wait_until(lambda: not nodes_of(store, "meta"), message="slot freed")
+    [two] = client.request(["small"], timeout=30)
+    assert len(nodes_of(store, "sim")) == 1
+    assert two.external_id.rsplit("-", 1)[0] == one.external_id.rsplit("-", 1)[0]
+
+
+def test_backing_request_that_fails_is_ended_and_fails_the_launch(env):
+    write(env)
+    env.start_launcher()
+    client = env.client()
+    req = client.submit(["orphan"])
+    done = client.wait(req.id, timeout=60)
+    with pytest.raises(RequestFailed, match="nowhere"):
+        client.accept(done)
+    wait_until(lambda: not our_requests(client.store), message="backing requests ended")
+    assert nodes_of(client.store, "sim") == []
+
+
+def test_lost_backing_node_fails_its_free_nodes(env):
+    write(env, grace=30)
+    env.start_launcher()
+    client = env.client()
+    store = client.store
+    [kept] = client.request(["small"], timeout=30)
+    client.use([kept])
+    # a ready metastatic node on the same backing node (min-ready style: allocated, released)
+    [backing] = nodes_of(store, "sim")
+    # the backing node disappears behind the driver's back
+    store.delete_node(backing.id)
+    wait_until(lambda: store.get_node(kept.id) is not None, message="in-use node kept")
+    # the in-use node stays with its user; once returned it is deleted as usual
+    time.sleep(1.0)
+    assert store.get_node(kept.id).state == NodeState.IN_USE
+    client.release([kept])
+    wait_until(lambda: not nodes_of(store, "meta"), message="metastatic node deleted")
+    # a new request gets a new backing node
+    [again] = client.request(["small"], timeout=30)
+    assert again.external_id.rsplit("-", 1)[0] != backing.id
+
+
+def test_backing_node_survives_a_launcher_restart_and_is_returned_after(env):
+    write(env, grace=0.5)
+    launcher = env.start_launcher()
+    client = env.client()
+    store = client.store
+    [node] = client.request(["small"], timeout=30)
+    client.use([node])
+    [backing] = nodes_of(store, "sim")
+    env.stop_launcher(launcher)
+    launcher.shutdown()
+    env.start_launcher()
+    # re-adopted: still in use, locked by the new launcher, not deleted by its cleanup
+    wait_until(lambda: store.is_node_locked(backing.id), message="backing node re-locked")
+    time.sleep(1.0)
+    assert store.get_node(backing.id).state == NodeState.IN_USE
+    # its slot is known again: a second node shares the backing node
+    [other] = client.request(["small"], timeout=30)
+    assert other.external_id == f"{backing.id}-{1 - node.slot}"
+    client.release([node, other])
+    wait_until(lambda: not nodes_of(store, "sim"), timeout=30,
+               message="backing node returned and deleted after the restart")
+    assert our_requests(store) == []
+
+
+STATIC = """\
+labels:
+  - name: host
+  - name: job
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: hosts
+        nodes:
+          - name: 127.0.0.1
+            connection-port: {port}
+            labels: [host]
+            timeout: 2
+  - name: meta
+    driver: metastatic
+    pools:
+      - name: main
+        labels:
+          - name: job
+            backing-label: host
+            max-parallel-jobs: 3
+            grace-time: 0.5
+"""
+
+
+def test_static_host_as_backing_node(env, sshd_server, monkeypatch):
+    from nodepool.drivers.static import adapter as static_adapter
+    monkeypatch.setattr(static_adapter, "HOST_CHECK_INTERVAL", 0.3)
+    monkeypatch.setattr(provider_worker, "RECONCILE_SECONDS", 0.1)
+    env.write(STATIC.format(port=sshd_server.port))
+    env.start_launcher()
+    client = env.client()
+    store = client.store
+    jobs = client.request(["job", "job", "job"], timeout=60)
+    [backing] = nodes_of(store, "lab")
+    assert backing.state == NodeState.IN_USE
+    for node in jobs:
+        assert node.interface_ip == "127.0.0.1" and node.connection_port == sshd_server.port
+        # host-key-checking (default on) scanned the host behind the backing node
+        assert node.host_keys and set(node.host_keys) <= set(sshd_server.public_keys)
+    client.release(jobs)
+    # the static host is returned and goes back to ready for other users
+    wait_until(lambda: [n for n in nodes_of(store, "lab", NodeState.READY)
+                        if not n.allocated_to], timeout=30, message="static host back to ready")
+    assert not nodes_of(store, "meta") or wait_until(lambda: not nodes_of(store, "meta"))
