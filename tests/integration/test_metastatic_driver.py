@@ -222,3 +222,62 @@ def test_static_host_as_backing_node(env, sshd_server, monkeypatch):
     wait_until(lambda: [n for n in nodes_of(store, "lab", NodeState.READY)
                         if not n.allocated_to], timeout=30, message="static host back to ready")
     assert not nodes_of(store, "meta") or wait_until(lambda: not nodes_of(store, "meta"))
+
+
+def test_free_node_on_a_lost_backing_node_fails_and_is_replaced(env):
+    text = SIMULATED.format(grace=30).replace("labels-extra: []\n", "")
+    text = text.replace("  - name: small\n  - name: orphan\nproviders",
+                        "  - name: small\n    min-ready: 1\n  - name: orphan\n"
+                        "  - name: nowhere\nproviders")
+    env.write(text)
+    env.start_launcher()
+    store = env.store()
+
+    def ready_meta():
+        return [n for n in nodes_of(store, "meta", NodeState.READY) if not n.allocated_to]
+    [first] = wait_until(ready_meta, timeout=30, message="a min-ready metastatic node")
+    backing_id = first.driver_data["backing_node"]
+    store.delete_node(backing_id)               # the backing node vanishes
+    wait_until(lambda: store.get_node(first.id) is None, timeout=30,
+               message="the lost node failed and deleted")
+    [second] = wait_until(ready_meta, timeout=30, message="a replacement")
+    assert second.driver_data["backing_node"] != backing_id
+
+
+def test_config_change_hands_the_backing_node_to_the_new_adapter(env):
+    write(env, grace=30)
+    env.start_launcher()
+    client = env.client()
+    store = client.store
+    [node] = client.request(["small"], timeout=30)
+    [backing] = nodes_of(store, "sim")
+    write(env, grace=0.5)                      # the metastatic provider is replaced
+    time.sleep(2.0)
+    assert store.get_node(backing.id).state == NodeState.IN_USE
+    assert store.is_node_locked(backing.id)
+    client.release([node])
+    wait_until(lambda: not nodes_of(store, "sim"), timeout=30,
+               message="backing node returned under the new grace time")
+
+
+def test_killed_launcher_backing_node_is_readopted_not_leaked(env):
+    write(env, grace=0.5)
+    first = env.spawn_launcher()
+    client = env.client()
+    store = client.store
+    [node] = client.request(["small"], timeout=60)
+    client.use([node])
+    [backing] = nodes_of(store, "sim")
+    first.kill()                               # no shutdown: its session just expires
+    first.wait()
+    env.spawn_launcher()
+    # the dead session's lock expires (session-timeout 3 s); the new launcher re-locks the
+    # backing node instead of deleting it as an unlocked in-use node
+    time.sleep(5.0)
+    wait_until(lambda: store.is_node_locked(backing.id), timeout=20,
+               message="backing node re-locked by the new launcher")
+    assert store.get_node(backing.id).state == NodeState.IN_USE
+    client.release([node])
+    wait_until(lambda: not nodes_of(store, "sim"), timeout=60,
+               message="backing node returned after the restart")
+    assert our_requests(store) == []

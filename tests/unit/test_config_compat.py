@@ -399,3 +399,100 @@ def test_drivers_we_do_not_have_are_unknown(tmp_path, name):
             driver: {name}
         """)
     assert has(found, "providers[0].driver", f"unknown driver {name!r}")
+
+
+# -- metastatic -----------------------------------------------------------------------------------
+
+META = """\
+labels: [{name: big}, {name: small}, {name: tiny}]
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        labels: [{name: big, cloud-image: img}]
+  - name: meta
+    driver: metastatic
+%s
+"""
+
+
+def test_metastatic_label_keys_and_defaults(tmp_path):
+    config = load(tmp_path, META % textwrap.indent(textwrap.dedent("""\
+        launch-timeout: 600
+        pools:
+          - name: main
+            max-servers: 4
+            host-key-checking: false
+            labels:
+              - name: small
+                backing-label: big
+                max-parallel-jobs: 3
+                grace-time: 120
+                min-retention-time: 600
+                max-age: 3600
+                host-key-checking: true
+              - name: tiny
+                backing-label: big
+                max-parallel-jobs: 3
+                grace-time: 120
+                min-retention-time: 600
+                max-age: 3600
+        """), "    "))
+    prov = config.providers["meta"]
+    assert prov.launch_timeout == 600 and prov.rate == 0
+    small = prov.pools["main"].labels["small"].options
+    assert (small["backing-label"], small["max-parallel-jobs"], small["grace-time"],
+            small["min-retention-time"], small["max-age"], small["host-key-checking"]) == \
+        ("big", 3, 120, 600, 3600, True)
+    tiny = prov.pools["main"].labels["tiny"].options
+    assert "host-key-checking" not in tiny
+
+
+def test_metastatic_defaults(tmp_path):
+    config = load(tmp_path, META % textwrap.indent(textwrap.dedent("""\
+        pools:
+          - name: main
+            labels: [{name: small, backing-label: big}]
+        """), "    "))
+    opts = config.providers["meta"].pools["main"].labels["small"].options
+    assert (opts["max-parallel-jobs"], opts["grace-time"], opts["min-retention-time"],
+            opts.get("max-age")) == (1, 60, 0, None)
+
+
+def test_metastatic_rules(tmp_path):
+    found = problems(tmp_path, META % textwrap.indent(textwrap.dedent("""\
+        rate: 1
+        cloud-images: []
+        pools:
+          - name: main
+            max-cores: 4
+            labels:
+              - {name: small, backing-label: nope}
+              - {name: tiny, backing-label: small}
+              - {name: big, backing-label: big, cloud-image: x}
+              - {name: small2}
+        """), "    "))
+    assert has(found, "providers[1].rate", "not used by the metastatic driver")
+    assert has(found, "providers[1].cloud-images", "not used by the metastatic driver")
+    assert has(found, "providers[1].pools[0].max-cores", "not used by the metastatic driver")
+    assert has(found, "providers[1].pools[0].labels[2].cloud-image",
+               "not used by the metastatic driver")
+    assert has(found, "providers[1].pools[0].labels[3].backing-label", "required key")
+
+
+def test_metastatic_cross_checks(tmp_path):
+    found = problems(tmp_path, META % textwrap.indent(textwrap.dedent("""\
+        pools:
+          - name: main
+            labels:
+              - {name: small, backing-label: nope}
+              - {name: tiny, backing-label: small}
+              - {name: big, backing-label: small, max-parallel-jobs: 2}
+        """), "    "))
+    assert has(found, "providers[1].pools[0].labels[0].backing-label",
+               "backing-label nope is not a top-level label")
+    assert has(found, "providers[1].pools[0].labels[1].backing-label",
+               "is a label of this metastatic provider itself")
+    assert has(found, "providers[1].pools[0].labels[2]", "must agree on max-parallel-jobs")

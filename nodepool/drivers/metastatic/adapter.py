@@ -147,10 +147,8 @@ class MetastaticAdapter(Adapter):
         if self.store is None:
             raise TransientCloudError(f"provider {self.provider.name}: the metastatic driver "
                                       f"needs the launcher's store")
-        with _HANDOVER_LOCK:
-            parked = _HANDOVER.pop((id(self.store), self.provider.name), {})
         with self._lock:
-            self._readopt(parked)
+            self._readopt()
 
     def stop(self):
         """End our pending requests; park held locks for the next adapter of this provider
@@ -181,10 +179,14 @@ class MetastaticAdapter(Adapter):
 
     # -- store housekeeping -----------------------------------------------------------------------
 
-    def _readopt(self, parked):
-        """Adopt every in-use node kept by this provider that we do not hold yet, and rebuild
-        slots from the metastatic nodes' ``driver_data``."""
+    def _readopt(self):
+        """Adopt every in-use node kept by this provider that we do not hold yet (taking the
+        locks a replaced adapter of this provider parked), and rebuild slots from the
+        metastatic nodes' ``driver_data``."""
+        with _HANDOVER_LOCK:
+            parked = _HANDOVER.pop((id(self.store), self.provider.name), {})
         nodes = self.store.list_nodes()
+        adopted = set()
         for node in nodes:
             if node.id in self.backing or kept_by(node) != self.provider.name:
                 continue
@@ -206,6 +208,7 @@ class MetastaticAdapter(Adapter):
             slots = options["max-parallel-jobs"] if options else 0
             self.backing[node.id] = BackingNode(fresh, lock, data.get("label"), slots,
                                                 data.get("allocated") or time.time())
+            adopted.add(node.id)
             log.info("provider %s: re-adopted backing node %s (%s)", self.provider.name,
                      node.id, data.get("label"))
         for lock in parked.values():       # a parked node that is no longer ours
@@ -217,21 +220,24 @@ class MetastaticAdapter(Adapter):
             tie = node.driver_data if isinstance(node.driver_data, dict) else {}
             if node.provider != self.provider.name or "backing_node" not in tie:
                 continue
-            backing = self.backing.get(tie["backing_node"])
+            if tie["backing_node"] not in adopted:
+                continue              # slots of nodes held already are kept in memory
+            backing = self.backing[tie["backing_node"]]
             slot = tie.get("slot")
-            if backing is not None and isinstance(slot, int) and slot < len(backing.slots) \
+            if isinstance(slot, int) and slot < len(backing.slots) \
                     and node.state not in (NodeState.DELETED,):
                 backing.slots[slot] = (node.id, node.pool)
 
     def _reconcile(self):
         try:
-            self._readopt({})
+            self._readopt()
             self._end_unknown_requests()
             for backing in list(self.backing.values()):
                 self._check_backing(backing)
             self._fail_orphans()
-        except StoreError as exc:
-            log.warning("provider %s: backing nodes not checked: %s", self.provider.name, exc)
+        except (StoreError, LockError) as exc:
+            log.warning("provider %s: backing nodes not checked (next pass retries): %s",
+                        self.provider.name, exc)
 
     def _end_unknown_requests(self):
         for req in self.store.list_requests():
