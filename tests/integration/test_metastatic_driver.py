@@ -59,6 +59,14 @@ def env(sqlite_launcher_env, monkeypatch):
     return sqlite_launcher_env
 
 
+@pytest.fixture
+def any_env(launcher_env, monkeypatch):
+    """The same on each store: embedded SQLite and a real ZooKeeper."""
+    monkeypatch.setattr(provider_worker, "PERIODIC_SECONDS", 0.1)
+    monkeypatch.setattr(meta_adapter, "RECONCILE", 0.2)
+    return launcher_env
+
+
 def write(env, grace=0.5):
     text = SIMULATED.format(grace=grace).replace("labels-extra: []\n", "")
     text = text.replace("  - name: orphan\nproviders", "  - name: orphan\n  - name: nowhere\n"
@@ -75,7 +83,8 @@ def our_requests(store):
     return [r for r in store.list_requests() if r.requestor == REQUESTOR]
 
 
-def test_slots_share_a_backing_node_which_is_returned_after_grace(env):
+def test_slots_share_a_backing_node_which_is_returned_after_grace(any_env):
+    env = any_env
     write(env)
     env.start_launcher()
     client = env.client()
@@ -281,3 +290,66 @@ def test_killed_launcher_backing_node_is_readopted_not_leaked(env):
     wait_until(lambda: not nodes_of(store, "sim"), timeout=60,
                message="backing node returned after the restart")
     assert our_requests(store) == []
+
+
+# -- requests are ended: the adapter alone against the store (no launcher serves them) -----------
+
+def adapter_and_spec(env, node_id="0000000042"):
+    from nodepool.drivers.base import LaunchSpec
+    from nodepool.drivers.metastatic.adapter import MetastaticAdapter
+    write(env)
+    store = env.store()
+    prov = env.config.providers["meta"]
+    adapter = MetastaticAdapter(prov)
+    adapter.attach_store(store)
+    adapter.start()
+    pool = prov.pools["main"]
+
+    def spec(nid=node_id):
+        return LaunchSpec(hostname=f"np{nid}", label=pool.labels["small"], pool=pool,
+                          metadata={}, node_id=nid)
+    return store, adapter, spec
+
+
+def test_parallel_launches_share_one_request_and_an_abandoned_one_is_ended(env):
+    store, adapter, spec = adapter_and_spec(env)
+    one, two, three = (adapter.create_state_machine(spec(n)) for n in ("1", "2", "3"))
+    for machine in (one, two, three):
+        assert machine.advance() is None
+    requests = our_requests(store)
+    assert len(requests) == 2                   # two slots per backing node: 1+2, then 3
+    assert one.request_id == two.request_id != three.request_id
+    # nobody polls any more (the launches were dropped): housekeeping ends the requests
+    adapter.abandoned_after = 0
+    adapter.periodic()
+    assert our_requests(store) == []
+    with pytest.raises(Exception, match="was ended"):
+        one.advance()
+
+
+def test_a_launch_error_ends_its_request_unless_another_launch_waits(env):
+    store, adapter, spec = adapter_and_spec(env)
+    one, two = adapter.create_state_machine(spec("1")), adapter.create_state_machine(spec("2"))
+    one.advance()
+    two.advance()
+    store.delete_request(one.request_id)        # the request vanishes: both launches fail
+    with pytest.raises(Exception, match="vanished"):
+        one.advance()
+    with pytest.raises(Exception, match="vanished"):
+        two.advance()
+    assert adapter.pending == {}
+    # a lone waiter that gives up (any error of its own) ends the request
+    three = adapter.create_state_machine(spec("3"))
+    three.advance()
+    adapter.leave_request(three.request_id, "3")
+    assert our_requests(store) == []
+
+
+def test_requests_left_by_an_earlier_run_are_ended(env):
+    from nodepool.model.records import NodeRequest
+    store, adapter, _ = adapter_and_spec(env)
+    store.submit_request(NodeRequest(node_types=["big"], requestor=REQUESTOR), ephemeral=False)
+    assert len(our_requests(store)) == 1
+    adapter.periodic()
+    assert our_requests(store) == []
+    adapter.stop()

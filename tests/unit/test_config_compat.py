@@ -173,7 +173,7 @@ def test_aws_image_filter_spelled_twice_is_refused(tmp_path):
     assert has(found, "providers[0].cloud-images[0].image-filters[0].Name", "give name once")
 
 
-# -- keys Nodepool refuses --------------------------------------------------------------------------
+# -- keys Nodepool refuses -------------------------------------------------------------------------
 
 def test_aws_refuses_what_nodepool_refuses(tmp_path):
     found = problems(tmp_path, aws("""\
