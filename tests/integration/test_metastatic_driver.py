@@ -353,3 +353,19 @@ def test_requests_left_by_an_earlier_run_are_ended(env):
     adapter.periodic()
     assert our_requests(store) == []
     adapter.stop()
+
+
+def test_removed_provider_lets_its_backing_nodes_go(env, monkeypatch):
+    monkeypatch.setattr(meta_adapter, "HANDOVER_WAIT", 0.5)
+    write(env, grace=30)
+    env.start_launcher()
+    client = env.client()
+    store = client.store
+    [node] = client.request(["small"], timeout=30)
+    client.release([node])
+    [backing] = nodes_of(store, "sim")
+    # the metastatic provider leaves the config: nobody keeps the backing node any more
+    text = SIMULATED.format(grace=30).replace("labels-extra: []\n", "")
+    env.write(text[:text.index("  - name: meta\n")])
+    wait_until(lambda: store.get_node(backing.id) is None, timeout=30,
+               message="the backing node deleted by cleanup")

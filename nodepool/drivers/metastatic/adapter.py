@@ -54,9 +54,24 @@ ABANDONED = 30.0          # seconds a request may go unpolled before it is ended
 RECONCILE = 2.0           # seconds between checks of the backing nodes against the store
 OUTCOME_KEPT = 300.0      # seconds a delivered request's outcome waits for its other launches
 
+HANDOVER_WAIT = 60.0      # seconds a stopped adapter's locks wait for the next adapter
 # locks held by a stopped adapter, for the next adapter of the same provider and store
 _HANDOVER = {}
 _HANDOVER_LOCK = threading.Lock()
+
+
+def _release_unclaimed(key, parked):
+    with _HANDOVER_LOCK:
+        if _HANDOVER.get(key) is not parked:
+            return                     # claimed by the next adapter
+        del _HANDOVER[key]
+    for node_id, lock in parked.items():
+        try:
+            lock.release()
+            log.info("provider %s: no adapter took over backing node %s: unlocked",
+                     key[1], node_id)
+        except Exception:
+            pass
 
 
 class PendingBacking:
@@ -152,14 +167,20 @@ class MetastaticAdapter(Adapter):
 
     def stop(self):
         """End our pending requests; park held locks for the next adapter of this provider
-        (a config change) -- when the process ends, its store session drops them anyway."""
+        (a config change).  Locks nobody claims within ``HANDOVER_WAIT`` seconds (the provider
+        was removed) are released, so cleanup can take the nodes; when the process ends, its
+        store session drops them anyway."""
         with self._lock:
             for request_id in list(self.pending):
                 self._end_request(request_id)
             if self.store is not None and self.backing:
+                key = (id(self.store), self.provider.name)
+                parked = {b.id: b.lock for b in self.backing.values()}
                 with _HANDOVER_LOCK:
-                    _HANDOVER[(id(self.store), self.provider.name)] = {
-                        b.id: b.lock for b in self.backing.values()}
+                    _HANDOVER[key] = parked
+                timer = threading.Timer(HANDOVER_WAIT, _release_unclaimed, (key, parked))
+                timer.daemon = True
+                timer.start()
             self.backing = {}
 
     def periodic(self):
