@@ -506,7 +506,7 @@ class AwsAdapter(Adapter):
                           snap.get("StartTime")))
         if self.bucket:
             items.extend(self._our_objects())
-        if any(lbl.options.get("dedicated-host") for lbl in self.provider.labels()):
+        if self.uses_dedicated_hosts():
             items.extend(self._our_hosts())
         if any(lbl.options.get("fleet") for lbl in self.provider.labels()):
             for tmpl in self.paginate("list our launch templates", "ec2",
@@ -533,6 +533,11 @@ class AwsAdapter(Adapter):
             items.append((CloudResource("host", host["HostId"], self._meta(tags)),
                           host.get("AllocationTime")))
         return items
+
+    def uses_dedicated_hosts(self):
+        """Whether a label of this provider asks for dedicated hosts (only then are hosts
+        described and released: other accounts may lack those permissions)."""
+        return any(lbl.options.get("dedicated-host") for lbl in self.provider.labels())
 
     def our_host(self, host_id):
         """Whether ``host_id`` is a dedicated host this provider allocated (tagged by us)."""
@@ -998,7 +1003,8 @@ class DeleteInstance(StateMachine):
                 return None
             if not self._delete_volumes():
                 return None
-            if self.host_id and adapter.our_host(self.host_id):
+            if self.host_id and adapter.uses_dedicated_hosts() and \
+                    adapter.our_host(self.host_id):
                 adapter.release_host(self.host_id)
             self.complete = True
             return True
