@@ -6,6 +6,7 @@ validators replace voluptuous' own dict and list handling so that *every* proble
 (voluptuous stops at the first bad list item) and unknown keys come with a suggestion.
 """
 import difflib
+import math
 
 import voluptuous as v
 
@@ -42,6 +43,8 @@ def Number(minimum=None, coerce=False):
                 value = float(value.strip())
             except ValueError:
                 raise v.Invalid("expected a number") from None
+            if not math.isfinite(value):
+                raise v.Invalid("expected a finite number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise v.Invalid("expected a number")
         if minimum is not None and value < minimum:
