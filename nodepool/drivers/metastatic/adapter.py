@@ -140,7 +140,7 @@ class MetastaticAdapter(Adapter):
         self.requestor = f"NodePool:metastatic:{provider.name}"
         self.backing = {}           # backing node id -> BackingNode
         self.pending = {}           # request id -> PendingBacking
-        self.outcome = {}           # request id -> backing node id or error text (delivered)
+        self.outcome = {}           # request id -> ("node" | "error", id or text, when)
         self.abandoned_after = ABANDONED
         self.reconcile_every = RECONCILE
         self._last_reconcile = -1e9
