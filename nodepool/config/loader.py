@@ -213,7 +213,10 @@ def _load(path, secure_path):
     problems = []
     data, found = read_document(path)
     if not found:
-        data, found = validate_document(data, schema.config_schema())
+        document = data
+        data, found = validate_document(copy.deepcopy(document), schema.config_schema())
+        if found:
+            found += cross_check_despite(path, document, found)
     problems += [(path, k, m) for k, m in found]
 
     secure = None
@@ -237,6 +240,63 @@ def _load(path, secure_path):
     problems += [(path, k, m) for k, m in builder.problems]
     config.source_mtimes = _mtimes([path, secure_path])
     return config, problems
+
+
+# keys whose removal would change what the rest of an entry means
+NEVER_PRUNED = ("name", "driver")
+
+
+def cross_check_despite(path, document, schema_problems, rounds=4):
+    """The cross-check problems (unknown names, driver rules) of a document that failed the
+    schema, so that one run reports them together with the schema's.
+
+    The optional keys the schema refused are removed and the rest validated again (a few
+    rounds); if that makes it valid, the builder's problems are returned, except those about a
+    removed key or the entry holding it.  When a problem cannot be removed that way (a missing
+    required key, a bad list item, a bad name or driver), nothing more is reported."""
+    doc = copy.deepcopy(document)
+    validator = schema.config_schema()
+    pruned = []
+    for _ in range(rounds):
+        try:
+            valid = validator(copy.deepcopy(doc))
+        except v.Invalid as exc:
+            removed = set()
+            for err in getattr(exc, "errors", [exc]):
+                parts = list(err.path)
+                if not parts or not isinstance(parts[-1], str) or parts[-1] in NEVER_PRUNED:
+                    return []
+                parent = _walk(doc, parts[:-1])
+                where = key_path(parts)
+                if isinstance(parent, dict) and parts[-1] in parent:
+                    del parent[parts[-1]]
+                    removed.add(where)
+                elif where not in removed:
+                    return []
+            pruned.extend(removed)
+            continue
+        builder = _Builder(path, valid)
+        builder.build()
+        known = {key for key, _ in schema_problems}
+        return [(key, message) for key, message in builder.problems
+                if key not in known and not any(_related(key, p) for p in pruned)]
+    return []
+
+
+def _walk(doc, parts):
+    for part in parts:
+        try:
+            doc = doc[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return doc
+
+
+def _related(key, other):
+    """Whether one key path is the other or contains it."""
+    def inside(a, b):
+        return a == b or a.startswith(b + ".") or a.startswith(b + "[")
+    return inside(key, other) or inside(other, key)
 
 
 def _mtimes(paths):
@@ -476,17 +536,25 @@ class _Builder:
 
     def provider(self, where, raw, driver, config):
         own = schema.driver_key_names(driver)
+        # keys a driver does not take (``unused_common_keys``) are absent: the driver's
+        # defaults, else the model's
+        model = Provider(name="", driver="")
+        driver_defaults = getattr(driver, "provider_defaults", None) or {}
+        common = {key: raw.get(key, driver_defaults.get(key,
+                                                        getattr(model, key.replace("-", "_"))))
+                  for key in ("rate", "boot-timeout", "launch-timeout", "launch-retries",
+                              "image-name-format", "image-upload-timeout")}
         prov = Provider(
-            name=raw["name"], driver=raw["driver"], priority=raw["priority"], rate=raw["rate"],
-            boot_timeout=raw["boot-timeout"], launch_timeout=raw["launch-timeout"],
-            launch_retries=raw["launch-retries"], max_concurrency=raw["max-concurrency"],
-            image_name_format=raw["image-name-format"],
+            name=raw["name"], driver=raw["driver"], priority=raw["priority"], rate=common["rate"],
+            boot_timeout=common["boot-timeout"], launch_timeout=common["launch-timeout"],
+            launch_retries=common["launch-retries"], max_concurrency=raw["max-concurrency"],
+            image_name_format=common["image-name-format"],
             post_upload_hook=raw.get("post-upload-hook"),
-            image_upload_timeout=raw["image-upload-timeout"],
+            image_upload_timeout=common["image-upload-timeout"],
             options=_options(raw, own["provider"], schema.COMMON_KEYS["provider"]),
             raw=copy.deepcopy(raw))
 
-        for index, entry in enumerate(raw["diskimages"]):
+        for index, entry in enumerate(raw.get("diskimages") or []):
             key = f"{where}.diskimages[{index}]"
             name = entry["name"]
             if name in prov.diskimages:
@@ -504,7 +572,7 @@ class _Builder:
                 connection_port=_connection_port(entry),
                 options=_options(entry, own["diskimage"], schema.COMMON_KEYS["diskimage"]))
 
-        for index, entry in enumerate(raw["cloud-images"]):
+        for index, entry in enumerate(raw.get("cloud-images") or []):
             name = entry["name"]
             if name in prov.cloud_images:
                 self.problem(f"{where}.cloud-images[{index}].name",
@@ -531,12 +599,12 @@ class _Builder:
             max_servers=entry.get("max-servers", math.inf),
             max_cores=entry.get("max-cores", math.inf),
             max_ram=entry.get("max-ram", math.inf),
-            max_resources=dict(entry["max-resources"]),
+            max_resources=dict(entry.get("max-resources") or {}),
             priority=entry.get("priority", prov.priority),
             node_attributes=entry.get("node-attributes"),
-            azs=list(entry["availability-zones"]),
-            host_key_checking=entry["host-key-checking"],
-            ignore_provider_quota=entry["ignore-provider-quota"],
+            azs=list(entry.get("availability-zones") or []),
+            host_key_checking=entry.get("host-key-checking", True),
+            ignore_provider_quota=entry.get("ignore-provider-quota", False),
             options=_options(entry, own["pool"], schema.COMMON_KEYS["pool"]))
         needs_image = getattr(driver, "labels_need_image", True)
         for index, item in enumerate(entry.get("labels") or []):
@@ -549,20 +617,28 @@ class _Builder:
             if name not in config.labels:
                 self.problem(f"{key}.name", f"label {name!r} is not in the top-level labels"
                                             f"{_did_you_mean(name, config.labels)}")
-            self.check_label_image(key, item, prov, config, needs_image)
+            self.check_label_image(key, item, prov, config, needs_image,
+                                   getattr(driver, "label_image_may_be_missing", False))
             pool.labels[name] = PoolLabel(
                 name=name, pool=pool.name, provider=prov.name, diskimage=item.get("diskimage"),
                 cloud_image=item.get("cloud-image"),
                 options=_options(item, own["label"], schema.COMMON_KEYS["label"]))
         return pool
 
-    def check_label_image(self, key, item, prov, config, needs_image):
+    def check_label_image(self, key, item, prov, config, needs_image, may_be_missing=False):
         diskimage, cloud_image = item.get("diskimage"), item.get("cloud-image")
         if diskimage is not None and cloud_image is not None:
             self.problem(key, "give either diskimage or cloud-image, not both")
         elif diskimage is None and cloud_image is None:
             if needs_image:
                 self.problem(key, "one of diskimage or cloud-image is required")
+        elif diskimage is not None and diskimage not in prov.diskimages and may_be_missing \
+                and diskimage in config.diskimages:
+            # Nodepool's OpenStack driver loads this (its own docs example does it)
+            self.warnings.append(f"{key}.diskimage: diskimage {diskimage!r} is only in the "
+                                 f"top-level diskimages, not in those of provider "
+                                 f"{prov.name!r}: label {item['name']} has no image there "
+                                 f"and its requests are declined by this pool")
         elif diskimage is not None and diskimage not in prov.diskimages:
             where = ("nor in the top-level diskimages" if diskimage not in config.diskimages
                      else "(it is only in the top-level diskimages)")

@@ -6,6 +6,7 @@ validators replace voluptuous' own dict and list handling so that *every* proble
 (voluptuous stops at the first bad list item) and unknown keys come with a suggestion.
 """
 import difflib
+import math
 
 import voluptuous as v
 
@@ -33,9 +34,17 @@ def Int(minimum=None, maximum=None):
     return check
 
 
-def Number(minimum=None):
-    """An int or float (not a boolean)."""
+def Number(minimum=None, coerce=False):
+    """An int or float (not a boolean).  With ``coerce``, a quoted number (``"0.5"``) is taken
+    as that number, as Nodepool's ``v.Coerce(float)`` does."""
     def check(value):
+        if coerce and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise v.Invalid("expected a number") from None
+            if not math.isfinite(value):
+                raise v.Invalid("expected a finite number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise v.Invalid("expected a number")
         if minimum is not None and value < minimum:
@@ -124,11 +133,13 @@ def suggest(key, known):
 
 class Mapping:
     """A dict schema that reports unknown keys (with the closest valid key) and all other
-    problems at once."""
+    problems at once.  ``refused`` maps keys this mapping does not take to the reason given
+    (a key other drivers take: "not used by the static driver")."""
 
-    def __init__(self, fields):
+    def __init__(self, fields, refused=None):
         self.fields = {k: strict(val) for k, val in fields.items()}
         self.known = _literal_keys(self.fields)
+        self.refused = dict(refused or {})
         extra = v.REMOVE_EXTRA if self.known is not None else v.PREVENT_EXTRA
         self.schema = v.Schema(self.fields, extra=extra)
 
@@ -138,7 +149,9 @@ class Mapping:
         errors = []
         if self.known is not None:
             for key in data:
-                if key not in self.known:
+                if key in self.refused:
+                    errors.append(v.Invalid(self.refused[key], path=[key]))
+                elif key not in self.known:
                     errors.append(v.Invalid(f"unknown key{suggest(key, self.known)}", path=[key]))
         try:
             out = self.schema(data)
@@ -278,7 +291,7 @@ def provider_common(defaults):
         v.Required("name"): Name,
         v.Optional("driver", default=DEFAULT_DRIVER): Str,
         v.Optional("priority", default=100): Int(),
-        v.Optional("rate", default=defaults["rate"]): Number(0),
+        v.Optional("rate", default=defaults["rate"]): Number(0, coerce=True),
         v.Optional("boot-timeout", default=defaults["boot-timeout"]): Number(0),
         v.Optional("launch-timeout", default=defaults["launch-timeout"]): Number(0),
         v.Optional("launch-retries", default=defaults["launch-retries"]): Int(0),
@@ -327,22 +340,39 @@ class ProviderEntry:
         return provider_schema(driver)(data)
 
 
+def unused_keys(driver, level):
+    """Common keys of ``level`` (``provider``, ``pool``...) that ``driver`` does not take."""
+    return set((getattr(driver, "unused_common_keys", None) or {}).get(level) or ())
+
+
+def without(fields, names):
+    return {k: val for k, val in fields.items()
+            if (k.schema if isinstance(k, v.Marker) else k) not in names}
+
+
+def refusals(driver, level):
+    return {key: f"not used by the {driver.name} driver" for key in unused_keys(driver, level)}
+
+
 def provider_schema(driver):
-    """The full schema of a provider of ``driver``."""
+    """The full schema of a provider of ``driver``, without the common keys the driver lists
+    in ``unused_common_keys`` (those are refused, naming the driver)."""
     defaults = dict(BASE_PROVIDER_DEFAULTS)
     defaults.update(getattr(driver, "provider_defaults", None) or {})
     label = merge_fields(POOL_LABEL, driver.label_schema())
-    pool = merge_fields(POOL, driver.pool_schema())
-    pool.setdefault(v.Optional("labels", default=[]), [label])
-    fields = merge_fields(provider_common(defaults), driver.provider_schema())
-    fields.update({
-        v.Optional("pools", default=[]): [pool],
-        v.Optional("diskimages", default=[]): [merge_fields(PROVIDER_DISKIMAGE,
-                                                            driver.diskimage_schema())],
-        v.Optional("cloud-images", default=[]): [merge_fields(CLOUD_IMAGE,
-                                                              driver.cloud_image_schema())],
-    })
-    return Mapping(fields)
+    pool = merge_fields(without(POOL, unused_keys(driver, "pool")), driver.pool_schema())
+    pool.setdefault(v.Optional("labels", default=[]), Seq(Mapping(
+        label, refusals(driver, "label"))))
+    fields = merge_fields(without(provider_common(defaults), unused_keys(driver, "provider")),
+                          driver.provider_schema())
+    fields[v.Optional("pools", default=[])] = Seq(Mapping(pool, refusals(driver, "pool")))
+    if "diskimages" not in unused_keys(driver, "provider"):
+        fields[v.Optional("diskimages", default=[])] = [merge_fields(
+            PROVIDER_DISKIMAGE, driver.diskimage_schema())]
+    if "cloud-images" not in unused_keys(driver, "provider"):
+        fields[v.Optional("cloud-images", default=[])] = [merge_fields(
+            CLOUD_IMAGE, driver.cloud_image_schema())]
+    return Mapping(fields, refusals(driver, "provider"))
 
 
 def driver_key_names(driver):

@@ -30,6 +30,17 @@ META_LAUNCHER = "nodepool_launcher"
 META_BUILD_ID = "nodepool_build_id"
 META_UPLOAD_ID = "nodepool_upload_id"
 
+# An ``in-use`` node whose ``user_data`` is a mapping naming a configured provider under this
+# key is that provider's to release (a metastatic backing node): cleanup leaves it alone even
+# while nobody holds its lock, as across a launcher restart, until that provider lets it go.
+KEPT_BY = "nodepool_kept_by"
+
+
+def kept_by(node):
+    """The provider keeping an in-use node (``KEPT_BY``), or None."""
+    data = getattr(node, "user_data", None)
+    return data.get(KEPT_BY) if isinstance(data, dict) else None
+
 
 @dataclass
 class Instance:
@@ -220,6 +231,18 @@ class Adapter(abc.ABC):
         """Drop a remembered value (it turned out stale)."""
         self.__dict__.setdefault("_memo", {}).pop(key, None)
 
+    #: the launcher's state store, given by ``attach_store`` before ``start()``; only drivers
+    #: that are clients of the store themselves (metastatic) use it
+    store = None
+
+    def attach_store(self, store):
+        """Called by the provider worker before ``start()`` with the launcher's store."""
+        self.store = store
+
+    def periodic(self):
+        """Called from the provider worker's thread about every second once started, for
+        housekeeping of drivers that need it (default: nothing).  Must not block for long."""
+
     def start(self):
         """Open long-lived clients.  May raise CloudError; the provider is then retried later."""
 
@@ -296,6 +319,15 @@ class Driver(abc.ABC):
     """Entry point of a driver package: schema extensions and adapter construction."""
 
     name = None
+
+    #: common keys this driver does not take, per level (``provider``, ``pool``, ``label``):
+    #: the schema refuses them naming the driver, as Nodepool's schema of that driver does
+    unused_common_keys = {}
+
+    #: True (OpenStack): a pool label may name a diskimage listed only in the top-level
+    #: ``diskimages`` and not in the provider's; the config loads with a warning and the label
+    #: has no image on that provider.  False: that is a config error.
+    label_image_may_be_missing = False
 
     #: defaults for provider keys shared by all drivers but with driver-specific defaults
     provider_defaults = {"rate": 1.0, "boot-timeout": 60, "launch-timeout": 3600,

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from ..drivers.base import kept_by
 from ..errors import LockError
 from ..model.quota import Resources
 from ..model.states import NodeState, RequestState
@@ -47,12 +48,13 @@ ABANDONED_STATES = (NodeState.INIT, NodeState.BUILDING, NodeState.FAILED, NodeSt
 
 
 def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, providers,
-                      max_hold_age, now, reusable_providers=()):
+                      max_hold_age, now, reusable_providers=(), configured_providers=()):
     """Which nodes to delete or release, and which lost requests to reset (pure).
 
     Only nodes of ``providers`` (the providers this launcher runs) are touched.  A node that
-    somebody holds locked is never touched.  ``reusable_providers`` return used nodes to ready
-    (static hosts) instead of deleting them.
+    somebody holds locked is never touched, nor an in-use node kept by one of the
+    ``configured_providers`` (``drivers.base.KEPT_BY``: a metastatic backing node).
+    ``reusable_providers`` return used nodes to ready (static hosts) instead of deleting them.
     """
     actions = []
     request_ids = {r.id for r in requests}
@@ -60,6 +62,8 @@ def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, pr
         if node.provider not in providers or node.id in locked_nodes:
             continue
         state = node.state
+        if state == NodeState.IN_USE and kept_by(node) in configured_providers:
+            continue
         if state == NodeState.READY:
             if node.allocated_to and node.allocated_to not in request_ids:
                 actions.append(Deallocate(node.id, f"request {node.allocated_to} is gone"))
@@ -171,7 +175,7 @@ class Cleanup:
                     if getattr(w.adapter, "reuses_nodes", False)}
         actions = plan_node_cleanup(nodes, requests, locked_nodes, locked_requests,
                                     config.labels, set(workers), config.max_hold_age, now,
-                                    reusable)
+                                    reusable, set(config.providers))
         by_id = {n.id: n for n in nodes}
         held = self.held_requests()
         for action in actions:
@@ -233,7 +237,8 @@ class Cleanup:
         """Re-check a node after locking it: the plan was made from an older snapshot."""
         config = self.config()
         again = plan_node_cleanup([node], [], set(), set(), config.labels, {node.provider},
-                                  config.max_hold_age, time.time())
+                                  config.max_hold_age, time.time(),
+                                  configured_providers=set(config.providers))
         return any(isinstance(a, DeleteNode) for a in again)
 
     def reset_lost(self, request_id):

@@ -33,6 +33,7 @@ QUOTA_CACHE_SECONDS = 300
 INSTANCE_LIST_SECONDS = 30
 START_RETRY = 30
 RECONCILE_SECONDS = 2.0      # registered (static) hosts: compare slots and node records
+PERIODIC_SECONDS = 1.0       # how often the adapter's ``periodic()`` housekeeping runs
 STATIC_LAUNCHER = "static driver"   # the ``launcher`` Nodepool writes on static nodes
 
 
@@ -477,6 +478,7 @@ class ProviderWorker:
         self._last_leak_scan = 0.0
         self.reconcile_interval = RECONCILE_SECONDS
         self._last_reconcile = -1e9
+        self._last_periodic = -1e9
         self.started = False
         self.thread = threading.Thread(target=self._run, name=f"provider-{provider.name}",
                                        daemon=True)
@@ -547,6 +549,7 @@ class ProviderWorker:
         try:
             if self.adapter is None:
                 self.adapter = get_driver(self.provider.driver).adapter(self.provider)
+            self.adapter.attach_store(self.store)
             self.adapter.start()
         except Exception as exc:
             if str(exc) != self.start_error:
@@ -606,6 +609,9 @@ class ProviderWorker:
         if now - self._last_reconcile >= self.reconcile_interval and not self._retiring:
             self._last_reconcile = now
             self._reconcile_registered()
+        if now - self._last_periodic >= PERIODIC_SECONDS:
+            self._last_periodic = now
+            self.adapter.periodic()
 
     def _step(self, job, key, kind, now):
         """Advance one job; whatever it raises stays with that job, which waits and retries."""

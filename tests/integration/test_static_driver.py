@@ -343,3 +343,20 @@ def test_host_with_several_labels_serves_a_request_for_any_of_them(static_env, s
     req = client.wait(waiting.id, timeout=30)
     assert req.state == RequestState.FULFILLED and req.nodes == [slot.id]
     client.release(client.accept(req))
+
+
+def test_one_host_registered_twice_with_other_usernames(static_env, sshd_server):
+    port = sshd_server.port
+    write_static(static_env, host(port, labels="linux", username="alice"),
+                 host(port, labels="windows", username="bob"))
+    static_env.start_launcher()
+    client = static_env.client()
+    store = client.store
+    nodes = wait_until(lambda: len(static_nodes(store, state=NodeState.READY)) == 2
+                       and static_nodes(store), message="both registrations")
+    assert {(n.external_id, n.username, tuple(n.type)) for n in nodes} == {
+        (f"alice@127.0.0.1:{port}#0", "alice", ("linux",)),
+        (f"bob@127.0.0.1:{port}#0", "bob", ("windows",))}
+    [win] = client.request(["windows"], timeout=30)
+    assert win.username == "bob" and win.host_keys == sshd_server.public_keys
+    client.release([win])

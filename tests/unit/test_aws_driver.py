@@ -137,12 +137,12 @@ def test_schema_defaults_and_refusals():
     assert data["image-format"] == "raw"
     label = data["pools"][0]["labels"][0]
     assert label["use-spot"] is False and label["tags"] == {}
-    assert data["pools"][0]["public-ipv4"] is True
+    assert "public-ipv4" not in data["pools"][0]     # defaulted by finalize (alias rule)
     with pytest.raises(v.Invalid):
         provider_schema()({"name": "a", "driver": "aws"})                 # no region-name
     with pytest.raises(v.Invalid):
         provider_schema()({"name": "a", "driver": "aws", "region-name": "r",
-                           "diskimages": [{"name": "d", "import-method": "ebs-direct"}]})
+                           "diskimages": [{"name": "d", "import-method": "create-volume"}]})
 
 
 def test_config_cross_checks(tmp_path):
@@ -170,7 +170,7 @@ providers:
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     text = str(info.value)
-    assert "instance-type is required" in text
+    assert "exactly one of instance-type and fleet is required" in text
     assert "exactly one of image-id and image-filters" in text
     assert "object-storage.bucket-name is required" in text
 

@@ -60,7 +60,7 @@ def test_check_provider_unknown_label_and_duplicate_host():
     problems = DRIVER.check_provider(prov, Config(labels={"a": Label("a")}))
     messages = " | ".join(m for _, m in problems)
     assert "zzz is not a top-level label" in messages
-    assert "host h1 port 22 is already listed" in messages
+    assert "host h1 port 22 with username zuul is already listed" in messages
 
 
 # -- slots ----------------------------------------------------------------------------------------
@@ -217,4 +217,4 @@ def test_bad_static_config_names_the_host_entry(tmp_path):
         load_config(str(path))
     text = str(info.value)
     assert "providers[0].pools[0].nodes[0].labels: label nope is not a top-level label" in text
-    assert "providers[0].pools[0].nodes[1]: host h1 port 22 is already listed" in text
+    assert "providers[0].pools[0].nodes[1]: host h1 port 22 with username zuul is already listed" in text

@@ -11,9 +11,15 @@ from ...extras import requires
 from ..base import Driver
 
 IMAGE_FORMATS = ("raw", "ova", "vhd", "vhdx", "vmdk")
-# ``create-volume`` is ours: for clouds without VM Import (see docs/aws.md)
-IMPORT_METHODS = ("snapshot", "image", "create-volume")
+IMPORT_METHODS = ("snapshot", "image", "ebs-direct")
+# methods that stage the file in S3 (``ebs-direct`` writes the snapshot's blocks itself)
+S3_IMPORT_METHODS = ("snapshot", "image")
 DEFAULT_IMAGE_FORMAT = "raw"
+FLEET_STRATEGIES = ("prioritized", "price-capacity-optimized", "capacity-optimized",
+                    "diversified", "lowest-price")
+SPOT_STRATEGIES = ("price-capacity-optimized", "capacity-optimized", "diversified",
+                   "lowest-price")
+ON_DEMAND_STRATEGIES = ("prioritized", "lowest-price")
 
 
 def _count(minimum=0):
@@ -38,11 +44,49 @@ def _tags(value):
     return out
 
 
-IMAGE_FILTER = {v.Required("name"): str, v.Required("values"): [v.Coerce(str)]}
+def image_filter(value):
+    """One ``image-filters`` entry, ``{name, values}``; boto3's spelling ``{Name, Values}``
+    is accepted too (Nodepool passes the entry through) and comes out lower-case."""
+    if not isinstance(value, dict):
+        raise v.Invalid("expected a mapping with name and values")
+    errors, out = [], {}
+    for key, spellings in (("name", ("name", "Name")), ("values", ("values", "Values"))):
+        given = [k for k in spellings if k in value]
+        if len(given) > 1:
+            errors.append(v.Invalid(f"give {key} once (as {given[0]} or {given[1]})",
+                                    path=[given[1]]))
+        elif not given:
+            errors.append(v.Invalid("required key is missing", path=[key]))
+        else:
+            out[key] = value[given[0]]
+    for key in value:
+        if key not in ("name", "Name", "values", "Values"):
+            errors.append(v.Invalid("unknown key (expected name and values)", path=[key]))
+    if "name" in out and not isinstance(out["name"], str):
+        errors.append(v.Invalid("expected str", path=["name"]))
+    if "values" in out:
+        vals = out["values"]
+        if not isinstance(vals, list) or any(isinstance(x, (dict, list)) or x is None
+                                             for x in vals):
+            errors.append(v.Invalid("expected a list of strings", path=["values"]))
+        else:
+            out["values"] = [str(x) for x in vals]
+    if errors:
+        raise v.MultipleInvalid(errors)
+    return out
+
+
+FLEET = {
+    v.Required("instance-types"): v.All([str], v.Length(min=1, msg="list at least one "
+                                                                    "instance type")),
+    v.Required("allocation-strategy"): v.In(FLEET_STRATEGIES),
+}
 
 
 class AwsDriver(Driver):
     name = "aws"
+    # Nodepool's AWS pools name one ``availability-zone``
+    unused_common_keys = {"pool": {"availability-zones"}}
     # rate: API operations per second (not seconds between calls as for OpenStack)
     provider_defaults = {"rate": 2.0, "boot-timeout": 180, "launch-timeout": 3600,
                          "launch-retries": 3}
@@ -66,7 +110,8 @@ class AwsDriver(Driver):
         return {
             v.Optional("subnet-id"): str,
             v.Optional("security-group-id"): str,
-            v.Optional("public-ipv4", default=True): bool,
+            v.Optional("public-ipv4"): bool,           # default true (see finalize)
+            v.Optional("public-ip-address"): bool,     # deprecated spelling of public-ipv4
             v.Optional("public-ipv6", default=False): bool,
             v.Optional("use-internal-ip", default=False): bool,
             v.Optional("availability-zone"): str,
@@ -75,6 +120,8 @@ class AwsDriver(Driver):
     def label_schema(self):
         return {
             v.Optional("instance-type"): str,
+            v.Optional("fleet"): FLEET,
+            v.Optional("dedicated-host", default=False): bool,
             v.Optional("key-name"): str,
             v.Optional("ebs-optimized", default=False): bool,
             v.Optional("volume-type"): str,
@@ -97,17 +144,22 @@ class AwsDriver(Driver):
             v.Optional("ena-support", default=True): bool,
             v.Optional("volume-size"): _count(1),
             v.Optional("volume-type", default="gp3"): str,
-            v.Optional("import-method", default="snapshot"): v.In(IMPORT_METHODS),
+            v.Optional("import-method", default="snapshot"): v.In(
+                IMPORT_METHODS, msg=f"expected one of {', '.join(IMPORT_METHODS)}"),
             v.Optional("imds-support"): v.In(["v2.0"]),
             v.Optional("iops"): _count(1),
             v.Optional("throughput"): _count(1),
             v.Optional("tags", default={}): _tags,
+            # the login of nodes booted from this image here (else the diskimage's)
+            v.Optional("username"): str,
+            v.Optional("python-path"): str,
+            v.Optional("shell-type"): str,
         }
 
     def cloud_image_schema(self):
         return {
             v.Optional("image-id"): str,
-            v.Optional("image-filters"): [IMAGE_FILTER],
+            v.Optional("image-filters"): [image_filter],
         }
 
     def check_provider(self, provider, config):
@@ -118,9 +170,9 @@ class AwsDriver(Driver):
         problems = []
         for pool_index, pool in enumerate(provider.pools.values()):
             for label_index, label in enumerate(pool.labels.values()):
-                if not label.options.get("instance-type"):
-                    problems.append((f"{where}.pools[{pool_index}].labels[{label_index}]",
-                                     f"label {label.name}: instance-type is required"))
+                key = f"{where}.pools[{pool_index}].labels[{label_index}]"
+                problems += [(key, f"label {label.name}: {text}")
+                             for text in label_problems(label, pool)]
         for index, image in enumerate(provider.cloud_images.values()):
             has_id = bool(image.options.get("image-id"))
             has_filters = bool(image.options.get("image-filters"))
@@ -128,11 +180,20 @@ class AwsDriver(Driver):
                 problems.append((f"{where}.cloud-images[{index}]",
                                  f"cloud image {image.name}: exactly one of image-id and "
                                  f"image-filters is required"))
-        if provider.diskimages and not (provider.options.get("object-storage") or {}).get(
-                "bucket-name"):
+        staged = [d.name for d in provider.diskimages.values()
+                  if d.options.get("import-method", "snapshot") in S3_IMPORT_METHODS]
+        if staged and not (provider.options.get("object-storage") or {}).get("bucket-name"):
             problems.append((f"{where}.object-storage",
-                             "object-storage.bucket-name is required to upload diskimages"))
+                             "object-storage.bucket-name is required to upload diskimages "
+                             "(import-method snapshot or image)"))
         return problems
+
+    def finalize(self, provider, config):
+        """``public-ipv4`` wins over its deprecated spelling ``public-ip-address``."""
+        for pool in provider.pools.values():
+            old = pool.options.pop("public-ip-address", None)
+            if pool.options.get("public-ipv4") is None:
+                pool.options["public-ipv4"] = True if old is None else old
 
     def check_cloud(self, provider):
         """Profile, region and credentials, as the adapter's ``start()`` loads them."""
@@ -153,6 +214,29 @@ class AwsDriver(Driver):
         with requires("aws", f"provider {provider.name} (driver aws)"):
             from .adapter import AwsAdapter
         return AwsAdapter(provider, rate_limiter)
+
+
+def label_problems(label, pool):
+    """The rules of one pool label Nodepool's AWS driver enforces on load."""
+    opts = label.options
+    out = []
+    if bool(opts.get("instance-type")) == bool(opts.get("fleet")):
+        out.append("exactly one of instance-type and fleet is required")
+    fleet = opts.get("fleet")
+    if fleet:
+        allowed = SPOT_STRATEGIES if opts.get("use-spot") else ON_DEMAND_STRATEGIES
+        if fleet["allocation-strategy"] not in allowed:
+            market = "spot" if opts.get("use-spot") else "on-demand"
+            out.append(f"fleet allocation-strategy {fleet['allocation-strategy']} is not one "
+                       f"for {market} instances ({', '.join(allowed)})")
+    if opts.get("dedicated-host"):
+        if opts.get("use-spot"):
+            out.append("dedicated-host cannot be used with use-spot")
+        if fleet:
+            out.append("dedicated-host needs instance-type, not fleet")
+        if not pool.options.get("availability-zone"):
+            out.append("dedicated-host needs the pool's availability-zone")
+    return out
 
 
 DRIVER = AwsDriver()

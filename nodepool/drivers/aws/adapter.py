@@ -411,15 +411,22 @@ class AwsAdapter(Adapter):
     # -- quota -------------------------------------------------------------------------------------
 
     def quota_for_label(self, label):
-        itype = label.options.get("instance-type")
-        if not itype:
+        """What one node costs; a ``fleet`` label costs the most any of its types costs, per
+        resource (the fleet may pick any of them)."""
+        types = label_instance_types(label)
+        if not types:
             raise LabelConfigurationError(f"{self.what}: label {label.name}: no instance-type")
         try:
-            sizes = self.instance_sizes([itype])
+            sizes = self.instance_sizes(types)
         except PermanentCloudError as exc:
             raise LabelConfigurationError(f"{self.what}: label {label.name}: instance type "
-                                          f"{itype!r} is unknown: {exc}") from exc
-        return instance_resources(itype, bool(label.options.get("use-spot")), sizes)
+                                          f"of {', '.join(types)} is unknown: {exc}") from exc
+        spot = bool(label.options.get("use-spot"))
+        out = Resources()
+        for itype in types:
+            for key, value in instance_resources(itype, spot, sizes).items():
+                out[key] = max(out.get(key, 0), value)
+        return out
 
     def quota_limits(self):
         """Provider ``max-*`` keys combined with the account's vCPU service quotas of the
@@ -430,8 +437,8 @@ class AwsAdapter(Adapter):
                            ram=opts.get("max-ram"))
         for code, value in (opts.get("max-resources") or {}).items():
             limits[code] = min(limits[code], value)
-        codes = {quota_code(lbl.options.get("instance-type"), bool(lbl.options.get("use-spot")))
-                 for lbl in self.provider.labels() if lbl.options.get("instance-type")}
+        codes = {quota_code(itype, bool(lbl.options.get("use-spot")))
+                 for lbl in self.provider.labels() for itype in label_instance_types(lbl)}
         for code in sorted(c for c in codes if c):
             value = self._service_quota(code)
             if value is not None:
@@ -499,10 +506,61 @@ class AwsAdapter(Adapter):
                           snap.get("StartTime")))
         if self.bucket:
             items.extend(self._our_objects())
+        if self.uses_dedicated_hosts():
+            items.extend(self._our_hosts())
+        if any(lbl.options.get("fleet") for lbl in self.provider.labels()):
+            for tmpl in self.paginate("list our launch templates", "ec2",
+                                      "describe_launch_templates", "LaunchTemplates",
+                                      Filters=self._our_filter()):
+                items.append((CloudResource("launch-template", tmpl["LaunchTemplateId"],
+                                            self._meta(tag_dict(tmpl.get("Tags"))),
+                                            tmpl.get("LaunchTemplateName")),
+                              tmpl.get("CreateTime")))
         now = datetime.datetime.now(datetime.timezone.utc)
         out.extend(leak_candidates(items, live_uploads, live_snapshots, now,
                                    self.upload_grace))
         return out
+
+    def _our_hosts(self):
+        """(CloudResource, allocated) of dedicated hosts tagged with our provider that are not
+        released (filtered here: not every endpoint filters hosts by tag)."""
+        items = []
+        for host in self.paginate("list dedicated hosts", "ec2", "describe_hosts", "Hosts"):
+            tags = tag_dict(host.get("Tags"))
+            if tags.get(META_PROVIDER) != self.provider.name or \
+                    host.get("State") in ("released", "released-permanent-failure"):
+                continue
+            items.append((CloudResource("host", host["HostId"], self._meta(tags)),
+                          host.get("AllocationTime")))
+        return items
+
+    def uses_dedicated_hosts(self):
+        """Whether a label of this provider asks for dedicated hosts (only then are hosts
+        described and released: other accounts may lack those permissions)."""
+        return any(lbl.options.get("dedicated-host") for lbl in self.provider.labels())
+
+    def our_host(self, host_id):
+        """Whether ``host_id`` is a dedicated host this provider allocated (tagged by us)."""
+        try:
+            hosts = self.ec2(f"describe host {host_id}", "describe_hosts", True,
+                             HostIds=[host_id]).get("Hosts") or []
+        except InstanceNotFound:
+            return False
+        return any(tag_dict(h.get("Tags")).get(META_PROVIDER) == self.provider.name
+                   for h in hosts)
+
+    def release_host(self, host_id):
+        answer = self.ec2(f"release dedicated host {host_id}", "release_hosts", True,
+                          HostIds=[host_id])
+        failed = answer.get("Unsuccessful") or []
+        if failed:
+            error = (failed[0].get("Error") or {})
+            message = f"{error.get('Code', '')} {error.get('Message', '')}".strip()
+            if "not found" in message.lower() or "InvalidHostID" in message:
+                return
+            raise TransientCloudError(f"{self.what}: dedicated host {host_id} not released: "
+                                      f"{message or 'no reason given'}")
+        self.log.info("%s: released dedicated host %s", self.what, host_id)
 
     def _our_objects(self):
         """(CloudResource, last modified) of S3 objects tagged with our provider.  A missing
@@ -543,6 +601,10 @@ class AwsAdapter(Adapter):
                 self.ec2(what, "delete_snapshot", True, SnapshotId=resource.id)
             elif resource.type == "image":
                 self.delete_image(resource.id)
+            elif resource.type == "host":
+                self.release_host(resource.id)
+            elif resource.type == "launch-template":
+                self.ec2(what, "delete_launch_template", True, LaunchTemplateId=resource.id)
             elif resource.type == "object":
                 s3 = self.client("s3")
                 self.call(what, lambda: s3.delete_object(Bucket=self.bucket, Key=resource.id),
@@ -613,6 +675,48 @@ class AwsAdapter(Adapter):
         self.log.info("%s: deleted image %s (%s)", self.what, external_id, image.get("Name"))
 
 
+def label_instance_types(label):
+    """The instance types a label may launch: its ``instance-type`` or its fleet's types."""
+    opts = label.options
+    if opts.get("instance-type"):
+        return [opts["instance-type"]]
+    return list((opts.get("fleet") or {}).get("instance-types") or [])
+
+
+def launch_template_data(kwargs):
+    """The ``create_launch_template`` data of ``run_instances`` arguments (a fleet launches
+    from a template; the instance type is the fleet's choice).  Launch templates take user
+    data base64-encoded, ``run_instances`` encodes it itself."""
+    data = {k: val for k, val in kwargs.items()
+            if k not in ("MinCount", "MaxCount", "InstanceType", "ClientToken",
+                         "InstanceMarketOptions")}
+    if "UserData" in data:
+        data["UserData"] = base64.b64encode(data["UserData"].encode()).decode()
+    if "IamInstanceProfile" in data:
+        data["IamInstanceProfile"] = dict(data["IamInstanceProfile"])
+    return data
+
+
+def fleet_arguments(kwargs, fleet, spot, template_id):
+    """``create_fleet`` arguments of an instant fleet of one instance."""
+    market = "spot" if spot else "on-demand"
+    out = dict(Type="instant", ClientToken=kwargs["ClientToken"],
+               TargetCapacitySpecification={"TotalTargetCapacity": 1,
+                                            "DefaultTargetCapacityType": market},
+               LaunchTemplateConfigs=[{
+                   "LaunchTemplateSpecification": {"LaunchTemplateId": template_id,
+                                                   "Version": "$Latest"},
+                   "Overrides": [{"InstanceType": t} for t in fleet["instance-types"]]}],
+               TagSpecifications=[t for t in kwargs.get("TagSpecifications") or []
+                                  if t["ResourceType"] == "instance"])
+    options = {"AllocationStrategy": fleet["allocation-strategy"]}
+    if spot:
+        out["SpotOptions"] = options
+    else:
+        out["OnDemandOptions"] = options
+    return out
+
+
 def client_token(node_id):
     """The ``run_instances`` idempotency token of one create state machine (one launch
     attempt): EC2 answers a repeated call with the same token with the instance the first call
@@ -633,6 +737,7 @@ class CreateInstance(StateMachine):
         self.spec = spec
         self.created_at = None
         self.client_token = client_token(spec.node_id)
+        self.host_id = None             # dedicated host allocated for this launch
 
     def _what(self):
         return f"{self.adapter.what}: node {self.spec.node_id}"
@@ -684,7 +789,7 @@ class CreateInstance(StateMachine):
         opts, pool_opts = spec.label.options, spec.pool.options
         tags = instance_tags(spec.hostname, spec.label.name, opts, spec.metadata, spec.request)
         kwargs = dict(ImageId=image["ImageId"], MinCount=1, MaxCount=1,
-                      InstanceType=opts["instance-type"], ClientToken=self.client_token,
+                      InstanceType=opts.get("instance-type"), ClientToken=self.client_token,
                       TagSpecifications=tag_specifications(tags, "instance", "volume"))
         if opts.get("key-name"):
             kwargs["KeyName"] = opts["key-name"]
@@ -697,7 +802,7 @@ class CreateInstance(StateMachine):
             kwargs["IamInstanceProfile"] = {"Arn": profile["arn"]}
         elif profile.get("name"):
             kwargs["IamInstanceProfile"] = {"Name": profile["name"]}
-        if opts.get("use-spot"):
+        if opts.get("use-spot") and not opts.get("fleet"):
             kwargs["InstanceMarketOptions"] = {
                 "MarketType": "spot",
                 "SpotOptions": {"SpotInstanceType": "one-time",
@@ -724,6 +829,9 @@ class CreateInstance(StateMachine):
         az = pool_opts.get("availability-zone") or (None if subnet else spec.az)
         if az:
             kwargs["Placement"] = {"AvailabilityZone": az}
+        if self.host_id:
+            kwargs["Placement"] = {"AvailabilityZone": pool_opts.get("availability-zone"),
+                                   "HostId": self.host_id, "Tenancy": "host"}
         ebs = {}
         if opts.get("volume-size"):
             ebs["VolumeSize"] = opts["volume-size"]
@@ -741,20 +849,97 @@ class CreateInstance(StateMachine):
 
     def _run(self):
         adapter, spec = self.adapter, self.spec
-        if not spec.label.options.get("instance-type"):
+        opts = spec.label.options
+        if not label_instance_types(spec.label):
             raise LabelConfigurationError(f"{self._what()}: label {spec.label.name}: no "
                                           f"instance-type")
         image = self._image()
+        if opts.get("fleet"):
+            self._run_fleet(image)
+            return
+        if opts.get("dedicated-host"):
+            self._allocate_host()
         kwargs = self.run_arguments(image)
         self.created_at = time.monotonic()
-        result = adapter.ec2(f"node {spec.node_id}: run instance {spec.hostname} "
-                             f"({kwargs['InstanceType']}, {kwargs['ImageId']})",
-                             "run_instances", **kwargs)
+        try:
+            result = adapter.ec2(f"node {spec.node_id}: run instance {spec.hostname} "
+                                 f"({kwargs['InstanceType']}, {kwargs['ImageId']})",
+                                 "run_instances", **kwargs)
+        except BaseException:
+            self._release_host()
+            raise
         self.external_id = result["Instances"][0]["InstanceId"]
         self.state = self.CREATING
-        log.info("%s: instance %s launched (%s, %s%s)", self._what(), self.external_id,
+        log.info("%s: instance %s launched (%s, %s%s%s)", self._what(), self.external_id,
                  kwargs["InstanceType"], kwargs["ImageId"],
-                 ", spot" if "InstanceMarketOptions" in kwargs else "")
+                 ", spot" if "InstanceMarketOptions" in kwargs else "",
+                 f", dedicated host {self.host_id}" if self.host_id else "")
+
+    def _allocate_host(self):
+        """A dedicated host of the label's instance type in the pool's AZ, tagged like the
+        instance (so leak cleanup finds it if this launch dies before the instance exists)."""
+        spec = self.spec
+        tags = instance_tags(spec.hostname, spec.label.name, spec.label.options, spec.metadata,
+                             spec.request)
+        answer = self.adapter.ec2(
+            f"node {spec.node_id}: allocate dedicated host", "allocate_hosts",
+            AvailabilityZone=spec.pool.options.get("availability-zone"),
+            InstanceType=spec.label.options["instance-type"], Quantity=1,
+            TagSpecifications=tag_specifications(tags, "dedicated-host"))
+        self.host_id = (answer.get("HostIds") or [None])[0]
+        if not self.host_id:
+            raise QuotaError(f"{self._what()}: no dedicated host allocated")
+
+    def _release_host(self):
+        if not self.host_id:
+            return
+        try:
+            self.adapter.release_host(self.host_id)
+        except CloudError as exc:
+            log.warning("%s: dedicated host %s of a failed launch not released (leak cleanup "
+                        "will): %s", self._what(), self.host_id, exc)
+
+    def _run_fleet(self, image):
+        """An instant EC2 fleet of one instance from a launch template made for this launch
+        (deleted again at once: an instant fleet does not need it afterwards)."""
+        adapter, spec = self.adapter, self.spec
+        opts = spec.label.options
+        kwargs = self.run_arguments(image)
+        tags = instance_tags(spec.hostname, spec.label.name, opts, spec.metadata, spec.request)
+        name = f"nodepool-{self.client_token}"[:128]
+        template = adapter.ec2(f"node {spec.node_id}: create launch template",
+                               "create_launch_template", LaunchTemplateName=name,
+                               LaunchTemplateData=launch_template_data(kwargs),
+                               TagSpecifications=tag_specifications(tags, "launch-template"))
+        template_id = template["LaunchTemplate"]["LaunchTemplateId"]
+        self.created_at = time.monotonic()
+        try:
+            types = ", ".join(opts["fleet"]["instance-types"])
+            result = adapter.ec2(
+                f"node {spec.node_id}: create fleet ({types})", "create_fleet",
+                **fleet_arguments(kwargs, opts["fleet"], bool(opts.get("use-spot")),
+                                  template_id))
+        finally:
+            try:
+                adapter.ec2(f"node {spec.node_id}: delete launch template {template_id}",
+                            "delete_launch_template", True, LaunchTemplateId=template_id)
+            except CloudError as exc:
+                log.warning("%s: launch template %s not deleted (leak cleanup will): %s",
+                            self._what(), template_id, exc)
+        ids = [i for group in result.get("Instances") or []
+               for i in group.get("InstanceIds") or []]
+        if not ids:
+            errors = result.get("Errors") or []
+            text = "; ".join(f"{e.get('ErrorCode', '')} {e.get('ErrorMessage', '')}".strip()
+                             for e in errors) or "no instance and no reason given"
+            if any(code in text for code in ("InsufficientInstanceCapacity", "capacity",
+                                             "LimitExceeded", "MaxSpotInstanceCountExceeded")):
+                raise QuotaError(f"{self._what()}: fleet launched no instance: {text}")
+            raise TransientCloudError(f"{self._what()}: fleet launched no instance: {text}")
+        self.external_id = ids[0]
+        self.state = self.CREATING
+        log.info("%s: instance %s launched by fleet %s (%s)", self._what(), self.external_id,
+                 result.get("FleetId"), kwargs["ImageId"])
 
     def _done(self, raw):
         adapter, label = self.adapter, self.spec.label
@@ -765,6 +950,13 @@ class CreateInstance(StateMachine):
         inst = instance_view(raw, adapter.region, adapter._sizes,
                              bool(self.spec.pool.options.get("use-internal-ip")))
         apply_image_access(inst, adapter.provider, label)
+        if label.diskimage:
+            # the provider's diskimage entry may name another login than the diskimage's
+            image = adapter.provider.diskimages.get(label.diskimage)
+            for key, attr in (("username", "username"), ("python-path", "python_path"),
+                              ("shell-type", "shell_type")):
+                if image is not None and image.options.get(key) is not None:
+                    setattr(inst, attr, image.options[key])
         self.complete = True
         return inst
 
@@ -780,6 +972,7 @@ class DeleteInstance(StateMachine):
         self.external_id = external_id
         self.terminated_at = None
         self.volumes = []
+        self.host_id = None          # the dedicated host it ran on, released once it is gone
 
     def advance(self):
         adapter = self.adapter
@@ -794,6 +987,7 @@ class DeleteInstance(StateMachine):
             self.volumes = [(b.get("Ebs") or {}).get("VolumeId")
                             for b in raw.get("BlockDeviceMappings") or []]
             self.volumes = [v for v in self.volumes if v]
+            self.host_id = (raw.get("Placement") or {}).get("HostId")
             self.terminated_at = time.monotonic()
             try:
                 adapter.ec2(f"terminate instance {self.external_id}", "terminate_instances",
@@ -809,6 +1003,9 @@ class DeleteInstance(StateMachine):
                 return None
             if not self._delete_volumes():
                 return None
+            if self.host_id and adapter.uses_dedicated_hosts() and \
+                    adapter.our_host(self.host_id):
+                adapter.release_host(self.host_id)
             self.complete = True
             return True
         return None

@@ -1,28 +1,36 @@
 """Uploading a diskimage build to AWS as an AMI.
 
-The file is staged in the provider's S3 bucket, turned into an EBS snapshot and registered as
-an AMI.  ``import-method`` says how the snapshot is made:
+The file is turned into an EBS snapshot and registered as an AMI.  ``import-method`` says how
+the snapshot is made:
 
-* ``snapshot`` (default): EC2 VM Import ``import_snapshot`` from the S3 object, then
-  ``register_image`` with the snapshot as root device;
-* ``image``: VM Import ``import_image`` does both steps;
-* ``create-volume`` (ours, for clouds without VM Import such as test endpoints): an empty EBS
-  volume of the image's size → ``create_snapshot`` → ``register_image``.  The image's bytes are
-  only in S3 then; the AMI boots whatever the volume holds.  Use it for tests, not for AWS.
+* ``snapshot`` (default): the file is staged in the provider's S3 bucket, EC2 VM Import
+  ``import_snapshot`` makes the snapshot, then ``register_image`` with it as root device;
+* ``image``: staged in S3 too, VM Import ``import_image`` does both steps;
+* ``ebs-direct``: no S3 and no VM Import: the EBS direct APIs write the (raw) file into a new
+  snapshot block by block (``start_snapshot``, ``put_snapshot_block`` for every block that is
+  not all zeros, ``complete_snapshot``), then ``register_image``.  Block writes go around the
+  provider's ``rate`` (EBS direct limits them per snapshot itself), a few at a time.
 
 The AMI, its snapshot and the S3 object carry the upload's metadata (``nodepool_build_id``,
 ``nodepool_upload_id``, ``nodepool_provider_name``), so ``list_resources`` can find leftovers.
 A failed upload removes what it created.  Blocking: runs in a builder upload thread.
 """
+import base64
+import concurrent.futures
+import hashlib
 import math
 import os
 import time
 
 from ...errors import CloudError, PermanentCloudError, TransientCloudError
+from ..ratelimit import count_api_call
+from .errors import translate_error
 from .tags import clean, s3_tagging, tag_list, tag_specifications
 
 GIB = 1024 ** 3
 ROOT_DEVICE = "/dev/sda1"
+EBS_BLOCK = 512 * 1024          # the EBS direct API's block size
+EBS_THREADS = 8                 # blocks written at once
 
 
 class ImageUpload:
@@ -43,21 +51,23 @@ class ImageUpload:
 
     def run(self):
         adapter, spec = self.adapter, self.spec
-        if not adapter.bucket:
-            raise PermanentCloudError(f"{self.what}: object-storage.bucket-name is not set")
         method = self.options.get("import-method", "snapshot")
-        key = adapter.object_key(spec.image_name, spec.image_format, spec.metadata)
+        if method != "ebs-direct" and not adapter.bucket:
+            raise PermanentCloudError(f"{self.what}: object-storage.bucket-name is not set")
+        if method == "ebs-direct" and spec.image_format != "raw":
+            raise PermanentCloudError(f"{self.what}: import-method ebs-direct needs a raw "
+                                      f"image, not {spec.image_format} (set image-format: raw)")
         self.deadline = time.monotonic() + (self.timeout or math.inf)
         try:
-            self.put_object(key)
-            if method == "image":
-                image_id = self.import_image(key)
+            if method == "ebs-direct":
+                image_id = self.register(self.write_snapshot())
             else:
-                if method == "create-volume":
-                    snapshot_id = self.snapshot_via_volume()
+                key = adapter.object_key(spec.image_name, spec.image_format, spec.metadata)
+                self.put_object(key)
+                if method == "image":
+                    image_id = self.import_image(key)
                 else:
-                    snapshot_id = self.import_snapshot(key)
-                image_id = self.register(snapshot_id)
+                    image_id = self.register(self.import_snapshot(key))
         except BaseException:
             self.remove_created()
             raise
@@ -142,30 +152,63 @@ class ImageUpload:
         self.tag([image_id] + snapshots)
         return image_id
 
-    def snapshot_via_volume(self):
-        """create_volume → create_snapshot → delete the volume (see the module docstring)."""
-        adapter = self.adapter
-        size = self.options.get("volume-size") or max(
-            1, math.ceil(os.path.getsize(self.spec.filename) / GIB))
-        zone = self.zone()
-        volume = adapter.ec2(f"{self.what}: create volume", "create_volume",
-                             AvailabilityZone=zone, Size=size,
-                             VolumeType=self.options.get("volume-type") or "gp3",
-                             TagSpecifications=tag_specifications(self.tags, "volume"))
-        volume_id = volume["VolumeId"]
-        self.created.append(("volume", volume_id))
-        self.wait(f"volume {volume_id}", lambda: self._volume_state(volume_id) == "available")
-        snapshot = adapter.ec2(f"{self.what}: snapshot volume {volume_id}", "create_snapshot",
-                               VolumeId=volume_id, Description=self.spec.image_name,
-                               TagSpecifications=tag_specifications(self.tags, "snapshot"))
-        snapshot_id = snapshot["SnapshotId"]
+    def write_snapshot(self):
+        """EBS direct: a new snapshot holding the file's bytes (see the module docstring)."""
+        adapter, spec = self.adapter, self.spec
+        file_size = os.path.getsize(spec.filename)
+        size = max(self.options.get("volume-size") or 0, 1, math.ceil(file_size / GIB))
+        ebs = adapter.client("ebs")
+        started = adapter.call(f"{self.what}: start snapshot",
+                               lambda: ebs.start_snapshot(VolumeSize=size,
+                                                          Description=spec.image_name,
+                                                          Tags=tag_list(self.tags)),
+                               operation="start_snapshot")
+        snapshot_id = started["SnapshotId"]
         self.created.append(("snapshot", snapshot_id))
+        written = self.put_blocks(ebs, snapshot_id, file_size)
+        adapter.call(f"{self.what}: complete snapshot {snapshot_id}",
+                     lambda: ebs.complete_snapshot(SnapshotId=snapshot_id,
+                                                   ChangedBlocksCount=written),
+                     operation="complete_snapshot")
         self.wait(f"snapshot {snapshot_id}",
                   lambda: self._snapshot_state(snapshot_id) == "completed")
-        adapter.ec2(f"{self.what}: delete volume {volume_id}", "delete_volume",
-                    VolumeId=volume_id)
-        self.created.remove(("volume", volume_id))
+        self.tag([snapshot_id])
         return snapshot_id
+
+    def put_blocks(self, ebs, snapshot_id, file_size):
+        """Write every block of the file that is not all zeros; the number written."""
+        provider = self.adapter.provider.name
+        zero = bytes(EBS_BLOCK)
+
+        def put(index):
+            with open(self.spec.filename, "rb") as f:
+                f.seek(index * EBS_BLOCK)
+                data = f.read(EBS_BLOCK)
+            if len(data) < EBS_BLOCK:
+                data += bytes(EBS_BLOCK - len(data))
+            if data == zero:
+                return 0
+            if time.monotonic() > self.deadline:
+                raise TransientCloudError(f"{self.what}: snapshot {snapshot_id} not written "
+                                          f"within image-import-timeout {self.timeout}s")
+            checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            for attempt in range(3):
+                count_api_call(provider, "put_snapshot_block")
+                try:
+                    ebs.put_snapshot_block(SnapshotId=snapshot_id, BlockIndex=index,
+                                           BlockData=data, DataLength=EBS_BLOCK,
+                                           Checksum=checksum, ChecksumAlgorithm="SHA256")
+                    return 1
+                except Exception as exc:
+                    if attempt == 2:
+                        raise translate_error(exc, f"{self.what}: snapshot {snapshot_id} "
+                                                   f"block {index}") from exc
+                    self.adapter.sleep(1.0 + attempt)
+            return 0
+
+        blocks = math.ceil(file_size / EBS_BLOCK)
+        with concurrent.futures.ThreadPoolExecutor(EBS_THREADS) as pool:
+            return sum(pool.map(put, range(blocks)))
 
     def register(self, snapshot_id):
         """Register an AMI whose root device is ``snapshot_id``; tag it."""

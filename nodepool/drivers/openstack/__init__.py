@@ -22,6 +22,8 @@ def _str_list(value):
 
 class OpenStackDriver(Driver):
     name = "openstack"
+    # Nodepool's own example has a pool label whose diskimage this provider does not list
+    label_image_may_be_missing = True
     provider_defaults = {"rate": 1.0, "boot-timeout": 60, "launch-timeout": 3600,
                          "launch-retries": 3}
 

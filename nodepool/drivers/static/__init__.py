@@ -60,9 +60,26 @@ def pool_label_names(pool):
     return seen
 
 
+# common keys Nodepool's static driver refuses: its hosts are never launched, have no images
+# and no cloud quota
+UNUSED_COMMON_KEYS = {
+    "provider": {"rate", "boot-timeout", "launch-timeout", "launch-retries",
+                 "image-name-format", "image-upload-timeout", "post-upload-hook", "diskimages",
+                 "cloud-images"},
+    "pool": {"max-cores", "max-ram", "availability-zones", "ignore-provider-quota"},
+}
+
+
+def registration_key(node):
+    """What tells two ``nodes`` entries apart: the same host may be registered twice (on one
+    port) under different usernames, as Nodepool allows."""
+    return (node["name"], node_port(node), node.get("username") or "zuul")
+
+
 class StaticDriver(Driver):
     name = "static"
     labels_need_image = False       # pool labels, when listed at all, are just names
+    unused_common_keys = UNUSED_COMMON_KEYS
     # static hosts make no API calls and never launch: rate and retries do not apply
     provider_defaults = {"rate": 0, "boot-timeout": 60, "launch-timeout": 3600,
                          "launch-retries": 1}
@@ -76,10 +93,10 @@ class StaticDriver(Driver):
         for pool_index, pool in enumerate(provider.pools.values()):
             for i, node in enumerate(pool.options.get("nodes") or []):
                 where = f"pools[{pool_index}].nodes[{i}]"    # the loader adds providers[n]
-                key = (node["name"], node_port(node))
+                key = registration_key(node)
                 if key in seen:
-                    problems.append((where, f"host {node['name']} port {key[1]} is already "
-                                            f"listed at {seen[key]}"))
+                    problems.append((where, f"host {node['name']} port {key[1]} with username "
+                                            f"{key[2]} is already listed at {seen[key]}"))
                 else:
                     seen[key] = where
                 for label in _names(node.get("labels")):

@@ -92,13 +92,23 @@ def check_host(node):
 
 
 def expand_slots(provider):
-    """Every (pool name, host config, slot index, external id) the config asks for."""
+    """Every (pool name, host config, slot index, external id) the config asks for.
+
+    The external id is ``host:port#slot``; a host registered more than once (under different
+    usernames) names its slots ``username@host:port#slot`` instead, one set per registration."""
+    entries = [(pool.name, node) for pool in provider.pools.values()
+               for node in pool.options.get("nodes") or []]
+    registrations = {}
+    for _, node in entries:
+        registrations.setdefault(host_key_of(node), set()).add(node.get("username") or "zuul")
     out = []
-    for pool in provider.pools.values():
-        for node in pool.options.get("nodes") or []:
-            port = node_port(node)
-            for slot in range(int(node.get("max-parallel-jobs") or 1)):
-                out.append((pool.name, node, slot, f"{node['name']}:{port}#{slot}"))
+    for pool_name, node in entries:
+        port = node_port(node)
+        prefix = ""
+        if len(registrations[host_key_of(node)]) > 1:
+            prefix = f"{node.get('username') or 'zuul'}@"
+        for slot in range(int(node.get("max-parallel-jobs") or 1)):
+            out.append((pool_name, node, slot, f"{prefix}{node['name']}:{port}#{slot}"))
     return out
 
 
