@@ -514,6 +514,10 @@ class ProviderWorker:
         self._inbox.put(("launch", node, lock, spec, pool))
         self._wake.set()
 
+    def is_launching(self, node_id):
+        with self._lock:
+            return node_id in self._launching
+
     def launching_ids(self):
         """Ids of nodes whose launch this worker is running (or about to start)."""
         with self._lock:

@@ -328,17 +328,21 @@ class RequestHandler:
         self.request_backoff.forget(lambda rid: rid in current)
 
     def _view(self, held):
+        """What this process knows of one held request (costs the request's own nodes only:
+        thousands of held requests are looked at every pass while a large fleet fills)."""
         worker = self.providers.worker_of(held.pool_key.split("/", 1)[0])
-        now = time.monotonic()
-        blocked = frozenset(label for key, label in self.pool_backoff.blocked(now)
+        in_flight = frozenset()
+        if worker is not None:
+            before = self._launching_before.get(worker.provider.name, frozenset())
+            in_flight = frozenset(nid for nid in held.node_locks
+                                  if nid in before or worker.is_launching(nid))
+        blocked = frozenset(label for key, label in self.pool_backoff.blocked(time.monotonic())
                             if key == held.pool_key)
         return lc.HeldView(
             request_id=held.request_id, request=held.request,
             holds_request=not held.let_go and not held.lost and self.store.holds(held.lock),
             nodes=tuple((nid, self.store.holds(lock)) for nid, lock in held.node_locks.items()),
-            in_flight=(self._launching_before.get(worker.provider.name, frozenset())
-                       | worker.launching_ids()) if worker else frozenset(),
-            blocked_labels=blocked,
+            in_flight=in_flight, blocked_labels=blocked,
             pool_present=self.providers.pool(held.pool_key) is not None)
 
     def _advance(self, held, current, by_id):
