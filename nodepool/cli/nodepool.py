@@ -25,7 +25,7 @@ from .common import (CLI_LOCK_IDENTIFIER, COMMANDS, LOCK_TIMEOUT, CliError, Comm
 
 # Modules that register more subcommands when they exist (e.g. the client's ``request``).
 EXTRA_COMMAND_MODULES = ("nodepool.cli.request", "nodepool.cli.openstack_commands",
-                         "nodepool.cli.image_data")
+                         "nodepool.cli.image_data", "nodepool.cli.wait_times")
 
 DELETE_NOW_POLL_MAX = 2.0
 

@@ -1,0 +1,140 @@
+"""statsd (to a real UDP listener), the warm/cold wait record and ``nodepool wait-times``,
+with a launcher running against the simulated cloud."""
+import io
+import json
+import urllib.request
+
+import pytest
+
+from fixtures.launcher import wait_until
+from nodepool import waits
+from nodepool.cli.nodepool import main as cli_main
+from nodepool.client import RequestFailed
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+webapp:
+  port: 0
+  listen_address: 127.0.0.1
+labels:
+  - name: small
+    min-ready: 1
+  - name: big
+  - name: doomed
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: 0.3
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        max-servers: 10
+        labels:
+          - name: small
+            cloud-image: img
+          - name: big
+            cloud-image: img
+            cores: 4
+  - name: bad
+    driver: simulated
+    boot-time: 0.05
+    boot-failure-rate: 1.0
+    launch-retries: 1
+    cloud-images:
+      - name: img
+    pools:
+      - name: p1
+        max-servers: 3
+        labels:
+          - name: doomed
+            cloud-image: img
+"""
+
+
+def fulfil_and_return(client, labels):
+    nodes = client.request(labels, timeout=30)
+    client.use(nodes)
+    client.release(nodes)
+    return nodes
+
+
+def run_cli(env, *argv):
+    out, err = io.StringIO(), io.StringIO()
+    rc = cli_main(["-c", env.config_path, *argv], out=out, err=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def running(launcher_env, statsd_listener):
+    launcher_env.write(CONFIG)
+    launcher = launcher_env.start_launcher(webapp=True)
+    store = launcher_env.store()
+    # the min-ready node of "small" is there before anything asks for it
+    wait_until(lambda: any(n.state.value == "ready" and "small" in n.type and not n.allocated_to
+                           for n in store.list_nodes()), message="a ready small node")
+    return launcher_env, launcher, store, statsd_listener
+
+
+def test_statsd_names_waits_and_cli(running):
+    env, launcher, store, listener = running
+    client = env.client(requestor="zuul.example:tenant")
+    warm = fulfil_and_return(client, ["small"])        # the min-ready node: warm
+    cold = fulfil_and_return(client, ["big"])          # launched for it: cold
+    assert warm and cold
+    with pytest.raises(RequestFailed):
+        client.request(["doomed"], timeout=30)
+
+    az = cold[0].az
+    listener.wait_for(
+        # launches: counter + timer, overall, per provider, provider+AZ, requestor
+        "nodepool.launch.ready", "nodepool.launch.provider.sim.ready",
+        f"nodepool.launch.provider.sim.{az}.ready",
+        "nodepool.launch.requestor.NodePool_min-ready.ready",
+        "nodepool.launch.requestor.zuul_example_tenant.ready",
+        "nodepool.launch.error.status", "nodepool.launch.provider.bad.error.status",
+        # node gauges of the elected launcher
+        "nodepool.nodes.ready", "nodepool.nodes.in-use", "nodepool.nodes.deleting",
+        "nodepool.label.small.nodes.ready", "nodepool.label.doomed.nodes.failed",
+        "nodepool.provider.sim.nodes.ready", "nodepool.provider.sim.max_servers",
+        "nodepool.provider.bad.max_servers",
+        "nodepool.provider.sim.pool.main.addressable_requests",
+        # the wait of each fulfilled request, warm or cold
+        "nodepool.request_wait.label.small.warm", "nodepool.request_wait.label.big.cold",
+        "nodepool.request_wait.provider.sim.label.small.warm")
+    # the launcher's own min-ready requests are not anybody's wait
+    assert "nodepool.request_wait.label.small.cold" not in listener.names()
+    kinds = {(n, k) for n, _, k in listener.metrics()}
+    assert ("nodepool.launch.ready", "c") in kinds and ("nodepool.launch.ready", "ms") in kinds
+    assert ("nodepool.request_wait.label.big.cold", "ms") in kinds
+    assert listener.last("nodepool.provider.sim.max_servers") == 10
+    assert listener.last("nodepool.provider.bad.max_servers") == 3
+    # a ready node of "small" is kept (min-ready), and every gauge reports every state
+    wait_until(lambda: listener.last("nodepool.label.small.nodes.ready") >= 1)
+    assert listener.last("nodepool.label.big.nodes.hold") == 0
+
+    # the waits are in the store, readable by another process (the CLI opens its own session)
+    wait_until(lambda: {(w.label, w.warm) for w in waits.read_waits(
+        store.list_components("launcher"))} >= {("small", True), ("big", False)},
+        timeout=15, message="waits flushed to the launcher record")
+    rc, out, err = run_cli(env, "wait-times", "--json")
+    assert rc == 0, err
+    rows = {r["label"]: r for r in json.loads(out)}
+    assert rows["small"]["warm"] >= 1 and rows["small"]["warm_ratio"] > 0
+    assert rows["big"]["cold"] == 1 and rows["big"]["warm_ratio"] == 0
+    assert rows["big"]["p50"] >= 0.3          # it waited for a boot
+    rc, out, err = run_cli(env, "wait-times")
+    assert rc == 0 and "small" in out and "p95" in out and "0% (0/1)" in out
+
+    # the launch failure is remembered with its reason
+    wait_until(lambda: waits.read_failures(store.list_components("launcher")),
+               timeout=15, message="failures flushed")
+    failure = waits.read_failures(store.list_components("launcher"))[0]
+    assert failure["provider"] == "bad" and failure["label"] == "doomed" and failure["reason"]
+
+    # Prometheus has the same split
+    with urllib.request.urlopen(f"http://127.0.0.1:{launcher.webapp.port}/metrics") as resp:
+        text = resp.read().decode()
+    assert 'nodepool_request_wait_seconds_count{kind="warm",label="small",provider="sim"}' in text
+    assert 'nodepool_request_wait_seconds_count{kind="cold",label="big",provider="sim"}' in text
