@@ -237,3 +237,42 @@ def builder_state(hostname, building, uploading, paused_images, paused_uploads,
     values[f"nodepool.builder.{host}.current_uploads"] = len(uploading)
     gauges(values)
     return values
+
+
+def format_sizes(images_dir, image, build_id, formats):
+    """{format: bytes actually allocated (st_blocks * 512)} of a build's files that exist."""
+    from .model.images import build_file_path
+    sizes = {}
+    for fmt in formats or ():
+        try:
+            st = os.stat(build_file_path(images_dir, image, build_id, fmt))
+        except OSError:
+            continue
+        sizes[fmt] = st.st_blocks * 512
+    return sizes
+
+
+def report_builder(hostname, config, builds, uploads, store):
+    """The builder state gauges from the janitor's snapshot of builds and uploads."""
+    if client() is None:
+        return None
+    from .builder.planner import buildable_images
+    images = sorted(buildable_images(config))
+    building = {b.image for b in builds
+                if getattr(b.state, "value", b.state) == "building" and b.builder == hostname}
+    uploading = {(u.image, u.provider) for u in uploads
+                 if getattr(u.state, "value", u.state) == "uploading"}
+    paused = {name for name in images
+              if config.diskimages[name].pause or store.is_image_paused(name)}
+    requested = {name for name in images if store.get_image_build_request(name) is not None}
+    pairs, paused_pairs = [], set()
+    for prov_name, prov in config.providers.items():
+        if not prov.manages_images:
+            continue
+        for name, pdimg in prov.diskimages.items():
+            if name in images:
+                pairs.append((name, prov_name))
+                if pdimg.pause:
+                    paused_pairs.add((name, prov_name))
+    return builder_state(hostname, building, uploading, paused, paused_pairs, images, pairs,
+                         requested)

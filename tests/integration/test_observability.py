@@ -1,6 +1,7 @@
 """statsd (to a real UDP listener), the warm/cold wait record and ``nodepool wait-times``,
 with a launcher running against the simulated cloud."""
 import io
+import os
 import json
 import urllib.request
 
@@ -138,3 +139,39 @@ def test_statsd_names_waits_and_cli(running):
         text = resp.read().decode()
     assert 'nodepool_request_wait_seconds_count{kind="warm",label="small",provider="sim"}' in text
     assert 'nodepool_request_wait_seconds_count{kind="cold",label="big",provider="sim"}' in text
+
+
+def test_builder_statsd(tmp_path, statsd_listener, caplog):
+    from integration.test_builder import Env, build_and_upload
+    world = Env(tmp_path)
+    world.write_config()
+    try:
+        builder = world.builder()
+        store = world.open_store()
+        build = build_and_upload(builder, store)
+        builder.janitor_pass()
+        listener = statsd_listener
+        listener.wait_for(
+            "nodepool.dib_image_build.ubuntu.status.rc",
+            "nodepool.dib_image_build.ubuntu.status.duration",
+            "nodepool.dib_image_build.ubuntu.status.last_build",
+            "nodepool.dib_image_build.ubuntu.qcow2.size",
+            "nodepool.image_update.ubuntu.sim-a", "nodepool.image_update.ubuntu.sim-b",
+            "nodepool.builder.test-builder.image.ubuntu.build.state",
+            "nodepool.builder.test-builder.image.ubuntu.provider.sim-a.upload.state",
+            "nodepool.image_build_requests", "nodepool.image.ubuntu.image_build_requests")
+        assert listener.last("nodepool.dib_image_build.ubuntu.status.rc") == 0
+        size = os.stat(world.images_dir / f"ubuntu-{build.id}.qcow2").st_blocks * 512
+        assert listener.last("nodepool.dib_image_build.ubuntu.qcow2.size") == size
+        assert listener.last("nodepool.builder.test-builder.image.ubuntu.build.state") == 0
+        assert listener.last("nodepool.image_build_requests") == 0
+        kinds = {(n, k) for n, _, k in listener.metrics()}
+        assert {("nodepool.image_update.ubuntu.sim-a", "c"),
+                ("nodepool.image_update.ubuntu.sim-a", "ms")} <= kinds
+        # a paused image reports 3
+        store.set_image_paused("ubuntu", True)
+        builder.janitor_pass()
+        wait_until(lambda: listener.last(
+            "nodepool.builder.test-builder.image.ubuntu.build.state") == 3)
+    finally:
+        world.close()
