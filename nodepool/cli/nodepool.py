@@ -350,6 +350,10 @@ def cmd_image_status(ctx, args):
 
 @command("image-build", "ask the builders to build an image now", [
     arg("image", help="diskimage name"),
+    arg("--wait", action="store_true",
+        help="wait until the build and its uploads are ready (progress shown on a terminal)"),
+    arg("--timeout", type=float, default=28800, metavar="SECONDS",
+        help="with --wait: give up after this long (28800)"),
 ])
 def cmd_image_build(ctx, args):
     diskimage = _known_image(ctx, args.image)
@@ -357,8 +361,12 @@ def cmd_image_build(ctx, args):
         raise CliError(f"image {args.image!r} is abstract (a template); it is never built")
     if diskimage.pause:
         raise CliError(f"image {args.image!r} is paused in {ctx.config.path}")
+    before = {b.id for b in ctx.store.list_builds(args.image)} if args.wait else set()
     ctx.store.request_image_build(args.image)
     ctx.print(f"build of {args.image} requested")
+    if args.wait:
+        from .image_wait import wait_for_build
+        return wait_for_build(ctx, args.image, before, args.timeout)
     return 0
 
 
