@@ -13,7 +13,7 @@ import logging
 import time
 
 from .. import metrics, stats, waits
-from ..errors import LockError
+from ..errors import LockError, StoreError
 from .minready import is_min_ready
 
 log = logging.getLogger("nodepool.launcher.observer")
@@ -67,6 +67,8 @@ class Observer:
                     values.update(stats.addressable_request_values(requests, components))
                     stats.gauges(values)
             self.flush()
+        except StoreError as exc:
+            log.warning("launcher observation not written (retried): %s", exc)
         except Exception:       # noqa: BLE001
             log.exception("launcher observation failed (ignored)")
 

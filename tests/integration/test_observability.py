@@ -175,3 +175,17 @@ def test_builder_statsd(tmp_path, statsd_listener, caplog):
             "nodepool.builder.test-builder.image.ubuntu.build.state") == 3)
     finally:
         world.close()
+
+
+def test_one_launcher_sends_the_node_gauges_and_another_takes_over(launcher_env):
+    from nodepool.launcher.observer import Observer
+    launcher_env.write(CONFIG)
+    first, second = launcher_env.store(), launcher_env.store()
+    a = Observer(first, lambda: None, None, "a")
+    b = Observer(second, lambda: None, None, "b")
+    assert a._elected() and not b._elected()
+    assert a._elected()              # keeps it
+    a.stop()                         # releases the lock (as a dead session would)
+    wait_until(b._elected, message="the second launcher takes over")
+    assert not a._elected()
+    b.stop()
