@@ -4,8 +4,8 @@ Endpoints (Nodepool 11): ``/ready``, ``/node-list`` (``node_id``), ``/image-list
 ``/dib-image-list``, ``/image-status``, ``/request-list``, ``/label-list``, each also as
 ``<path>.json``; ``fields=a,b`` picks columns.  JSON is served when the path ends in ``.json`` or
 ``Accept`` prefers ``application/json``; otherwise the same left-aligned text table the CLI prints.
-``/metrics`` serves Prometheus text; ``/dashboard`` a live page (see ``dashboard``).  A failing store never takes the server down: the request
-gets a one-line 500.
+``/metrics`` serves Prometheus text; ``/dashboard`` a live page (see ``dashboard``).  A failing
+store never takes the server down: the request gets a one-line 500.
 """
 import email.utils
 import json

@@ -1,5 +1,4 @@
 """Pure parts of the observability code: wait summaries, statsd names and gauge values."""
-from types import SimpleNamespace
 
 import pytest
 
