@@ -114,8 +114,8 @@ def test_dashboard_shows_the_running_launcher(sqlite_launcher_env, browser, tmp_
     launcher = env.start_launcher(webapp=True)
     store = env.store()
     client = env.client(requestor="dash-test")
-    wait_until(lambda: any(n.state.value == "ready" and "small" in n.type
-                           for n in store.list_nodes()), message="a ready small node")
+    wait_until(lambda: any(n.state.value == "ready" and "small" in n.type and not n.allocated_to
+                           for n in store.list_nodes()), message="a free ready small node")
     for labels in (["small"], ["big"]):
         nodes = client.request(labels, timeout=30)
         client.use(nodes)
