@@ -11,6 +11,7 @@ to the caller (a metric must never break a launch or a build).
 import logging
 import os
 import threading
+import time
 
 import statsd
 
@@ -190,13 +191,12 @@ BUILD_IDLE, BUILD_BUILDING, UPLOAD_UPLOADING, PAUSED = 0, 1, 2, 3
 def image_build(image, rc, seconds, sizes=None, when=None):
     """A finished diskimage build: ``status.rc``, ``status.duration`` (timer),
     ``status.last_build`` (unix time) and the size of each format in bytes."""
-    import time as _time
     base = f"nodepool.dib_image_build.{clean(image)}"
 
     def fill(pipe):
         pipe.gauge(f"{base}.status.rc", int(rc))
         pipe.timing(f"{base}.status.duration", max(0.0, seconds) * 1000.0)
-        pipe.gauge(f"{base}.status.last_build", int(when or _time.time()))
+        pipe.gauge(f"{base}.status.last_build", int(when or time.time()))
         for ext, size in (sizes or {}).items():
             pipe.gauge(f"{base}.{clean(ext)}.size", int(size))
     _send(fill)
