@@ -19,6 +19,7 @@ from .minready import is_min_ready
 log = logging.getLogger("nodepool.launcher.observer")
 
 GAUGE_SECONDS = 1.0
+ELECTION_RETRY_SECONDS = 10.0    # a launcher that is not sending gauges tries this often
 STATS_LOCK = "/nodepool/launcher-locks/.statsd-gauges"
 
 
@@ -37,6 +38,7 @@ class Observer:
         self._last_gauges = 0.0
         self._last_flush = 0.0
         self._stats_lock = None
+        self._next_election = 0.0
 
     # -- called by the request handler ----------------------------------------------------------
 
@@ -95,9 +97,13 @@ class Observer:
         if self._stats_lock is not None and self.store.holds(self._stats_lock):
             return True
         self._stats_lock = None
+        mono = time.monotonic()
+        if mono < self._next_election:
+            return False
         try:
             self._stats_lock = self.store.lock(STATS_LOCK, identifier=self.launcher_name)
         except LockError:
+            self._next_election = mono + ELECTION_RETRY_SECONDS
             return False
         log.info("this launcher now sends the statsd node gauges")
         return True

@@ -186,6 +186,8 @@ def test_one_launcher_sends_the_node_gauges_and_another_takes_over(launcher_env)
     assert a._elected() and not b._elected()
     assert a._elected()              # keeps it
     a.stop()                         # releases the lock (as a dead session would)
+    assert not b._elected()          # it tries again only every ELECTION_RETRY_SECONDS
+    b._next_election = 0.0
     wait_until(b._elected, message="the second launcher takes over")
     assert not a._elected()
     b.stop()
