@@ -35,6 +35,12 @@ REQUEST_SECONDS = Histogram(
 REQUESTS_HANDLED = Counter(
     "nodepool_requests_handled", "Node requests handled by a pool (fulfilled, declined, failed)",
     ["provider", "pool", "result"])
+# Warm waits (served from ready nodes) are sub-second; cold ones last a launch.
+_WAIT_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+REQUEST_WAIT_SECONDS = Histogram(
+    "nodepool_request_wait_seconds", "Time from request submission to fulfilment per label; "
+    "kind is warm (every node came from the ready pool) or cold (a node was launched for it)",
+    ["label", "provider", "kind"], buckets=_WAIT_BUCKETS)
 LEAKED = Counter(
     "nodepool_leaked_resources", "Cloud resources found leaked and cleaned up",
     ["provider", "type"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests and the demo need on a fresh Debian machine (idempotent).
 # Debian packages: zookeeper (ZooKeeper store tests), openssh (static driver / host-key scan
-# tests), e2fsprogs + qemu-utils (real image files from the shipped build command).
+# tests), e2fsprogs + qemu-utils (real image files from the shipped build command), chromium +
+# chromium-driver (the dashboard test drives a real headless browser through Selenium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v ssh-keyscan >/dev/null 2>&1 || need_apt+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v mke2fs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian packages: ${need_apt[*]}"

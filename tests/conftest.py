@@ -11,4 +11,5 @@ pytest_plugins = [
     "fixtures.sshd",
     "fixtures.openstack",
     "fixtures.moto",
+    "fixtures.statsd",
 ]

@@ -36,6 +36,7 @@ from ..model.records import Component, ImageBuild, ImageUpload
 from ..model.states import BuildState, UploadState
 from ..store.base import (CAS_TRIES, build_lock_path, compare_and_set, image_build_lock_path,
                           upload_lock_path, upload_record_lock_path)
+from .. import stats
 from . import planner
 from .runner import kill_orphaned_build, prune_build_logs, run_build
 
@@ -416,6 +417,9 @@ class Builder:
             remove_build_files(config.images_dir, image.name, build.id)
             return False
         elapsed = time.monotonic() - started
+        stats.image_build(image.name, 0 if error is None else 1, elapsed,
+                          stats.format_sizes(config.images_dir, image.name, build.id,
+                                             image.formats) if error is None else None)
         if error is None:
             log.info("image %s build %s ready in %.1fs (log %s)", image.name, build.id, elapsed,
                      log_path)
@@ -521,6 +525,7 @@ class Builder:
         log.info("%s ready as %s (%s) in %.1fs", what, name, external_id, elapsed)
         _count("IMAGE_UPLOADS", build.image, provider_name, "ready")
         _observe("IMAGE_UPLOAD_SECONDS", elapsed, build.image, provider_name)
+        stats.image_upload(build.image, provider_name, elapsed)
         return True
 
     def _delete_cloud_image(self, provider_name, external_id, rec=None):
@@ -569,6 +574,7 @@ class Builder:
                 if prov.manages_images:
                     self.remove_leaked_images(prov_name)
             self.janitor_passes += 1
+            stats.report_builder(self.hostname, config, builds, uploads, self.store)
 
     def _plan_image(self, image):
         """A fresh retention plan of one image, with the records it was made from.
@@ -721,6 +727,7 @@ class Builder:
                 log.info("provider %s: deleted leaked image %s (%s, build %s upload %s)",
                          provider_name, img.id, img.name, build_id, upload_id)
                 _count("LEAKED", provider_name, "images")
+                stats.leaked(provider_name, "images")
             except Exception as exc:
                 log.error("provider %s: cannot delete leaked image %s: %s", provider_name,
                           img.id, exc)

@@ -25,7 +25,7 @@ from .common import (CLI_LOCK_IDENTIFIER, COMMANDS, LOCK_TIMEOUT, CliError, Comm
 
 # Modules that register more subcommands when they exist (e.g. the client's ``request``).
 EXTRA_COMMAND_MODULES = ("nodepool.cli.request", "nodepool.cli.openstack_commands",
-                         "nodepool.cli.image_data")
+                         "nodepool.cli.image_data", "nodepool.cli.wait_times")
 
 DELETE_NOW_POLL_MAX = 2.0
 
@@ -350,6 +350,10 @@ def cmd_image_status(ctx, args):
 
 @command("image-build", "ask the builders to build an image now", [
     arg("image", help="diskimage name"),
+    arg("--wait", action="store_true",
+        help="wait until the build and its uploads are ready (progress shown on a terminal)"),
+    arg("--timeout", type=float, default=28800, metavar="SECONDS",
+        help="with --wait: give up after this long (28800)"),
 ])
 def cmd_image_build(ctx, args):
     diskimage = _known_image(ctx, args.image)
@@ -357,8 +361,12 @@ def cmd_image_build(ctx, args):
         raise CliError(f"image {args.image!r} is abstract (a template); it is never built")
     if diskimage.pause:
         raise CliError(f"image {args.image!r} is paused in {ctx.config.path}")
+    before = {b.id for b in ctx.store.list_builds(args.image)} if args.wait else set()
     ctx.store.request_image_build(args.image)
     ctx.print(f"build of {args.image} requested")
+    if args.wait:
+        from .image_wait import wait_for_build
+        return wait_for_build(ctx, args.image, before, args.timeout)
     return 0
 
 

@@ -14,6 +14,7 @@ import time
 from ..client import NodepoolClient, RequestFailed
 from . import tables
 from .common import CliError, arg, command
+from .progress import Progress
 
 
 @command("request", "request nodes, print them, and return them (or hold them)", arguments=[
@@ -39,8 +40,16 @@ def cmd_request(ctx, args):
     req = client.submit(args.labels, priority=args.priority, tenant_name=args.tenant,
                         provider=args.provider)
     started = time.monotonic()
+    progress = Progress(ctx.err)
+
+    def show(current):
+        declined = (f", declined by {len(current.declined_by)} pool(s)"
+                    if current.declined_by else "")
+        progress.update(f"request {current.id} for {' '.join(args.labels)}: {current.state}"
+                        f"{declined} (timeout {args.timeout:g}s)")
     try:
-        req = client.wait(req.id, timeout=args.timeout)
+        with progress:
+            req = client.wait(req.id, timeout=args.timeout, on_poll=show)
     except TimeoutError:
         client.cancel(req.id)
         raise CliError(f"request {req.id} for {' '.join(args.labels)} not fulfilled within "

@@ -47,11 +47,12 @@ class NodepoolClient:
                           reuse=reuse, event_id=event_id, created_time=time.time())
         return self.store.submit_request(req, priority=priority, ephemeral=ephemeral)
 
-    def wait(self, request_id, timeout=None):
+    def wait(self, request_id, timeout=None, on_poll=None):
         """Wait until the request is fulfilled or failed and return it.
 
-        Raises ``TimeoutError`` when ``timeout`` passes first and ``NotFoundError`` when the
-        request vanished."""
+        ``on_poll(request)`` is called with each unfinished copy read (about once a second, e.g.
+        to show progress).  Raises ``TimeoutError`` when ``timeout`` passes first and
+        ``NotFoundError`` when the request vanished."""
         watcher = self.store.watch_request(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -64,6 +65,8 @@ class NodepoolClient:
             if left is not None and left <= 0:
                 raise TimeoutError(f"request {request_id} not fulfilled within {timeout}s "
                                    f"(state {req.state})")
+            if on_poll is not None:
+                on_poll(req)
             watcher.wait(1.0 if left is None else min(left, 1.0))
 
     def accept(self, request, lock_timeout=30):

@@ -34,6 +34,7 @@ from ..model.records import Component
 from ..store import open_store
 from .cleanup import REQUEST_LOCK_MAX_AGE, Cleanup, return_to_pool
 from .minready import MinReady
+from .observer import Observer
 from .providers import ProviderSet
 from .requests import RequestHandler
 
@@ -68,6 +69,7 @@ class Launcher:
         self.requests = None
         self.cleanup = None
         self.min_ready = None
+        self.observer = None
         self.launcher_component = None
         self.paused_pools = set()
         self.webapp = None
@@ -102,6 +104,10 @@ class Launcher:
                                self.request_lock_max_age)
         self.min_ready = MinReady(
             self.store, lambda nid, rid, why: return_to_pool(self.store, nid, rid, why))
+        self.observer = Observer(
+            self.store, lambda: self.config, self.launcher_component, self.launcher_name,
+            lambda: [c.pool_id for c in self.providers.components.values()])
+        self.requests.on_fulfil = self.observer.fulfilled
         self.providers.sync(self.config)
         if self.want_webapp:
             self._start_webapp()
@@ -144,6 +150,8 @@ class Launcher:
             self.providers.stop()
         if self.webapp:
             self.webapp.stop()
+        if self.observer is not None:
+            self.observer.stop()
         if self.store is not None:
             if self.launcher_component:
                 _quiet(self.store.unregister_component, self.launcher_component)
@@ -234,6 +242,7 @@ class Launcher:
             {t: tl.limits for t, tl in self.config.tenant_limits.items()}, now)
         self.providers.set_paused(paused)
         self.paused_pools = paused
+        self.observer.tick(nodes, requests, components)
         self.housekeeping_once(nodes, requests, locked_nodes, views, components)
 
     def housekeeping_once(self, nodes, requests, locked_nodes, views, components):

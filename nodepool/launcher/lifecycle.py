@@ -218,3 +218,4 @@ class Held:
     let_go: bool = False                  # the request lock was released (finishing launches)
     open_slots: bool = False              # last pass: slots waiting for room or a backoff
     az: Optional[str] = None
+    launched: int = 0                     # nodes launched for it (0 at fulfilment: a warm hit)

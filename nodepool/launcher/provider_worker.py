@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..drivers import get_driver
 from ..drivers.base import (META_LAUNCHER, META_NODE_ID, META_POOL, META_PROVIDER, LaunchSpec)
-from .. import metrics
+from .. import metrics, stats
 from ..errors import (CloudError, ConflictError, InstanceNotFound, LabelConfigurationError,
                       LaunchTimeout, LockError, NotFoundError, QuotaError, StoreError)
 from ..model.records import Node
@@ -124,7 +124,7 @@ class LaunchJob(_Job):
         return (self.machine.external_id if self.machine else None) or self.node.external_id
 
     def _fail_attempt(self, exc):
-        self.worker._count_launch(self.pool, self.node, exc)
+        self.worker._count_launch(self.pool, self.node, exc, self.phase)
         extid = self._extid()
         self._log_console(extid)
         if self.attempt < self.provider.launch_retries:
@@ -205,7 +205,7 @@ class LaunchJob(_Job):
             self.log.info("node %s: cloud quota refused the launch on %s: %s", self.node.id,
                           self.provider.name, exc)
             self.worker.invalidate_quota()
-            self.worker._count_launch(self.pool, self.node, exc)
+            self.worker._count_launch(self.pool, self.node, exc, self.phase)
             return self._after_outcome(NodeState.ABORTED, f"quota: {exc}")
         except CloudError as exc:
             self._fail_attempt(exc)
@@ -315,6 +315,7 @@ class LaunchJob(_Job):
                       self.node.interface_ip, elapsed)
         _count("LAUNCHES", self.provider.name, self.pool.name, self.node.type[0], "ready")
         _observe("LAUNCH_SECONDS", elapsed, self.provider.name, self.node.type[0])
+        stats.launch(self.provider.name, self.node.az, self.node.requestor, "ready", elapsed)
         self.final = (NodeState.READY, None)
         self._write_final()
 
@@ -710,6 +711,7 @@ class ProviderWorker:
             self.log.warning("leaked instance %s on %s (node %s has no record): deleting",
                              inst.external_id, self.provider.name, inst.node_id)
             _count("LEAKED", self.provider.name, "instances")
+            stats.leaked(self.provider.name, "instances")
             self.orphans[inst.external_id] = OrphanDelete(inst.external_id, self, "leaked")
         node_ids = {n.id for n in nodes}
         try:
@@ -729,6 +731,7 @@ class ProviderWorker:
                 self.log.warning("leaked %s %s on %s: deleted", res.type, res.id,
                                  self.provider.name)
                 _count("LEAKED", self.provider.name, res.type + "s")
+                stats.leaked(self.provider.name, res.type + "s")
             except Exception as exc:
                 self.log.warning("leaked %s %s on %s: delete failed: %s", res.type, res.id,
                                  self.provider.name, exc)
@@ -824,12 +827,14 @@ class ProviderWorker:
     def _write(self, node):
         self.store.update_node(node)
 
-    def _count_launch(self, pool, node, exc):
+    def _count_launch(self, pool, node, exc, phase=None):
         kind = ("quota" if isinstance(exc, QuotaError) else
                 "timeout" if isinstance(exc, LaunchTimeout) else
                 "cloud" if isinstance(exc, CloudError) else "unknown")
         _count("LAUNCHES", self.provider.name, pool.name, node.type[0] if node.type else "",
                f"error.{kind}")
+        stats.launch(self.provider.name, node.az, node.requestor, stats.launch_result(exc, phase),
+                     time.time() - (node.state_time or time.time()))
 
 
 def build_launch_spec(node, pool, pool_label, launcher_name, image_external_id, request):

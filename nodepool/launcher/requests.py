@@ -52,6 +52,7 @@ class RequestHandler:
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
+        self.on_fulfil = None                  # (request, provider, warm, seconds) -> None
 
     def note_launches(self):
         """Call before reading the pass's snapshot: a launch that ends between that read and
@@ -312,6 +313,7 @@ class RequestHandler:
         self.store.update_node(node, check_version=True)
         spec = build_launch_spec(node, pool, plabel, self.launcher_name, image_ext_id, req)
         worker.submit_launch(node, nlock, spec, pool)
+        held.launched += 1
 
     # -- held requests --------------------------------------------------------------------------
 
@@ -434,6 +436,8 @@ class RequestHandler:
         waited = time.time() - (req.created_time or time.time())
         metrics.REQUESTS_HANDLED.labels(provider, pool_name, "fulfilled").inc()
         metrics.REQUEST_SECONDS.labels(provider).observe(max(0.0, waited))
+        if self.on_fulfil is not None:
+            self.on_fulfil(req, provider, held.launched == 0, waited)
         log.info("request %s fulfilled by %s with node(s) %s", req.id, held.pool_key,
                  ",".join(req.nodes))
 

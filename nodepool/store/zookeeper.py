@@ -272,6 +272,8 @@ class ZooKeeperStore(StateStore):
         self._held_lock = threading.Lock()
         self._components = {}         # id(component) -> component (re-registered on new session)
         self._components_lock = threading.Lock()
+        self._register_lock = threading.RLock()    # creating a component after a session loss
+        self._component_generation = {}          # id(component) -> session generation created
         self._watchers = []
         self._cache = _Cache()
         self._assured_lock_paths = set()     # lock parents known to exist
@@ -1182,23 +1184,29 @@ class ZooKeeperStore(StateStore):
         return component
 
     def _create_component(self, component):
-        hostname = component.hostname or socket.gethostname()
+        generation = self._generation        # read before: a create is never credited to a
+        hostname = component.hostname or socket.gethostname()   # session newer than its own
         component.hostname = hostname
         path, stat = self._create(f"{P.component_root(component.kind)}/{hostname}",
                                   _encode(component, sort_keys=True),
                                   ephemeral=True, sequence=True)
         component.id = path.rsplit("/", 1)[1]
         component.version = stat.version
+        self._component_generation[id(component)] = generation
         self._components_gen += 1
 
     def _reregister_components(self):
         with self._components_lock:
             components = list(self._components.values())
         for component in components:
-            self._create_component(component)
+            with self._register_lock:
+                if self._component_generation.get(id(component)) == self._generation:
+                    continue        # update_component already re-created it in this session
+                self._create_component(component)
             log.info("re-registered %s component %s", component.kind, component.id)
 
     def update_component(self, component):
+        old_id = component.id
         path = f"{P.component_root(component.kind)}/{component.id}"
         try:
             stat = self._set(path, _encode(component, sort_keys=True))
@@ -1210,11 +1218,18 @@ class ZooKeeperStore(StateStore):
             if not registered:
                 raise NotFoundError(f"component {component.kind}/{component.id} is not "
                                     f"registered") from None
-            self._create_component(component)
+            # Our record went with an expired session.  The session thread re-registers every
+            # component once the new session is up; whichever of us comes first creates it,
+            # the other must not create a second record for the same component.
+            with self._register_lock:
+                if component.id != old_id:
+                    return self.update_component(component)
+                self._create_component(component)
 
     def unregister_component(self, component):
         with self._components_lock:
             self._components.pop(id(component), None)
+            self._component_generation.pop(id(component), None)
         if component.id:
             self._delete(f"{P.component_root(component.kind)}/{component.id}")
             self._components_gen += 1

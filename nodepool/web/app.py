@@ -4,10 +4,11 @@ Endpoints (Nodepool 11): ``/ready``, ``/node-list`` (``node_id``), ``/image-list
 ``/dib-image-list``, ``/image-status``, ``/request-list``, ``/label-list``, each also as
 ``<path>.json``; ``fields=a,b`` picks columns.  JSON is served when the path ends in ``.json`` or
 ``Accept`` prefers ``application/json``; otherwise the same left-aligned text table the CLI prints.
-``/metrics`` serves Prometheus text.  A failing store never takes the server down: the request
-gets a one-line 500.
+``/metrics`` serves Prometheus text; ``/dashboard`` a live page (see ``dashboard``).  A failing
+store never takes the server down: the request gets a one-line 500.
 """
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from ..cli import tables
 from ..metrics import store_collector
+from . import dashboard
 
 log = logging.getLogger("nodepool.web")
 
@@ -142,6 +144,21 @@ class StatusWebApp:
             self._cache[key] = (now_mono, body)
         return body
 
+    def dashboard(self, path):
+        """(status, body, content type) of the dashboard page, its files and its data."""
+        if path == "/dashboard.json":
+            try:
+                config = self.get_config() if self.get_config else None
+            except Exception:
+                config = None
+            data = dashboard.dashboard_data(self.store, config, self.clock())
+            return 200, json.dumps(data, sort_keys=True), "application/json"
+        found = dashboard.static_file(path[len("/dashboard/"):] if path.startswith(
+            "/dashboard/") else "dashboard.html")
+        if found is None:
+            return 404, f"not found: {path}\n", "text/plain; charset=utf-8"
+        return 200, found[0], found[1]
+
     def metrics(self):
         return generate_latest(REGISTRY) + generate_latest(self.metrics_registry)
 
@@ -187,6 +204,9 @@ class StatusRequestHandler(BaseHTTPRequestHandler):
                                   cache=False)
             if path == "/metrics":
                 return self._send(200, app.metrics(), CONTENT_TYPE_LATEST, cache=False)
+            if path == "/dashboard.json" or path == "/dashboard" \
+                    or path.startswith("/dashboard/"):
+                return self._send(*app.dashboard(path), cache=False)
             name = path.lstrip("/")
             as_json = False
             if name.endswith(".json"):

@@ -39,7 +39,8 @@ from nodepool.model import NodeState, RequestState
 
 # messages the daemons log (with a traceback) when their own code failed; see fixtures.launcher
 CRASHES = ("launcher loop failed", "worker iteration failed", "unexpected error launching",
-           "worker failed (will retry)", "builder worker", "ZooKeeper cache update failed")
+           "worker failed (will retry)", "builder worker", "ZooKeeper cache update failed",
+           "launcher observation failed", "recording the wait of")
 
 
 def fault_rng(name):
