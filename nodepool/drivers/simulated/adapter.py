@@ -130,6 +130,7 @@ class SimulatedAdapter(Adapter):
         seed = opts.get("seed")
         self.rng = random.Random(seed) if seed is not None else random.Random()
         self.list_interval = list_interval_for(boot_time, delete_time)
+        self._view_cost = 0.0
         self.api_calls = Counter()        # API calls made, by operation (for tests and bench)
         self.list_errors = 0              # failed refreshes of the shared instance listing
         self._cloud = None
@@ -184,7 +185,13 @@ class SimulatedAdapter(Adapter):
         bound an outage).  Failed attempts also wait an interval, so errors do not multiply."""
         with self._view_lock:
             started = time.monotonic()
-            if started - self._view_tried_at >= self.list_interval:
+            # a listing of thousands of instances is not free: list again no sooner than four
+            # times what the last one took (when that is noticeable), so watching a large
+            # fleet boot takes a bounded share of the process (the launcher's loop shares it)
+            wait = self.list_interval
+            if self._view_cost > 0.01:
+                wait = max(wait, 4 * self._view_cost)
+            if started - self._view_tried_at >= wait:
                 self._view_tried_at = started
                 try:
                     self._store_view(started, self._api("list", self.cloud.list_instances))
@@ -192,6 +199,7 @@ class SimulatedAdapter(Adapter):
                     self.list_errors += 1
                     log.warning("provider %s: instance listing failed, keeping the last one: "
                                 "%s", self.provider.name, exc)
+                self._view_cost = time.monotonic() - started
             return self._view_taken_at, self._view
 
     def _store_view(self, taken_at, instances):
