@@ -85,7 +85,8 @@ class FaultEnv(LauncherEnv):
                                        self.config_path, "--upload-workers", "2"], env)
 
     def _spawn(self, kind, argv, env):
-        full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+        # PYTHONFAULTHANDLER: ``dump_stacks`` (SIGABRT) prints every thread of a stuck daemon
+        full_env = dict(os.environ, PYTHONPATH=REPO, PYTHONFAULTHANDLER="1", **(env or {}))
         log = open(self.dir / f"{kind}-{len(self.procs)}.log", "w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full_env,
@@ -101,6 +102,20 @@ class FaultEnv(LauncherEnv):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+
+    @staticmethod
+    def dump_stacks(proc):
+        """Abort a (stuck) daemon so that it writes the stack of every thread to its log;
+        returns the dump."""
+        if proc.poll() is not None:
+            return f"(process {proc.pid} had already exited with {proc.returncode})"
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(30)
+        proc.log.flush()
+        with open(proc.log.name) as f:
+            text = f.read()
+        start = text.rfind("Fatal Python error")
+        return text[start:] if start >= 0 else text[-4000:]
 
     def cloud(self, name="cloud"):
         """A simulated cloud's state file (``<name>.sqlite``), read directly (no injected API
@@ -148,8 +163,9 @@ class RequestStream:
         self.failed = {}              # request id -> reasons (a failed request must say why)
         self.lost = 0                 # requests that vanished with the client's own session
         self.store_errors = 0         # store calls that failed (the store was unreachable)
-        self.accepted = {}            # node id -> request id it was accepted for
+        self.accepted = {}            # node id -> request id it was used for
         self.nodes_served = 0
+        self.fulfilled_at = []        # time.monotonic() of each request taken
         self.problems = []            # broken promises, as sentences
         self._stop = threading.Event()
         self._threads = []
@@ -182,32 +198,44 @@ class RequestStream:
             try:
                 self._one(client, labels, rng)
             except StoreError as exc:
-                with self.lock:
-                    self.store_errors += 1
-                time.sleep(0.2)
-                if self.store_errors % 20 == 1:
-                    print(f"[faults] zuul-{index}: store error: {exc}")
+                self._store_error(client.requestor, exc)
             time.sleep(rng.uniform(*self.pause))
+
+    def _store_error(self, who, exc):
+        with self.lock:
+            self.store_errors += 1
+            count = self.store_errors
+        if count % 20 == 1:
+            print(f"[faults] {who}: store error #{count}: {exc}")
+        time.sleep(0.2)
 
     def _one(self, client, labels, rng):
         req = client.submit(labels)
         with self.lock:
             self.submitted += 1
-        try:
-            done = client.wait(req.id, timeout=self.wait_timeout)
-        except TimeoutError:
-            now = self.store.get_request(req.id)
-            self.problem(f"request {req.id} for {labels} not answered in {self.wait_timeout}s "
-                         f"(state {now.state if now else 'gone'}, "
-                         f"declined by {now.declined_by if now else '-'})")
-            client.cancel(req.id)
-            return
-        except NotFoundError:
-            # an ephemeral request goes with its requestor's session (ZooKeeper restarted
-            # longer than the session timeout): Zuul resubmits
-            with self.lock:
-                self.lost += 1
-            return
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            # like Zuul, keep waiting for the request through store outages
+            try:
+                done = client.wait(req.id, timeout=max(0.1, deadline - time.monotonic()))
+                break
+            except TimeoutError:
+                now = self.store.get_request(req.id)
+                self.problem(f"request {req.id} for {labels} not answered in "
+                             f"{self.wait_timeout}s (state {now.state if now else 'gone'}, "
+                             f"declined by {now.declined_by if now else '-'})")
+                client.cancel(req.id)
+                return
+            except NotFoundError:
+                # an ephemeral request goes with its requestor's session (ZooKeeper was away
+                # longer than the session timeout): Zuul resubmits
+                with self.lock:
+                    self.lost += 1
+                return
+            except StoreError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self._store_error(client.requestor, exc)
         if done.state == RequestState.FAILED:
             reasons = done.extra.get("declined_reasons") or {}
             with self.lock:
@@ -226,20 +254,28 @@ class RequestStream:
         try:
             self._check_nodes(done, labels, nodes)
             client.use(nodes)
+            # only now were the nodes used: one whose in-use mark failed (store outage) was
+            # never used and may rightly go back to the pool
+            self._mark_used(done, nodes)
             time.sleep(rng.uniform(*self.use_time))
         finally:
             client.release(nodes)
+
+    def _mark_used(self, req, nodes):
+        with self.lock:
+            for node in nodes:
+                self.accepted[node.id] = req.id
 
     def _check_nodes(self, req, labels, nodes):
         with self.lock:
             self.fulfilled += 1
             self.nodes_served += len(nodes)
+            self.fulfilled_at.append(time.monotonic())
             for node in nodes:
                 other = self.accepted.get(node.id)
                 if other is not None:
                     self.problems.append(f"node {node.id} accepted for request {req.id} was "
-                                         f"already accepted for request {other}")
-                self.accepted[node.id] = req.id
+                                         f"already used for request {other}")
                 if node.state != NodeState.READY:
                     self.problems.append(f"node {node.id} was {node.state} (not ready) when "
                                          f"request {req.id} took it")
@@ -283,6 +319,22 @@ class AllocationWatch:
                         self.problems.append(f"node {node_id} is listed by fulfilled requests "
                                              f"{owner[node_id]} and {req.id} at once")
                     owner[node_id] = req.id
+
+
+def describe_requests(store):
+    """Requests, their locks and the registered pools, one per line (for failure messages)."""
+    try:
+        locked = store.locked_request_ids()
+        lines = [f"request {r.id} {r.state} {','.join(r.node_types)} nodes={r.nodes} "
+                 f"declined_by={r.declined_by} locked={r.id in locked}"
+                 for r in store.list_requests()]
+        lines += [f"component {c.kind} {c.hostname} {getattr(c, 'id', '')} "
+                  f"{c.to_dict().get('state')}" for c in store.list_components()]
+        nodes = [n for n in store.list_nodes() if n.state != NodeState.DELETED]
+        lines += [f"node {n.id} {n.state} {n.allocated_to}" for n in nodes]
+        return "\n".join(lines)
+    except StoreError as exc:
+        return f"(store error: {exc})"
 
 
 def snapshot(store):
