@@ -35,6 +35,8 @@ from .zk import paths as P
 from .zk.recursive_watch import RecursiveWatchClient
 
 log = logging.getLogger("nodepool.store.zookeeper")
+# a session-loop event: delete the contenders of locks released during an outage
+_STALE_CONTENDERS = object()
 
 
 def _encode(record, sort_keys=False):
@@ -308,6 +310,10 @@ class ZooKeeperStore(StateStore):
         self._components_gen = 0            # bumped by every component change we hear of
         self._components_cache = {}         # kind -> (gen, [Component])
         self._empty_nodes = set()           # node znodes seen with no record (remove_empty_nodes)
+        # (generation, contender path) of released locks whose delete failed on a broken
+        # connection: if the session survives, the contender would hold the lock for good
+        self._stale_contenders = []
+        self._stale_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config):
@@ -471,6 +477,10 @@ class ZooKeeperStore(StateStore):
             if state is None or self._stopping:
                 return
             try:
+                if state is _STALE_CONTENDERS:
+                    if self._connected.is_set():
+                        self._delete_stale_contenders()
+                    continue
                 if state == KazooState.LOST:
                     lost = True
                     with self._held_lock:
@@ -483,6 +493,7 @@ class ZooKeeperStore(StateStore):
                 elif state == KazooState.SUSPENDED:
                     log.warning("ZooKeeper connection suspended (%s)", self._describe())
                 elif state == KazooState.CONNECTED:
+                    self._delete_stale_contenders()
                     if self._watching:
                         self._add_watch()
                     self._components_gen += 1
@@ -932,8 +943,38 @@ class ZooKeeperStore(StateStore):
             self._wait_connected()
             recipe.release()
         except (StoreError, kze.KazooException) as e:
-            log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
+            if contender:
+                # our contender may outlive the outage with our session: delete it once we are
+                # connected again, or every later acquire (ours too) would queue behind it
+                log.warning("releasing lock %s: %s (its contender is deleted on reconnect)",
+                            lock.path, e)
+                with self._stale_lock:
+                    self._stale_contenders.append((generation, f"{recipe.path}/{contender}"))
+                self._session_events.put(_STALE_CONTENDERS)
+            else:
+                log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
         self._track_lock(lock.path, contender, add=False)
+
+    def _delete_stale_contenders(self):
+        """Delete the contenders of locks released while the connection was broken (see
+        ``_release``); those of a lost session went with it.  Kept for the next reconnect when
+        the connection breaks again meanwhile."""
+        with self._stale_lock:
+            stale, self._stale_contenders = self._stale_contenders, []
+        left = []
+        for generation, path in stale:
+            if generation != self._generation:
+                continue
+            try:
+                self._wait(self._client.delete_async(path), f"delete {path}")
+                log.info("deleted the contender %s of a lock released during an outage", path)
+            except kze.NoNodeError:
+                pass
+            except StoreError:
+                left.append((generation, path))
+        if left:
+            with self._stale_lock:
+                self._stale_contenders.extend(left)
 
     def is_locked(self, path):
         return bool(self._contenders(path))

@@ -493,6 +493,30 @@ def test_server_restart_store_recovers(zookeeper_server, store, zk_restart):
     assert watcher.wait(WAIT)
 
 
+def test_lock_released_while_disconnected_is_freed_once_connected_again(make_store, zk_raw,
+                                                                         monkeypatch):
+    """A release that cannot reach the server must not leave our contender behind when our
+    session survives the outage: it would hold the lock until the process exits."""
+    holder, other = make_store(), make_store()
+    path = "/nodepool/launcher-locks/sim/main"
+    lock = holder.lock(path)
+    real_wait_connected = holder._wait_connected
+    calls = []
+
+    def suspended_once():
+        if not calls:
+            calls.append(1)
+            raise StoreError("ZooKeeper connection is suspended (simulated)")
+        return real_wait_connected()
+
+    monkeypatch.setattr(holder, "_wait_connected", suspended_once)
+    lock.release()                       # the delete never reached the server
+    again = other.lock(path, blocking=True, timeout=10)
+    assert zk_raw.get_children(path) == [again.token[0].node]
+    again.release()
+    assert holder.lock(path, blocking=True, timeout=10)
+
+
 def test_writes_while_server_down_raise_not_hang(zookeeper_server, make_store):
     store = make_store(timeout=1.5)
     node = store.create_node(Node(state=NodeState.READY))
