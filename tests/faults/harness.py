@@ -388,6 +388,18 @@ def settle(store, cloud, timeout, expect_ready=None):
         time.sleep(0.25)
 
 
+def retrying(func, timeout=30):
+    """``func()``, retried while the store is unreachable (ZooKeeper restarting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return func()
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def wait_until(cond, timeout, what, interval=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
