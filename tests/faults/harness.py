@@ -37,6 +37,36 @@ from nodepool.drivers.simulated.cloud import SimulatedCloud
 from nodepool.errors import LockError, NotFoundError, StoreError
 from nodepool.model import NodeState, RequestState
 
+# The launcher tests' cloud: one pool, a label kept ready and one launched on demand.
+CONFIG = """\
+launcher:
+  leak-interval: 0.5
+labels:
+  - name: small
+    min-ready: 1
+  - name: large
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: {boot_time}
+    count-api-calls: true
+    seed: {seed}
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        max-servers: 14
+        labels:
+          - name: small
+            cloud-image: img
+          - name: large
+            cloud-image: img
+            cores: 2
+"""
+
+NODESETS = [["small"], ["large"], ["small", "large"], ["small", "small"]]
+
+
 # messages the daemons log (with a traceback) when their own code failed; see fixtures.launcher
 CRASHES = ("launcher loop failed", "worker iteration failed", "unexpected error launching",
            "worker failed (will retry)", "builder worker", "ZooKeeper cache update failed")
@@ -86,7 +116,8 @@ class FaultEnv(LauncherEnv):
 
     def _spawn(self, kind, argv, env):
         # PYTHONFAULTHANDLER: ``dump_stacks`` (SIGABRT) prints every thread of a stuck daemon
-        full_env = dict(os.environ, PYTHONPATH=REPO, PYTHONFAULTHANDLER="1", **(env or {}))
+        full_env = dict(os.environ, PYTHONPATH=REPO, PYTHONFAULTHANDLER="1")
+        full_env.update(env or {})
         log = open(self.dir / f"{kind}-{len(self.procs)}.log", "w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full_env,
@@ -143,6 +174,22 @@ class FaultEnv(LauncherEnv):
                 if any(c in line for c in CRASHES) and after.startswith("Traceback"):
                     found.append(f"{os.path.basename(proc.log.name)}: {line.strip()}")
         return found
+
+
+def zookeeper_store_yaml(server, chroot, timeout):
+    host, port = server.hosts.rsplit(":", 1)
+    return (f"zookeeper-servers:\n  - host: {host}\n    port: {port}\n    chroot: {chroot}\n"
+            f"zookeeper-timeout: {timeout}\n")
+
+
+def make_env(request, tmp_path, kind, zk_timeout=2.0):
+    """A ``FaultEnv`` on ``kind`` ("sqlite" or "zookeeper", a fresh chroot of the test server)."""
+    store_yaml = None
+    if kind == "zookeeper":
+        server = request.getfixturevalue("zookeeper_server")
+        store_yaml = zookeeper_store_yaml(server, request.getfixturevalue("zk_chroot"),
+                                          zk_timeout)
+    return FaultEnv(tmp_path, store_yaml)
 
 
 class RequestStream:

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from faults.harness import AllocationWatch, RequestStream, fault_rng, report, settle
-from faults.test_launcher_kills import NODESETS
+from faults.harness import NODESETS, AllocationWatch, RequestStream, fault_rng, report, settle
 
 pytestmark = pytest.mark.slow
 

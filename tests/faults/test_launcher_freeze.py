@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from faults.harness import AllocationWatch, RequestStream, fault_rng, report, settle, wait_until
-from faults.test_launcher_kills import CONFIG, NODESETS
+from faults.harness import (CONFIG, NODESETS, AllocationWatch, RequestStream, fault_rng,
+                            report, settle, wait_until)
 
 pytestmark = pytest.mark.slow
 

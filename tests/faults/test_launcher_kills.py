@@ -14,38 +14,10 @@ import time
 
 import pytest
 
-from faults.harness import AllocationWatch, RequestStream, fault_rng, report, settle
+from faults.harness import (CONFIG, NODESETS, AllocationWatch, RequestStream, fault_rng,
+                            report, settle)
 
 pytestmark = pytest.mark.slow
-
-CONFIG = """\
-launcher:
-  leak-interval: 0.5
-labels:
-  - name: small
-    min-ready: 1
-  - name: large
-providers:
-  - name: sim
-    driver: simulated
-    boot-time: {boot_time}
-    count-api-calls: true
-    seed: {seed}
-    cloud-images:
-      - name: img
-    pools:
-      - name: main
-        max-servers: 14
-        labels:
-          - name: small
-            cloud-image: img
-          - name: large
-            cloud-image: img
-            cores: 2
-"""
-
-NODESETS = [["small"], ["large"], ["small", "large"], ["small", "small"]]
-
 
 def test_launcher_killed_at_random_moments_loses_nothing_and_leaks_nothing(fault_env):
     env = fault_env

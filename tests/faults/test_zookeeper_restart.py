@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from faults.harness import (AllocationWatch, RequestStream, describe_requests, fault_rng,
+from faults.harness import (NODESETS, AllocationWatch, RequestStream, describe_requests, fault_rng,
                             report, retrying, settle, wait_until)
-from faults.test_launcher_kills import NODESETS
 
 pytestmark = pytest.mark.slow
 
