@@ -45,7 +45,7 @@ providers:
             cores: 2
 """
 
-# measured 2026-12-02: 6-8 calls per node served (docs/reliability.md); the bound leaves room for
+# measured 2026-12-02: 5.7-6.6 calls per node served (docs/reliability.md); the bound leaves room for
 # slow machines (more listing refreshes per launch) but catches a retry storm
 MAX_CALLS_PER_NODE = 20
 
