@@ -67,6 +67,9 @@ providers:
 NODESETS = [["small"], ["large"], ["small", "large"], ["small", "small"]]
 
 
+# sitecustomize of the daemons: SIGUSR1 dumps their threads, the clock-step test shifts time
+DAEMON_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "daemon_site")
+
 # messages the daemons log (with a traceback) when their own code failed; see fixtures.launcher
 CRASHES = ("launcher loop failed", "worker iteration failed", "unexpected error launching",
            "worker failed (will retry)", "builder worker", "ZooKeeper cache update failed")
@@ -116,7 +119,7 @@ class FaultEnv(LauncherEnv):
 
     def _spawn(self, kind, argv, env):
         # PYTHONFAULTHANDLER: ``dump_stacks`` (SIGABRT) prints every thread of a stuck daemon
-        full_env = dict(os.environ, PYTHONPATH=REPO, PYTHONFAULTHANDLER="1")
+        full_env = dict(os.environ, PYTHONPATH=f"{DAEMON_SITE}:{REPO}", PYTHONFAULTHANDLER="1")
         full_env.update(env or {})
         log = open(self.dir / f"{kind}-{len(self.procs)}.log", "w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
@@ -133,6 +136,12 @@ class FaultEnv(LauncherEnv):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+
+    def show_stacks(self, kind="launcher"):
+        """Have every running daemon of ``kind`` write its threads' stacks to its log."""
+        for proc in self.procs:
+            if proc.kind == kind and proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)
 
     @staticmethod
     def dump_stacks(proc):
@@ -196,13 +205,15 @@ class RequestStream:
     """Zuul-like clients on one store: request, accept, use, return; record what goes wrong."""
 
     def __init__(self, store, rng, nodesets, clients=3, use_time=(0.0, 0.2),
-                 wait_timeout=90, pause=(0.0, 0.1)):
+                 wait_timeout=90, pause=(0.0, 0.1), on_stall=None, stall_after=20):
         self.store = store
         self.nodesets = nodesets
         self.clients = clients
         self.use_time = use_time
         self.pause = pause
         self.wait_timeout = wait_timeout
+        self.on_stall = on_stall          # called once with a request id waiting stall_after s
+        self.stall_after = stall_after
         self.seeds = [rng.randrange(2**31) for _ in range(clients)]
         self.lock = threading.Lock()
         self.submitted = 0
@@ -261,12 +272,18 @@ class RequestStream:
         with self.lock:
             self.submitted += 1
         deadline = time.monotonic() + self.wait_timeout
+        stall_at = time.monotonic() + self.stall_after if self.on_stall else deadline
         while True:
             # like Zuul, keep waiting for the request through store outages
             try:
-                done = client.wait(req.id, timeout=max(0.1, deadline - time.monotonic()))
+                until = min(deadline, stall_at) if stall_at < deadline else deadline
+                done = client.wait(req.id, timeout=max(0.1, until - time.monotonic()))
                 break
             except TimeoutError:
+                if time.monotonic() < deadline:
+                    stall_at = deadline              # once per request
+                    self.on_stall(req.id)
+                    continue
                 now = self.store.get_request(req.id)
                 self.problem(f"request {req.id} for {labels} not answered in "
                              f"{self.wait_timeout}s (state {now.state if now else 'gone'}, "

@@ -5,21 +5,18 @@ launcher's clock is stepped +5 minutes, then to -5 minutes, then back to the tru
 the Zuul-like clients (whose clock is right) keep requesting.  Timestamps written meanwhile are
 off by minutes; nothing may be lost, doubled or leaked because of it.
 
-The step is injected at the Python level (``clockstep/sitecustomize.py``): Debian's libfaketime
+The step is injected at the Python level (``daemon_site/sitecustomize.py``): Debian's libfaketime
 0.9.10 cannot run Python 3.11 daemons (``time.sleep`` fails or hangs under it).
 """
-import os
 import time
 
 import pytest
 
 from faults.harness import (CONFIG, NODESETS, AllocationWatch, RequestStream, fault_rng,
                             make_env, report, settle)
-from fixtures.launcher import REPO
 
 pytestmark = pytest.mark.slow
 
-CLOCKSTEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clockstep")
 STEPS = [300, -300, 0]          # seconds off the true time, in turn
 
 
@@ -48,8 +45,7 @@ def test_launcher_clock_stepped_forward_and_back(clock_env):
     offset_file.write_text("0\n")
     env.write(CONFIG.format(boot_time=0.3, seed=rng.randrange(2**31)))
     started = time.monotonic()
-    launcher = env.spawn_launcher(env={"PYTHONPATH": f"{CLOCKSTEP}:{REPO}",
-                                       "NODEPOOL_CLOCK_OFFSET_FILE": str(offset_file)})
+    launcher = env.spawn_launcher(env={"NODEPOOL_CLOCK_OFFSET_FILE": str(offset_file)})
     observer = env.store()
     stream = RequestStream(env.store(), rng, NODESETS, clients=3).start()
     watch = AllocationWatch(observer).start()

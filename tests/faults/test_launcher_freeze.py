@@ -28,7 +28,9 @@ def test_launcher_frozen_past_its_session_timeout_and_resumed(zk_fault_env):
     launchers = [env.spawn_launcher(), env.spawn_launcher()]
     observer = env.store()
     wait_until(lambda: len(observer.list_components("launcher")) == 2, 30, "two launchers")
-    stream = RequestStream(env.store(), rng, NODESETS, clients=3).start()
+    # a request waiting 20 s has the launchers print their threads (their logs show why)
+    stream = RequestStream(env.store(), rng, NODESETS, clients=3,
+                           on_stall=lambda req_id: env.show_stacks()).start()
     watch = AllocationWatch(observer).start()
     frozen_for = []
     try:
