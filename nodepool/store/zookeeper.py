@@ -884,6 +884,12 @@ class ZooKeeperStore(StateStore):
             raise StoreError(f"lock {path}: {e!r}") from e
         if not acquired:
             raise LockError(f"lock {path} is held by another session")
+        if generation != self._generation:
+            # The session expired while we waited: kazoo's retry made a new contender in the new
+            # session and got the lock there.  Our caller must hear of the loss, and _release
+            # would not delete a contender of an older generation: give it back now.
+            self._give_back(recipe, path)
+            raise SessionLostError(f"ZooKeeper session expired while locking {path}")
         lock = Lock(self, path, token=(recipe, generation))
         with self._held_lock:
             if path in self._held:   # another thread of ours won the race meanwhile
@@ -954,6 +960,20 @@ class ZooKeeperStore(StateStore):
             else:
                 log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
         self._track_lock(lock.path, contender, add=False)
+
+    def _give_back(self, recipe, path):
+        """Release a lock nobody will own; a contender we cannot delete now goes on reconnect."""
+        contender = recipe.node
+        try:
+            recipe.release()
+        except kze.KazooException as e:
+            if contender:
+                log.warning("releasing lock %s: %s (its contender is deleted on reconnect)",
+                            path, e)
+                with self._stale_lock:
+                    self._stale_contenders.append((self._generation,
+                                                   f"{recipe.path}/{contender}"))
+                self._session_events.put(_STALE_CONTENDERS)
 
     def _delete_stale_contenders(self):
         """Delete the contenders of locks released while the connection was broken (see

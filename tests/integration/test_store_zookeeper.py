@@ -471,6 +471,36 @@ def test_session_expiry_tells_listeners_and_reregisters(zookeeper_server, store,
         pass
 
 
+def test_lock_wait_spanning_a_session_loss_leaves_no_contender_behind(zookeeper_server,
+                                                                       make_store, zk_raw):
+    """kazoo's lock recipe re-creates its contender in the new session when the session expires
+    while it waits: the store must not hand out a lock it would then never delete."""
+    holder, waiter = make_store(), make_store()
+    path = "/nodepool/launcher-locks/sim/main"
+    lock = holder.lock(path)
+    outcome = []
+
+    def wait_for_lock():
+        try:
+            outcome.append(waiter.lock(path, blocking=True, timeout=15))
+        except Exception as exc:   # noqa: BLE001 - the test inspects what came out
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait_for_lock)
+    thread.start()
+    wait_for(lambda: len(zk_raw.get_children(path)) == 2, what="the waiter queued")
+    expire_session(zookeeper_server, waiter)
+    wait_for(lambda: waiter.session_id is not None and len(zk_raw.get_children(path)) == 2,
+             what="the waiter queued again in its new session")
+    lock.release()
+    thread.join(20)
+    [result] = outcome
+    if not isinstance(result, StoreError):       # it got the lock after all: it must own it
+        result.release()
+    wait_for(lambda: zk_raw.get_children(path) == [], what="no contender left")
+    assert holder.lock(path, blocking=True, timeout=5)
+
+
 def test_server_restart_store_recovers(zookeeper_server, store, zk_restart):
     node = store.create_node(Node(state=NodeState.READY))
     zk_restart()
