@@ -75,12 +75,15 @@ def ready_uploads(store):
     "step()'s except handler; it escapes step(), the job stays in ProviderWorker.launches and "
     "every worker iteration dies on it ('provider sim worker iteration failed'), so the "
     "provider's other nodes stay 'building' and their requests 'pending' for good; "
-    "(b) a StoreError (connection suspended) while a launch writes its node ready counts as a "
-    "failed launch attempt: node 0000000021 was logged ready as sim-2656..., then 'launch "
-    "attempt 1/3 failed ... suspended; retrying', request 100-0000000019 was fulfilled with it, "
-    "and it was launched again as sim-822a... (two instances for one node record); "
+    "(b) a StoreError (connection suspended) during a launch counts as a failed launch "
+    "attempt: node 0000000021 was logged ready as sim-2656..., then 'launch attempt 1/3 failed "
+    "... suspended; retrying', request 100-0000000019 was fulfilled with it, and it was launched "
+    "again as sim-822a... (two instances for one node record); and three such outages fail the "
+    "request ('100-0000000034': 'launch failed after 3 attempt(s): ZooKeeper connection ... is "
+    "suspended'); "
     "(c) request 100-0000000021 stayed 'pending' and locked for 90 s after the restarts with no "
-    "launcher log line about it until the client gave up; "
+    "launcher log line about it until the client gave up (seen before the ZooKeeper store fix "
+    "of a lock wait spanning a session loss, which may have been its cause); "
     "(d) node 0000000034 stayed 'used' (never deleted) 45 s after the restarts"))
 def test_zookeeper_restarted_under_load_everything_recovers_by_itself(zk_fault_env, zk_restart,
                                                                       zookeeper_server):
