@@ -439,6 +439,12 @@ def whats_wrong(store, cloud, expect_ready=None):
     return wrong
 
 
+# How long the system gets to become quiet after the faults: an unlocked ``init`` node (its
+# launcher lost its session while creating it) is deleted as abandoned only after 60 s
+# (INIT_GRACE in nodepool/launcher/launcher.py)
+SETTLE = 75
+
+
 def settle(store, cloud, timeout, expect_ready=None):
     """Wait until ``whats_wrong`` is empty; returns what was still wrong at the timeout."""
     deadline = time.monotonic() + timeout

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from faults.harness import (CONFIG, NODESETS, AllocationWatch, RequestStream, fault_rng,
-                            make_env, report, settle)
+from faults.harness import (CONFIG, NODESETS, SETTLE, AllocationWatch, RequestStream,
+                            fault_rng, make_env, report, settle)
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def test_launcher_clock_stepped_forward_and_back(clock_env):
         time.sleep(5)
     stream.stop()
     watch.stop()
-    wrong = settle(observer, env.cloud(), timeout=45, expect_ready={"small": 1})
+    wrong = settle(observer, env.cloud(), timeout=SETTLE, expect_ready={"small": 1})
     report(name, seed=rng.seed_value, steps=STEPS, requests=stream.submitted,
            fulfilled=stream.fulfilled, fulfilled_during_steps=stream.fulfilled - fulfilled_before,
            failed=len(stream.failed), lost=stream.lost, nodes_served=stream.nodes_served,

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from faults.harness import (CONFIG, NODESETS, AllocationWatch, RequestStream, fault_rng,
-                            report, settle, wait_until)
+from faults.harness import (CONFIG, NODESETS, SETTLE, AllocationWatch, RequestStream,
+                            fault_rng, report, settle, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_launcher_frozen_past_its_session_timeout_and_resumed(zk_fault_env):
     time.sleep(2.0)
     stream.stop()
     watch.stop()
-    wrong = settle(observer, env.cloud(), timeout=45, expect_ready={"small": 1})
+    wrong = settle(observer, env.cloud(), timeout=SETTLE, expect_ready={"small": 1})
     alive = [proc.poll() is None for proc in launchers]
     report(name, seed=rng.seed_value, freezes=freezes, frozen_seconds=frozen_for,
            requests=stream.submitted, fulfilled=stream.fulfilled, failed=len(stream.failed),

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from faults.harness import (CONFIG, NODESETS, AllocationWatch, RequestStream, fault_rng,
-                            report, settle)
+from faults.harness import (CONFIG, NODESETS, SETTLE, AllocationWatch, RequestStream,
+                            fault_rng, report, settle)
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_launcher_killed_at_random_moments_loses_nothing_and_leaks_nothing(fault
         proc = env.spawn_launcher()
     stream.stop()
     watch.stop()
-    wrong = settle(observer, env.cloud(), timeout=45, expect_ready={"small": 1})
+    wrong = settle(observer, env.cloud(), timeout=SETTLE, expect_ready={"small": 1})
     calls = env.cloud().api_call_counts()
     total_calls = sum(c for c, _ in calls.values())
     report(name, seed=rng.seed_value, kills=kills, requests=stream.submitted,
