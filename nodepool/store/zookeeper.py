@@ -35,6 +35,8 @@ from .zk import paths as P
 from .zk.recursive_watch import RecursiveWatchClient
 
 log = logging.getLogger("nodepool.store.zookeeper")
+# a session-loop event: delete the contenders of locks released during an outage
+_STALE_CONTENDERS = object()
 
 
 def _encode(record, sort_keys=False):
@@ -290,6 +292,10 @@ class ZooKeeperStore(StateStore):
         self._components_gen = 0            # bumped by every component change we hear of
         self._components_cache = {}         # kind -> (gen, [Component])
         self._empty_nodes = set()           # node znodes seen with no record (remove_empty_nodes)
+        # (generation, contender path) of released locks whose delete failed on a broken
+        # connection: if the session survives, the contender would hold the lock for good
+        self._stale_contenders = []
+        self._stale_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config):
@@ -453,6 +459,10 @@ class ZooKeeperStore(StateStore):
             if state is None or self._stopping:
                 return
             try:
+                if state is _STALE_CONTENDERS:
+                    if self._connected.is_set():
+                        self._delete_stale_contenders()
+                    continue
                 if state == KazooState.LOST:
                     lost = True
                     with self._held_lock:
@@ -465,6 +475,7 @@ class ZooKeeperStore(StateStore):
                 elif state == KazooState.SUSPENDED:
                     log.warning("ZooKeeper connection suspended (%s)", self._describe())
                 elif state == KazooState.CONNECTED:
+                    self._delete_stale_contenders()
                     if self._watching:
                         self._add_watch()
                     self._components_gen += 1
@@ -857,6 +868,12 @@ class ZooKeeperStore(StateStore):
             raise StoreError(f"lock {path}: {e!r}") from e
         if not acquired:
             raise LockError(f"lock {path} is held by another session")
+        if generation != self._generation:
+            # The session expired while we waited: kazoo's retry made a new contender in the new
+            # session and got the lock there.  Our caller must hear of the loss, and _release
+            # would not delete a contender of an older generation: give it back now.
+            self._give_back(recipe, path)
+            raise SessionLostError(f"ZooKeeper session expired while locking {path}")
         lock = Lock(self, path, token=(recipe, generation))
         with self._held_lock:
             if path in self._held:   # another thread of ours won the race meanwhile
@@ -916,11 +933,55 @@ class ZooKeeperStore(StateStore):
             self._wait_connected()
             recipe.release()
         except (StoreError, kze.KazooException) as e:
-            log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
+            if contender:
+                # our contender may outlive the outage with our session: delete it once we are
+                # connected again, or every later acquire (ours too) would queue behind it
+                log.warning("releasing lock %s: %s (its contender is deleted on reconnect)",
+                            lock.path, e)
+                with self._stale_lock:
+                    self._stale_contenders.append((generation, f"{recipe.path}/{contender}"))
+                self._session_events.put(_STALE_CONTENDERS)
+            else:
+                log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
         self._track_lock(lock.path, contender, add=False)
 
     def holds(self, lock):
         return not lock.released and lock.token[1] == self._generation
+
+    def _give_back(self, recipe, path):
+        """Release a lock nobody will own; a contender we cannot delete now goes on reconnect."""
+        contender = recipe.node
+        try:
+            recipe.release()
+        except kze.KazooException as e:
+            if contender:
+                log.warning("releasing lock %s: %s (its contender is deleted on reconnect)",
+                            path, e)
+                with self._stale_lock:
+                    self._stale_contenders.append((self._generation,
+                                                   f"{recipe.path}/{contender}"))
+                self._session_events.put(_STALE_CONTENDERS)
+
+    def _delete_stale_contenders(self):
+        """Delete the contenders of locks released while the connection was broken (see
+        ``_release``); those of a lost session went with it.  Kept for the next reconnect when
+        the connection breaks again meanwhile."""
+        with self._stale_lock:
+            stale, self._stale_contenders = self._stale_contenders, []
+        left = []
+        for generation, path in stale:
+            if generation != self._generation:
+                continue
+            try:
+                self._wait(self._client.delete_async(path), f"delete {path}")
+                log.info("deleted the contender %s of a lock released during an outage", path)
+            except kze.NoNodeError:
+                pass
+            except StoreError:
+                left.append((generation, path))
+        if left:
+            with self._stale_lock:
+                self._stale_contenders.extend(left)
 
     def is_locked(self, path):
         return bool(self._contenders(path))

@@ -37,6 +37,39 @@ from nodepool.drivers.simulated.cloud import SimulatedCloud
 from nodepool.errors import LockError, NotFoundError, StoreError
 from nodepool.model import NodeState, RequestState
 
+# The launcher tests' cloud: one pool, a label kept ready and one launched on demand.
+CONFIG = """\
+launcher:
+  leak-interval: 0.5
+labels:
+  - name: small
+    min-ready: 1
+  - name: large
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: {boot_time}
+    count-api-calls: true
+    seed: {seed}
+    cloud-images:
+      - name: img
+    pools:
+      - name: main
+        max-servers: 14
+        labels:
+          - name: small
+            cloud-image: img
+          - name: large
+            cloud-image: img
+            cores: 2
+"""
+
+NODESETS = [["small"], ["large"], ["small", "large"], ["small", "small"]]
+
+
+# sitecustomize of the daemons: SIGUSR1 dumps their threads, the clock-step test shifts time
+DAEMON_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "daemon_site")
+
 # messages the daemons log (with a traceback) when their own code failed; see fixtures.launcher
 CRASHES = ("launcher loop failed", "worker iteration failed", "unexpected error launching",
            "worker failed (will retry)", "builder worker", "ZooKeeper cache update failed",
@@ -86,7 +119,9 @@ class FaultEnv(LauncherEnv):
                                        self.config_path, "--upload-workers", "2"], env)
 
     def _spawn(self, kind, argv, env):
-        full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+        # PYTHONFAULTHANDLER: ``dump_stacks`` (SIGABRT) prints every thread of a stuck daemon
+        full_env = dict(os.environ, PYTHONPATH=f"{DAEMON_SITE}:{REPO}", PYTHONFAULTHANDLER="1")
+        full_env.update(env or {})
         log = open(self.dir / f"{kind}-{len(self.procs)}.log", "w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full_env,
@@ -102,6 +137,26 @@ class FaultEnv(LauncherEnv):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+
+    def show_stacks(self, kind="launcher"):
+        """Have every running daemon of ``kind`` write its threads' stacks to its log."""
+        for proc in self.procs:
+            if proc.kind == kind and proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)
+
+    @staticmethod
+    def dump_stacks(proc):
+        """Abort a (stuck) daemon so that it writes the stack of every thread to its log;
+        returns the dump."""
+        if proc.poll() is not None:
+            return f"(process {proc.pid} had already exited with {proc.returncode})"
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(30)
+        proc.log.flush()
+        with open(proc.log.name) as f:
+            text = f.read()
+        start = text.rfind("Fatal Python error")
+        return text[start:] if start >= 0 else text[-4000:]
 
     def cloud(self, name="cloud"):
         """A simulated cloud's state file (``<name>.sqlite``), read directly (no injected API
@@ -131,17 +186,35 @@ class FaultEnv(LauncherEnv):
         return found
 
 
+def zookeeper_store_yaml(server, chroot, timeout):
+    host, port = server.hosts.rsplit(":", 1)
+    return (f"zookeeper-servers:\n  - host: {host}\n    port: {port}\n    chroot: {chroot}\n"
+            f"zookeeper-timeout: {timeout}\n")
+
+
+def make_env(request, tmp_path, kind, zk_timeout=2.0):
+    """A ``FaultEnv`` on ``kind`` ("sqlite" or "zookeeper", a fresh chroot of the test server)."""
+    store_yaml = None
+    if kind == "zookeeper":
+        server = request.getfixturevalue("zookeeper_server")
+        store_yaml = zookeeper_store_yaml(server, request.getfixturevalue("zk_chroot"),
+                                          zk_timeout)
+    return FaultEnv(tmp_path, store_yaml)
+
+
 class RequestStream:
     """Zuul-like clients on one store: request, accept, use, return; record what goes wrong."""
 
     def __init__(self, store, rng, nodesets, clients=3, use_time=(0.0, 0.2),
-                 wait_timeout=90, pause=(0.0, 0.1)):
+                 wait_timeout=90, pause=(0.0, 0.1), on_stall=None, stall_after=20):
         self.store = store
         self.nodesets = nodesets
         self.clients = clients
         self.use_time = use_time
         self.pause = pause
         self.wait_timeout = wait_timeout
+        self.on_stall = on_stall          # called once with a request id waiting stall_after s
+        self.stall_after = stall_after
         self.seeds = [rng.randrange(2**31) for _ in range(clients)]
         self.lock = threading.Lock()
         self.submitted = 0
@@ -149,8 +222,9 @@ class RequestStream:
         self.failed = {}              # request id -> reasons (a failed request must say why)
         self.lost = 0                 # requests that vanished with the client's own session
         self.store_errors = 0         # store calls that failed (the store was unreachable)
-        self.accepted = {}            # node id -> request id it was accepted for
+        self.accepted = {}            # node id -> request id it was used for
         self.nodes_served = 0
+        self.fulfilled_at = []        # time.monotonic() of each request taken
         self.problems = []            # broken promises, as sentences
         self._stop = threading.Event()
         self._threads = []
@@ -183,32 +257,50 @@ class RequestStream:
             try:
                 self._one(client, labels, rng)
             except StoreError as exc:
-                with self.lock:
-                    self.store_errors += 1
-                time.sleep(0.2)
-                if self.store_errors % 20 == 1:
-                    print(f"[faults] zuul-{index}: store error: {exc}")
+                self._store_error(client.requestor, exc)
             time.sleep(rng.uniform(*self.pause))
+
+    def _store_error(self, who, exc):
+        with self.lock:
+            self.store_errors += 1
+            count = self.store_errors
+        if count % 20 == 1:
+            print(f"[faults] {who}: store error #{count}: {exc}")
+        time.sleep(0.2)
 
     def _one(self, client, labels, rng):
         req = client.submit(labels)
         with self.lock:
             self.submitted += 1
-        try:
-            done = client.wait(req.id, timeout=self.wait_timeout)
-        except TimeoutError:
-            now = self.store.get_request(req.id)
-            self.problem(f"request {req.id} for {labels} not answered in {self.wait_timeout}s "
-                         f"(state {now.state if now else 'gone'}, "
-                         f"declined by {now.declined_by if now else '-'})")
-            client.cancel(req.id)
-            return
-        except NotFoundError:
-            # an ephemeral request goes with its requestor's session (ZooKeeper restarted
-            # longer than the session timeout): Zuul resubmits
-            with self.lock:
-                self.lost += 1
-            return
+        deadline = time.monotonic() + self.wait_timeout
+        stall_at = time.monotonic() + self.stall_after if self.on_stall else deadline
+        while True:
+            # like Zuul, keep waiting for the request through store outages
+            try:
+                until = min(deadline, stall_at) if stall_at < deadline else deadline
+                done = client.wait(req.id, timeout=max(0.1, until - time.monotonic()))
+                break
+            except TimeoutError:
+                if time.monotonic() < deadline:
+                    stall_at = deadline              # once per request
+                    self.on_stall(req.id)
+                    continue
+                now = self.store.get_request(req.id)
+                self.problem(f"request {req.id} for {labels} not answered in "
+                             f"{self.wait_timeout}s (state {now.state if now else 'gone'}, "
+                             f"declined by {now.declined_by if now else '-'})")
+                client.cancel(req.id)
+                return
+            except NotFoundError:
+                # an ephemeral request goes with its requestor's session (ZooKeeper was away
+                # longer than the session timeout): Zuul resubmits
+                with self.lock:
+                    self.lost += 1
+                return
+            except StoreError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self._store_error(client.requestor, exc)
         if done.state == RequestState.FAILED:
             reasons = done.extra.get("declined_reasons") or {}
             with self.lock:
@@ -227,20 +319,28 @@ class RequestStream:
         try:
             self._check_nodes(done, labels, nodes)
             client.use(nodes)
+            # only now were the nodes used: one whose in-use mark failed (store outage) was
+            # never used and may rightly go back to the pool
+            self._mark_used(done, nodes)
             time.sleep(rng.uniform(*self.use_time))
         finally:
             client.release(nodes)
+
+    def _mark_used(self, req, nodes):
+        with self.lock:
+            for node in nodes:
+                self.accepted[node.id] = req.id
 
     def _check_nodes(self, req, labels, nodes):
         with self.lock:
             self.fulfilled += 1
             self.nodes_served += len(nodes)
+            self.fulfilled_at.append(time.monotonic())
             for node in nodes:
                 other = self.accepted.get(node.id)
                 if other is not None:
                     self.problems.append(f"node {node.id} accepted for request {req.id} was "
-                                         f"already accepted for request {other}")
-                self.accepted[node.id] = req.id
+                                         f"already used for request {other}")
                 if node.state != NodeState.READY:
                     self.problems.append(f"node {node.id} was {node.state} (not ready) when "
                                          f"request {req.id} took it")
@@ -286,6 +386,22 @@ class AllocationWatch:
                     owner[node_id] = req.id
 
 
+def describe_requests(store):
+    """Requests, their locks and the registered pools, one per line (for failure messages)."""
+    try:
+        locked = store.locked_request_ids()
+        lines = [f"request {r.id} {r.state} {','.join(r.node_types)} nodes={r.nodes} "
+                 f"declined_by={r.declined_by} locked={r.id in locked}"
+                 for r in store.list_requests()]
+        lines += [f"component {c.kind} {c.hostname} {getattr(c, 'id', '')} "
+                  f"{c.to_dict().get('state')}" for c in store.list_components()]
+        nodes = [n for n in store.list_nodes() if n.state != NodeState.DELETED]
+        lines += [f"node {n.id} {n.state} {n.allocated_to}" for n in nodes]
+        return "\n".join(lines)
+    except StoreError as exc:
+        return f"(store error: {exc})"
+
+
 def snapshot(store):
     """Nodes (after a sync, so a cached store shows everything) and requests."""
     store.sync_nodes()
@@ -324,6 +440,12 @@ def whats_wrong(store, cloud, expect_ready=None):
     return wrong
 
 
+# How long the system gets to become quiet after the faults: an unlocked ``init`` node (its
+# launcher lost its session while creating it) is deleted as abandoned only after 60 s
+# (INIT_GRACE in nodepool/launcher/launcher.py)
+SETTLE = 75
+
+
 def settle(store, cloud, timeout, expect_ready=None):
     """Wait until ``whats_wrong`` is empty; returns what was still wrong at the timeout."""
     deadline = time.monotonic() + timeout
@@ -335,6 +457,18 @@ def settle(store, cloud, timeout, expect_ready=None):
         if not wrong or time.monotonic() > deadline:
             return wrong
         time.sleep(0.25)
+
+
+def retrying(func, timeout=30):
+    """``func()``, retried while the store is unreachable (ZooKeeper restarting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return func()
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def wait_until(cond, timeout, what, interval=0.1):

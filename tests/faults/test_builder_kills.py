@@ -247,5 +247,6 @@ def test_builder_killed_during_builds_and_uploads_keeps_images_consistent(fault_
     assert watch.problems == [], "\n".join(watch.problems)
     assert wrong == [], ("after the last restart the builder did not settle:\n" + "\n".join(wrong)
                          + "\n" + describe(env, store))
-    assert hit["building"] and hit["uploading"], f"no kill landed in a build or upload: {hit}"
+    assert hit["building"] + hit["uploading"] >= 3, f"too few kills landed in a build or an " \
+                                                    f"upload: {hit}"
     assert env.crashes() == [], "\n".join(env.crashes())

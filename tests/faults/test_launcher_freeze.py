@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from faults.harness import AllocationWatch, RequestStream, fault_rng, report, settle, wait_until
-from faults.test_launcher_kills import CONFIG, NODESETS
+from faults.harness import (CONFIG, NODESETS, SETTLE, AllocationWatch, RequestStream,
+                            fault_rng, report, settle, wait_until)
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,9 @@ def test_launcher_frozen_past_its_session_timeout_and_resumed(zk_fault_env):
     launchers = [env.spawn_launcher(), env.spawn_launcher()]
     observer = env.store()
     wait_until(lambda: len(observer.list_components("launcher")) == 2, 30, "two launchers")
-    stream = RequestStream(env.store(), rng, NODESETS, clients=3).start()
+    # a request waiting 20 s has the launchers print their threads (their logs show why)
+    stream = RequestStream(env.store(), rng, NODESETS, clients=3,
+                           on_stall=lambda req_id: env.show_stacks()).start()
     watch = AllocationWatch(observer).start()
     frozen_for = []
     try:
@@ -47,7 +49,7 @@ def test_launcher_frozen_past_its_session_timeout_and_resumed(zk_fault_env):
     time.sleep(2.0)
     stream.stop()
     watch.stop()
-    wrong = settle(observer, env.cloud(), timeout=45, expect_ready={"small": 1})
+    wrong = settle(observer, env.cloud(), timeout=SETTLE, expect_ready={"small": 1})
     alive = [proc.poll() is None for proc in launchers]
     report(name, seed=rng.seed_value, freezes=freezes, frozen_seconds=frozen_for,
            requests=stream.submitted, fulfilled=stream.fulfilled, failed=len(stream.failed),

@@ -14,38 +14,10 @@ import time
 
 import pytest
 
-from faults.harness import AllocationWatch, RequestStream, fault_rng, report, settle
+from faults.harness import (CONFIG, NODESETS, SETTLE, AllocationWatch, RequestStream,
+                            fault_rng, report, settle)
 
 pytestmark = pytest.mark.slow
-
-CONFIG = """\
-launcher:
-  leak-interval: 0.5
-labels:
-  - name: small
-    min-ready: 1
-  - name: large
-providers:
-  - name: sim
-    driver: simulated
-    boot-time: {boot_time}
-    count-api-calls: true
-    seed: {seed}
-    cloud-images:
-      - name: img
-    pools:
-      - name: main
-        max-servers: 14
-        labels:
-          - name: small
-            cloud-image: img
-          - name: large
-            cloud-image: img
-            cores: 2
-"""
-
-NODESETS = [["small"], ["large"], ["small", "large"], ["small", "small"]]
-
 
 def test_launcher_killed_at_random_moments_loses_nothing_and_leaks_nothing(fault_env):
     env = fault_env
@@ -59,15 +31,19 @@ def test_launcher_killed_at_random_moments_loses_nothing_and_leaks_nothing(fault
     stream = RequestStream(env.store(), rng, NODESETS, clients=3).start()
     watch = AllocationWatch(observer).start()
     lifetimes = []
+    # On ZooKeeper a killed launcher's locks (the pool's launch lock among them) live on until
+    # its session times out (2 s): killed faster than that, successors queue behind dead
+    # sessions and hardly serve anything, so there they live a little longer.
+    lifetimes_range = (0.3, 2.2) if env.kind == "sqlite" else (1.0, 2.5)
     for _ in range(kills):
-        lifetime = rng.uniform(0.3, 2.2)
+        lifetime = rng.uniform(*lifetimes_range)
         time.sleep(lifetime)
         env.kill(proc)
         lifetimes.append(lifetime)
         proc = env.spawn_launcher()
     stream.stop()
     watch.stop()
-    wrong = settle(observer, env.cloud(), timeout=45, expect_ready={"small": 1})
+    wrong = settle(observer, env.cloud(), timeout=SETTLE, expect_ready={"small": 1})
     calls = env.cloud().api_call_counts()
     total_calls = sum(c for c, _ in calls.values())
     report(name, seed=rng.seed_value, kills=kills, requests=stream.submitted,
@@ -80,6 +56,6 @@ def test_launcher_killed_at_random_moments_loses_nothing_and_leaks_nothing(fault
     assert watch.problems == [], "\n".join(watch.problems)
     assert stream.failed == {}, f"requests failed although the pool can serve them: " \
                                 f"{stream.failed}"
-    assert stream.fulfilled >= kills, "too few requests were served to exercise the kills"
+    assert stream.fulfilled >= 10, "too few requests were served to exercise the kills"
     assert wrong == [], "after the last restart the system did not settle:\n" + "\n".join(wrong)
     assert env.crashes() == [], "\n".join(env.crashes())

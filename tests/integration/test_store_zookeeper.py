@@ -499,6 +499,36 @@ def test_session_expiry_tells_listeners_and_reregisters(zookeeper_server, store,
         pass
 
 
+def test_lock_wait_spanning_a_session_loss_leaves_no_contender_behind(zookeeper_server,
+                                                                       make_store, zk_raw):
+    """kazoo's lock recipe re-creates its contender in the new session when the session expires
+    while it waits: the store must not hand out a lock it would then never delete."""
+    holder, waiter = make_store(), make_store()
+    path = "/nodepool/launcher-locks/sim/main"
+    lock = holder.lock(path)
+    outcome = []
+
+    def wait_for_lock():
+        try:
+            outcome.append(waiter.lock(path, blocking=True, timeout=15))
+        except Exception as exc:   # noqa: BLE001 - the test inspects what came out
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait_for_lock)
+    thread.start()
+    wait_for(lambda: len(zk_raw.get_children(path)) == 2, what="the waiter queued")
+    expire_session(zookeeper_server, waiter)
+    wait_for(lambda: waiter.session_id is not None and len(zk_raw.get_children(path)) == 2,
+             what="the waiter queued again in its new session")
+    lock.release()
+    thread.join(20)
+    [result] = outcome
+    if not isinstance(result, StoreError):       # it got the lock after all: it must own it
+        result.release()
+    wait_for(lambda: zk_raw.get_children(path) == [], what="no contender left")
+    assert holder.lock(path, blocking=True, timeout=5)
+
+
 def test_server_restart_store_recovers(zookeeper_server, store, zk_restart):
     node = store.create_node(Node(state=NodeState.READY))
     zk_restart()
@@ -519,6 +549,30 @@ def test_server_restart_store_recovers(zookeeper_server, store, zk_restart):
     wait_for(lambda: len(store.list_nodes()) == 2, what="cache after restart")
     assert created.id in [n.id for n in store.list_nodes()]
     assert watcher.wait(WAIT)
+
+
+def test_lock_released_while_disconnected_is_freed_once_connected_again(make_store, zk_raw,
+                                                                         monkeypatch):
+    """A release that cannot reach the server must not leave our contender behind when our
+    session survives the outage: it would hold the lock until the process exits."""
+    holder, other = make_store(), make_store()
+    path = "/nodepool/launcher-locks/sim/main"
+    lock = holder.lock(path)
+    real_wait_connected = holder._wait_connected
+    calls = []
+
+    def suspended_once():
+        if not calls:
+            calls.append(1)
+            raise StoreError("ZooKeeper connection is suspended (simulated)")
+        return real_wait_connected()
+
+    monkeypatch.setattr(holder, "_wait_connected", suspended_once)
+    lock.release()                       # the delete never reached the server
+    again = other.lock(path, blocking=True, timeout=10)
+    assert zk_raw.get_children(path) == [again.token[0].node]
+    again.release()
+    assert holder.lock(path, blocking=True, timeout=10)
 
 
 def test_writes_while_server_down_raise_not_hang(zookeeper_server, make_store):
