@@ -176,6 +176,7 @@ class Launcher:
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
+                cpu_started = time.thread_time()
                 if changed or self._due(started):
                     self._last_pass = started
                     try:
@@ -189,11 +190,12 @@ class Launcher:
                     self.ready = True
                     if self.webapp:
                         self.webapp.ready = True
-                took = time.monotonic() - started
+                took = time.thread_time() - cpu_started
                 changed = self.watcher.wait(0.25 if self.providers.busy() else self.loop_interval)
                 # a pass that wakes itself (its own writes are changes too) must not spin, and
-                # a busy launcher with a large fleet must not spend every moment in passes:
-                # the next pass starts no sooner than one more pass-length later
+                # a busy launcher with a large fleet must not spend every moment computing: the
+                # next pass starts no sooner than the CPU time this one took (time spent
+                # waiting on the store or a lock does not count)
                 rest = max(PASS_FLOOR, min(took, MAX_PASS_GAP)) - (time.monotonic() - started)
                 if rest > 0:
                     self._stop.wait(rest)
