@@ -52,6 +52,7 @@ class RequestHandler:
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
+        self._strays = set()                   # node records we created but could not lock
         self.on_fulfil = None                  # (request, provider, warm, seconds) -> None
 
     def note_launches(self):
@@ -305,8 +306,10 @@ class RequestHandler:
         try:
             nlock = self.store.lock_node(node.id)
         except Exception:
-            # no instance exists yet: the record can go at once (else cleanup takes it)
-            _quiet(self.store.delete_node, node.id)
+            # no instance exists yet: the record can go at once, and if the store is down now,
+            # as soon as it answers (cleanup would wait INIT_GRACE, not knowing it is ours)
+            self._strays.add(node.id)
+            self._remove_strays()
             raise
         held.node_locks[node.id] = nlock
         node.set_state(NodeState.BUILDING)
@@ -317,8 +320,23 @@ class RequestHandler:
 
     # -- held requests --------------------------------------------------------------------------
 
+    def _remove_strays(self):
+        """Delete node records we created but could not lock (no instance was ever started
+        for them), unless they changed meanwhile."""
+        for node_id in list(self._strays):
+            try:
+                node = self.store.get_node(node_id)
+                if node is not None and node.state == NodeState.INIT \
+                        and not self.store.is_node_locked(node_id):
+                    self.store.delete_node(node_id)
+                self._strays.discard(node_id)
+            except Exception as exc:
+                log.debug("node %s (created, never launched): not removed yet: %s", node_id, exc)
+
     def progress(self, nodes, requests, now):
         """Move every held request on (``lifecycle.plan_held``), each on its own."""
+        if self._strays:
+            self._remove_strays()
         by_id = {n.id: n for n in nodes}
         current = {r.id: r for r in requests}
         for rid, held in list(self.held.items()):

@@ -20,17 +20,7 @@ pytestmark = pytest.mark.slow
 STEPS = [300, -300, 0]          # seconds off the true time, in turn
 
 
-SQLITE_WALL_CLOCK_SESSIONS = pytest.mark.xfail(strict=False, reason=(
-    "SQLite store bug (nodepool/store/sqlite.py session liveness, being reworked with an "
-    "injectable clock): a session is judged dead when now - heartbeat > session-timeout, both "
-    "wall-clock times of different processes; the launcher stepped +5 min sees every other "
-    "session as 5 min stale and reaps it each second ('session vm-<pid>-... is gone; removing "
-    "its locks, ephemeral requests and components'), so the clients' waiting requests vanish "
-    "(7 of 86 in the run that found it) and their node locks go; stepped back, its own "
-    "heartbeats look stale to the others"))
-
-
-@pytest.fixture(params=[pytest.param("sqlite", marks=SQLITE_WALL_CLOCK_SESSIONS), "zookeeper"])
+@pytest.fixture(params=["sqlite", "zookeeper"])
 def clock_env(request, tmp_path):
     env = make_env(request, tmp_path, request.param)
     yield env

@@ -35,12 +35,6 @@ providers:
 """
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "launcher bug, nodepool/launcher/provider_worker.py: LaunchJob._fail_attempt -> _finish -> "
-    "store.update_node raises NotFoundError for a node deleted during its last failing attempt; "
-    "it escapes step() from inside the except handler, the job stays in ProviderWorker.launches "
-    "and every later worker iteration fails on it ('provider sim worker iteration failed'), so "
-    "the provider's other launches never finish (here: request 100-0000000002 stays pending)"))
 def test_node_deleted_during_its_last_failing_attempt_does_not_wedge_the_worker(tmp_path,
                                                                                caplog):
     env = LauncherEnv(tmp_path)
