@@ -53,6 +53,24 @@ def ensure_cloud():
     return os.path.join(base, "clouds.yaml"), stop
 
 
+BURST_TIMEOUT = 300      # seconds any phase of the adapter burst may wait
+
+
+def _delete_now(adapter, external_id):
+    """Delete one server of an abandoned burst, waiting at most BURST_TIMEOUT."""
+    machine = adapter.delete_state_machine(external_id)
+    deadline = time.monotonic() + BURST_TIMEOUT
+    try:
+        while not machine.advance():
+            if time.monotonic() > deadline:
+                print(f"server {external_id} not deleted after {BURST_TIMEOUT} s; the next "
+                      f"leak scan of a launcher removes it")
+                return
+            time.sleep(0.1)
+    except Exception as exc:      # report and go on: the benchmark's other phases still run
+        print(f"server {external_id}: delete failed: {exc}")
+
+
 def adapter_burst(nodes, floating_ips):
     from integration.test_openstack_adapter import make_provider, spec_for
     from nodepool.drivers.openstack import DRIVER
@@ -67,12 +85,23 @@ def adapter_burst(nodes, floating_ips):
     t0 = time.monotonic()
     machines = [adapter.create_state_machine(spec_for(prov, f"{i:010d}")) for i in range(nodes)]
     done = {}
+    label = "with floating IPs" if floating_ips else "fixed IPs only"
     while len(done) < nodes:
         for i, m in enumerate(machines):
             if i not in done:
                 result = m.advance()
                 if result is not None:
                     done[i] = result
+        if time.monotonic() - t0 > BURST_TIMEOUT:
+            waiting = {m.external_id or f"#{i}": getattr(m, "state", "?")
+                       for i, m in enumerate(machines) if i not in done}
+            print(f"adapter burst of {nodes} ({label}): {len(waiting)} server(s) not ready "
+                  f"after {BURST_TIMEOUT} s (a floating IP needs an L3 agent); waiting for: "
+                  f"{waiting}; deleting what was created")
+            for m in machines:
+                if m.external_id:
+                    _delete_now(adapter, m.external_id)
+            return
         time.sleep(0.05)
     launched = time.monotonic() - t0
     launch_calls = adapter.rate_limiter.calls - base_calls
@@ -84,10 +113,13 @@ def adapter_burst(nodes, floating_ips):
         for i in list(pending):
             if deletes[i].advance():
                 pending.discard(i)
+        if time.monotonic() - t0 > BURST_TIMEOUT:
+            raise TimeoutError(f"adapter burst ({label}): servers "
+                               f"{[deletes[i].external_id for i in pending]} not deleted "
+                               f"after {BURST_TIMEOUT} s")
         time.sleep(0.05)
     deleted = time.monotonic() - t0
     delete_calls = adapter.rate_limiter.calls - base_calls
-    label = "with floating IPs" if floating_ips else "fixed IPs only"
     print(f"adapter burst of {nodes} ({label}): all ACTIVE in {launched:.1f} s, all deleted in "
           f"{deleted:.1f} s; API calls per node: launch {launch_calls / nodes:.2f}, "
           f"delete {delete_calls / nodes:.2f}")
