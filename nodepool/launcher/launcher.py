@@ -41,7 +41,8 @@ from .requests import RequestHandler
 log = logging.getLogger("nodepool.launcher")
 
 PASS_FLOOR = 0.01        # seconds between the starts of two passes, at least
-MAX_PASS_GAP = 0.5       # a long pass is followed by a pause as long, up to this
+LONG_PASS = 0.05         # a pass that took more CPU than this is followed by a pause as long,
+MAX_PASS_GAP = 0.5       # up to this (short passes are not slowed down at all)
 IDLE_PASS = 5.0          # with nothing changing, a full pass at least this often
 
 
@@ -193,10 +194,11 @@ class Launcher:
                 took = time.thread_time() - cpu_started
                 changed = self.watcher.wait(0.25 if self.providers.busy() else self.loop_interval)
                 # a pass that wakes itself (its own writes are changes too) must not spin, and
-                # a busy launcher with a large fleet must not spend every moment computing: the
-                # next pass starts no sooner than the CPU time this one took (time spent
-                # waiting on the store or a lock does not count)
-                rest = max(PASS_FLOOR, min(took, MAX_PASS_GAP)) - (time.monotonic() - started)
+                # a busy launcher with a large fleet must not spend every moment computing: after
+                # a long pass the next starts no sooner than the CPU time this one took (time
+                # spent waiting on the store or a lock does not count)
+                gap = min(took, MAX_PASS_GAP) if took > LONG_PASS else 0.0
+                rest = max(PASS_FLOOR, gap) - (time.monotonic() - started)
                 if rest > 0:
                     self._stop.wait(rest)
         finally:

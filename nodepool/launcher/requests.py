@@ -239,8 +239,9 @@ class RequestHandler:
             if isinstance(exc, (_Retry, NotFoundError)):
                 return      # the pool filled / a node was taken / the requestor left
             raise
-        # a request served from ready nodes is fulfilled in this same pass
-        self._advance(held, req, assigned)
+        if not action.launch:
+            # a request served from ready nodes is fulfilled in this same pass
+            self._advance(held, req, assigned)
 
     def _undo_accept(self, held, rlock, request_id):
         """Nothing was launched: give back the nodes assigned so far and the request lock."""
