@@ -21,7 +21,7 @@ Failure rules:
 import logging
 import time
 
-from ..errors import ConflictError, LockError, NotFoundError
+from ..errors import ConflictError, LockError, NodepoolError, NotFoundError, StoreError
 from ..model.images import newest_ready_upload
 from ..model.records import Node
 from ..model.states import NodeState, RequestState
@@ -107,10 +107,19 @@ class RequestHandler:
             plock = self._pool_lock(pool)
         except _Retry:
             return
+        except StoreError as exc:
+            log.warning("pool %s: launch lock not taken (%s); its requests wait a pass",
+                        pool_key, exc)
+            return
         with plock:
-            # other launchers may have filled the pool since our snapshot
-            self.store.sync_nodes()
-            room = self._room(self.views[pool_key])
+            try:
+                # other launchers may have filled the pool since our snapshot
+                self.store.sync_nodes()
+                room = self._room(self.views[pool_key])
+            except StoreError as exc:
+                log.warning("pool %s: room not counted (%s); its requests wait a pass",
+                            pool_key, exc)
+                return
             for action in accepts:
                 self._isolated(action.request_id, now, self._apply_route, action, room)
 
@@ -121,8 +130,7 @@ class RequestHandler:
         except Exception as exc:
             delay = self.request_backoff.failed(request_id, now)
             metrics.BACKOFFS.labels("", "request-error").inc()
-            if isinstance(exc, (LockError, NotFoundError, ConflictError)) or \
-                    type(exc).__module__.startswith("nodepool"):
+            if isinstance(exc, NodepoolError):
                 log.warning("request %s: %s failed (%s: %s); retrying in %.0fs", request_id,
                             getattr(fn, "__name__", fn), type(exc).__name__, exc, delay)
             else:
