@@ -35,7 +35,7 @@ from ..store import open_store
 from .cleanup import REQUEST_LOCK_MAX_AGE, Cleanup, return_to_pool
 from .minready import MinReady
 from .observer import Observer
-from .providers import ProviderSet
+from .providers import ProviderSet, quietly
 from .requests import RequestHandler
 
 log = logging.getLogger("nodepool.launcher")
@@ -155,7 +155,7 @@ class Launcher:
             self.observer.stop()
         if self.store is not None:
             if self.launcher_component:
-                _quiet(self.store.unregister_component, self.launcher_component)
+                quietly(self.store.unregister_component, self.launcher_component)
             if self.requests is not None:
                 self.requests.release_all()
             if self._own_store:
@@ -302,12 +302,6 @@ class Launcher:
         log.error("state store session lost: abandoned %d in-flight request(s)", count)
         self.providers.session_lost()
 
-
-def _quiet(fn, *args):
-    try:
-        return fn(*args)
-    except Exception as exc:
-        log.debug("ignored during cleanup: %s", exc)
 
 
 def _version():

@@ -64,7 +64,7 @@ class ProviderSet:
         wanted = {pool.key: pool for pool in config.pools() if pool.provider in self.workers}
         for key in list(self.components):
             if key not in wanted:
-                _quiet(self.store.unregister_component, self.components.pop(key))
+                quietly(self.store.unregister_component, self.components.pop(key))
         for key, pool in wanted.items():
             comp = self.components.get(key)
             labels = sorted(pool.labels)
@@ -86,7 +86,7 @@ class ProviderSet:
             want = key in paused
             if comp.paused != want:
                 comp.paused = want
-                _quiet(self.store.update_component, comp)
+                quietly(self.store.update_component, comp)
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -169,14 +169,16 @@ class ProviderSet:
         for worker in workers:
             worker.join(10)
         for comp in self.components.values():
-            _quiet(self.store.unregister_component, comp)
+            quietly(self.store.unregister_component, comp)
 
     def session_lost(self):
         for worker in self.all_workers():
             worker.session_lost()
 
 
-def _quiet(fn, *args):
+def quietly(fn, *args):
+    """Call ``fn`` on a release/cleanup path where a failure changes nothing (the lock ends with
+    the session, the record is cleaned up later): log it at debug level and go on."""
     try:
         return fn(*args)
     except Exception as exc:

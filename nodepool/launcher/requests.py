@@ -30,6 +30,7 @@ from . import lifecycle as lc
 from . import planner
 from .backoff import Backoff
 from .provider_worker import build_launch_spec, choose_az
+from .providers import quietly
 from .reasons import Why
 
 log = logging.getLogger("nodepool.launcher.requests")
@@ -255,7 +256,7 @@ class RequestHandler:
         """Nothing was launched: give back the nodes assigned so far and the request lock."""
         for node_id, lock in (held.node_locks.items() if held else ()):
             self._return_node(node_id, request_id, lock)
-        _quiet(rlock.release)
+        quietly(rlock.release)
 
     def _room(self, view):
         """The pool's room now (call under its lock, after ``sync_nodes``)."""
@@ -422,7 +423,7 @@ class RequestHandler:
         elif isinstance(action, lc.LetGo):
             log.info("request %s: letting it go (%s)", held.request_id, action.why)
             held.let_go = True
-            _quiet(held.lock.release)
+            quietly(held.lock.release)
         elif isinstance(action, lc.Done):
             self._forget(held)
         elif isinstance(action, lc.Drop):
@@ -431,10 +432,10 @@ class RequestHandler:
 
     def _forget(self, held):
         for lock in held.node_locks.values():
-            _quiet(lock.release)
+            quietly(lock.release)
         held.node_locks.clear()
         if not held.let_go:
-            _quiet(held.lock.release)
+            quietly(held.lock.release)
             held.let_go = True
         self.held.pop(held.request_id, None)
 
@@ -563,12 +564,6 @@ class RequestHandler:
     def release_all(self):
         for held in list(self.held.values()):
             for lock in held.node_locks.values():
-                _quiet(lock.release)
-            _quiet(held.lock.release)
+                quietly(lock.release)
+            quietly(held.lock.release)
 
-
-def _quiet(fn, *args):
-    try:
-        return fn(*args)
-    except Exception as exc:
-        log.debug("ignored during cleanup: %s", exc)
