@@ -91,7 +91,9 @@ def wait_for(cond, timeout, interval=0.002):
 
 
 def start_launcher(config, logfile):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (repo, os.environ.get("PYTHONPATH")) if p))
     return subprocess.Popen([sys.executable, "-m", "nodepool.cli.launcher", "-f", "-c", config,
                              "--no-webapp"], stdout=logfile, stderr=subprocess.STDOUT, env=env)
 
@@ -117,6 +119,9 @@ def main():
     ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper for --store zookeeper "
                     "(default: start one from Debian's zookeeper package for the run)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--py-spy", metavar="FILE", default=None,
+                    help="record the launcher (all threads) with py-spy during the load phase "
+                         "into FILE (collapsed stacks, for flamegraph tools)")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="nodepool-bench-")
@@ -197,12 +202,20 @@ def main():
                 s.stop()
 
         threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--format",
+                                    "raw", "--threads", "--gil", "-o", args.py_spy, "--rate", "200"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(30)
         results["load"] = summary(f"{args.requests} requests, {args.concurrency} concurrent",
                                   latencies)
         results["load"]["throughput_rps"] = round(len(latencies) / elapsed, 1)

@@ -70,7 +70,20 @@ def args_fill_timeout(n):
     return 120 + n * 0.5
 
 
-def run_one(n, store_kind, tmp, zk_hosts, profile):
+def spy_on(pid, path):
+    """py-spy (all threads, GIL holders only: where the CPU goes) on ``pid`` into ``path``."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                             "--threads", "--gil", "--rate", "200", "-o", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def spy_off(spy):
+    if spy is not None:
+        spy.send_signal(2)
+        spy.wait(30)
+
+
+def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None):
     tmp = os.path.join(tmp, f"{store_kind}-{n}")      # its own simulated cloud, too
     os.makedirs(tmp)
     if store_kind == "sqlite":
@@ -101,9 +114,12 @@ def run_one(n, store_kind, tmp, zk_hosts, profile):
         out["fill_cpu_s"] = round(cpu_seconds(proc.pid), 1)
         out["fill_cpu_ms_per_node"] = round(1000 * out["fill_cpu_s"] / n, 2)
         time.sleep(3)           # let the last writes settle
+        spy = spy_on(proc.pid, os.path.join(spy_dir, f"idle-{store_kind}-{n}.raw")) \
+            if spy_dir else None
         c0 = cpu_seconds(proc.pid)
         time.sleep(10)
         out["idle_cpu_pct"] = round(100 * (cpu_seconds(proc.pid) - c0) / 10, 2)
+        spy_off(spy)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "nodepool.cli.nodepool", "-c", config, "list"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
@@ -112,6 +128,8 @@ def run_one(n, store_kind, tmp, zk_hosts, profile):
         client = NodepoolClient(store, requestor="bench-scale")
         lat = []
         packets0 = zk_packets(zk_hosts) if store_kind == "zookeeper" else None
+        spy = spy_on(proc.pid, os.path.join(spy_dir, f"ready-{store_kind}-{n}.raw")) \
+            if spy_dir else None
         for _ in range(30):
             if not wait_for(lambda: len(ready_unallocated(store)) >= n - 5, 60, interval=0.01):
                 out["ready_wait_timeout"] = "stock not replenished within 60 s"
@@ -122,6 +140,7 @@ def run_one(n, store_kind, tmp, zk_hosts, profile):
             lat.append(time.monotonic() - t1)
             nodes = client.accept(req)
             client.release(nodes)
+        spy_off(spy)
         if packets0 is not None:
             packets1 = zk_packets(zk_hosts)
             if packets1 is not None:
@@ -150,6 +169,9 @@ def main():
     ap.add_argument("--store", default="sqlite", choices=["sqlite", "zookeeper", "both"])
     ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper (default: start one)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--py-spy", metavar="DIR", default=None,
+                    help="record the launcher with py-spy while idle and while serving the "
+                         "ready-node requests, into DIR/{idle,ready}-STORE-N.raw")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     kinds = ["sqlite", "zookeeper"] if args.store == "both" else [args.store]
@@ -165,7 +187,7 @@ def main():
             zk_hosts = zk_server.hosts
         for kind in kinds:
             for n in sizes:
-                print(run_one(n, kind, tmp, zk_hosts, args.profile), flush=True)
+                print(run_one(n, kind, tmp, zk_hosts, args.profile, args.py_spy), flush=True)
     finally:
         if zk_server is not None:
             zk_server.stop()

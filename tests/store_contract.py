@@ -155,6 +155,45 @@ class StoreContract:
         n3 = b.create_node(new_node())
         eventually(lambda: [n.id for n in a.list_nodes()] == [n1.id, n3.id], what="a sees n3")
 
+    def test_node_changes_tell_what_changed_since_a_position(self, store_factory):
+        a, b = store_factory(), store_factory()
+        keep = a.create_node(new_node())
+        gone = a.create_node(new_node())
+        eventually(lambda: {n.id for n in b.list_nodes()} == {keep.id, gone.id}, what="b sees")
+        position, changes = b.node_changes(None)
+        assert changes is None                       # first call: read everything
+        assert b.node_changes(position)[1] == {}     # nothing since
+        keep.state = NodeState.USED
+        a.update_node(keep)
+        a.delete_node(gone.id)
+        new = a.create_node(new_node())
+
+        def caught_up():
+            pos, got = b.node_changes(position)
+            return got if set(got) == {keep.id, gone.id, new.id} else None
+        got = eventually(caught_up, what="b's change feed catches up")
+        assert got[gone.id] is None
+        assert got[keep.id].state == NodeState.USED
+        assert got[new.id].id == new.id
+        # the records are the listing's own (shared) objects
+        listed = {n.id: n for n in b.list_nodes(shared=True)}
+        assert got[keep.id] is listed[keep.id]
+        # a position the store never gave is answered with "read everything"
+        assert b.node_changes(10 ** 9)[1] is None
+
+    def test_deleting_a_locked_node_releases_its_lock(self, store_factory):
+        a, b = store_factory(), store_factory()
+        node = a.create_node(new_node())
+        lock = a.lock_node(node.id)
+        node.state = NodeState.DELETED
+        a.update_node(node)
+        a.delete_node(node.id)
+        assert a.get_node(node.id) is None and b.get_node(node.id) is None
+        assert not b.is_node_locked(node.id)
+        lock.release()                                 # harmless afterwards
+        assert not a.holds(lock)
+        eventually(lambda: node.id not in {n.id for n in b.list_nodes()}, what="b sees it go")
+
     def test_unknown_node_fields_survive_an_update(self, store_factory):
         a, b = store_factory(), store_factory()
         written = Node.from_dict({"state": "ready", "type": "legacy-label", "provider": "p1",

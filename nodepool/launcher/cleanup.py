@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ..drivers.base import kept_by
-from ..errors import LockError
+from ..errors import ConflictError, LockError, NotFoundError
 from ..model.quota import Resources
 from ..model.states import NodeState, RequestState
 
@@ -184,7 +184,7 @@ class Cleanup:
                     node = by_id[action.node_id]
                     if node.state == NodeState.INIT and now - (node.state_time or now) < INIT_GRACE:
                         continue
-                    self.delete_node(action.node_id, action.reason)
+                    self.delete_node(action.node_id, action.reason, seen=node)
                 elif isinstance(action, Deallocate):
                     node = by_id[action.node_id]
                     return_to_pool(self.store, node.id, node.allocated_to, action.reason,
@@ -204,12 +204,17 @@ class Cleanup:
             worker = self.providers.workers.get(node.provider)
             if worker is not None and not getattr(worker.adapter, "reuses_nodes", False):
                 try:
-                    self.delete_node(node.id, "used")
+                    self.delete_node(node.id, "used", seen=node)
                 except Exception:
                     log.exception("node %s: delete failed (will retry)", node.id)
 
-    def delete_node(self, node_id, reason):
-        node = self.store.get_node(node_id)
+    def delete_node(self, node_id, reason, seen=None):
+        """Lock the node, mark it ``deleting`` and hand it to its provider's worker.
+
+        ``seen`` is the node as the caller's snapshot has it (not changed here): it stands in
+        for the reads before and after locking, and the write is compare-and-set on its version,
+        so a node changed since the snapshot is left alone and decided again next pass."""
+        node = seen if seen is not None else self.store.get_node(node_id)
         if node is None:
             return
         worker = self.providers.workers.get(node.provider)
@@ -220,13 +225,16 @@ class Cleanup:
         except LockError:
             return
         try:
-            node = self.store.get_node(node_id)
+            node = node.copy() if seen is not None else self.store.get_node(node_id)
             if node is None or not self._still_deletable(node):
                 lock.release()
                 return
             if node.state not in (NodeState.DELETING, NodeState.DELETED):
                 node.set_state(NodeState.DELETING)
                 self.store.update_node(node, check_version=True)
+        except (ConflictError, NotFoundError):
+            lock.release()          # changed or gone since the snapshot: next pass decides
+            return
         except Exception:
             lock.release()
             raise

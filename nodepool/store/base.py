@@ -196,6 +196,15 @@ class StateStore(abc.ABC):
         """Write the node back.  NotFoundError if it was deleted; ConflictError on a stale
         version when ``check_version``.  Bumps ``node.version``."""
 
+    def node_changes(self, since):
+        """``(position, {id: node or None})``: the nodes created, changed (the new record, to
+        be read, never changed) or deleted (None) since ``since``, a position an earlier call
+        returned; the mapping is None when the store cannot tell (the first call, a reader far
+        behind, a store without a change feed): then read ``list_nodes(shared=True)``.
+        Positions belong to this store object.  Lets a launcher's pass cost what changed, not
+        the size of the fleet."""
+        return None, None
+
     @abc.abstractmethod
     def delete_node(self, node_id):
         """Remove the node and its lock.  Deleting a missing node is not an error."""

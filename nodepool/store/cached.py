@@ -51,3 +51,36 @@ class CachedRecord:
 def fresh_copy(record):
     """A mutable copy of one record that is not kept in a cache."""
     return CachedRecord(record, None).fresh()
+
+
+class ChangeLog:
+    """Which records of a cache changed, in order, so a reader that keeps the last position it
+    read can catch up on what changed since, not the whole fleet.  Only the newest ``keep``
+    entries are kept; a reader further behind (or a cache that was re-read whole) is told to
+    read everything again.  Not thread-safe on its own: used under its cache's lock."""
+
+    def __init__(self, keep=50000):
+        self.keep = keep
+        self.seq = 0
+        self.floor = 0             # a position before this cannot be caught up from
+        self._ids = []             # ids changed at positions floor+1 .. seq
+
+    def note(self, record_id):
+        self.seq += 1
+        self._ids.append(record_id)
+        if len(self._ids) > 2 * self.keep:
+            drop = len(self._ids) - self.keep
+            del self._ids[:drop]
+            self.floor += drop
+
+    def reset(self):
+        """Everything may have changed (the cache was read again whole)."""
+        self.seq += 1
+        self.floor = self.seq
+        self._ids = []
+
+    def since(self, position):
+        """``(position now, ids changed since position)``, or ids None: read everything."""
+        if position is None or position < self.floor or position > self.seq:
+            return self.seq, None
+        return self.seq, set(self._ids[position - self.floor:])

@@ -33,7 +33,7 @@ import weakref
 from ..errors import ConflictError, LockError, NotFoundError, SessionLostError, StoreError
 from ..model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 from .base import ChangeWatcher, Lock, StateStore, node_lock_path
-from .cached import CachedRecord
+from .cached import CachedRecord, ChangeLog
 from .zk import paths as P
 
 log = logging.getLogger("nodepool.store.sqlite")
@@ -147,6 +147,7 @@ class SQLiteStore(StateStore):
         self._cache_lock = threading.Lock()
         self._caches = {"nodes": {}, "requests": {}}     # table -> {id: CachedRecord}
         self._ordered = {"nodes": [], "requests": []}    # table -> [CachedRecord] in listing order
+        self._changes = {"nodes": ChangeLog(), "requests": ChangeLog()}
         self._gens = {"nodes": -1, "requests": -1}   # -1: nothing read yet
         self._started = False
 
@@ -522,32 +523,55 @@ class SQLiteStore(StateStore):
         self._notify_watchers()
         return record
 
+    def _refresh(self, table, cls):
+        """Bring the cache of ``table`` up to date (under ``_cache_lock``): only rows written
+        since the last look (``gen`` is a per-table counter every write advances) are read and
+        parsed again; the ids are listed only when a row went.  Changes go to the table's
+        ``ChangeLog``."""
+        rows = self._read("SELECT value FROM meta WHERE key=?", (f"gen:{table}",))
+        gen = rows[0][0] if rows else 0
+        if gen == self._gens[table]:
+            return
+        cache = self._caches[table]
+        changes = self._changes[table]
+        for rid, data, version, g in self._read(
+                f"SELECT id, data, version, gen FROM {table} WHERE gen > ?",
+                (self._gens[table],)):
+            cache[rid] = CachedRecord(cls.from_dict(json.loads(data), id=rid, version=version), g)
+            changes.note(rid)
+        count = self._read(f"SELECT count(*) FROM {table}")[0][0]
+        if count != len(cache):
+            present = {r[0] for r in self._read(f"SELECT id FROM {table}")}
+            for rid in [rid for rid in cache if rid not in present]:
+                del cache[rid]
+                changes.note(rid)
+        if self._gens[table] == -1:
+            changes.reset()
+        self._ordered[table] = None
+        self._gens[table] = gen
+
     def _cached_list(self, table, cls, order, shared=False):
         """All records of ``table`` in ``order``, as fresh objects (or, with ``shared``, the
-        cache's own objects, which the caller must not change).  Only rows written since the
-        last call (``gen`` is a per-table counter every write advances) are read and parsed
-        again; the ids are listed only when a row went."""
+        cache's own objects, which the caller must not change); sorted again only after a
+        change."""
         with self._cache_lock:
-            rows = self._read("SELECT value FROM meta WHERE key=?", (f"gen:{table}",))
-            gen = rows[0][0] if rows else 0
-            if gen != self._gens[table]:
-                cache = self._caches[table]
-                for rid, data, version, g in self._read(
-                        f"SELECT id, data, version, gen FROM {table} WHERE gen > ?",
-                        (self._gens[table],)):
-                    cache[rid] = CachedRecord(
-                        cls.from_dict(json.loads(data), id=rid, version=version), g)
-                count = self._read(f"SELECT count(*) FROM {table}")[0][0]
-                if count != len(cache):
-                    present = {r[0] for r in self._read(f"SELECT id FROM {table}")}
-                    for rid in [rid for rid in cache if rid not in present]:
-                        del cache[rid]
-                self._ordered[table] = sorted(cache.values(), key=lambda c: order(c.record))
-                self._gens[table] = gen
+            self._refresh(table, cls)
             ordered = self._ordered[table]
+            if ordered is None:
+                ordered = self._ordered[table] = sorted(self._caches[table].values(),
+                                                        key=lambda c: order(c.record))
         if shared:
             return [c.record for c in ordered]
         return [c.fresh() for c in ordered]
+
+    def node_changes(self, since):
+        with self._cache_lock:
+            self._refresh("nodes", Node)
+            position, ids = self._changes["nodes"].since(since)
+            if ids is None:
+                return position, None
+            cache = self._caches["nodes"]
+            return position, {rid: (cache[rid].record if rid in cache else None) for rid in ids}
 
     # -- nodes -------------------------------------------------------------------------------------
 

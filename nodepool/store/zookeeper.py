@@ -28,9 +28,10 @@ from kazoo.recipe.lock import Lock as KazooLock
 from nodepool.errors import (ConflictError, LockError, NotFoundError, SessionLostError,
                              StoreError)
 from nodepool.model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
+from nodepool.model.states import NodeState
 
 from .base import ChangeWatcher, Lock, StateStore
-from .cached import CachedRecord, fresh_copy
+from .cached import CachedRecord, ChangeLog, fresh_copy
 from .zk import paths as P
 from .zk.recursive_watch import RecursiveWatchClient
 
@@ -172,6 +173,7 @@ class _Cache:
         self.records = {"node": {}, "request": {}}       # id -> CachedRecord (tag: mzxid)
         self.ordered = {"node": None, "request": None}   # listing order, None when changed
         self.lockers = {"node": {}, "request": {}}       # id -> set of contender names
+        self.changes = {"node": ChangeLog(), "request": ChangeLog()}
 
     def put(self, kind, record, mzxid):
         with self.lock:
@@ -179,11 +181,13 @@ class _Cache:
             if old is None or old.tag <= mzxid:
                 self.records[kind][record.id] = CachedRecord(record, mzxid)
                 self.ordered[kind] = None
+                self.changes[kind].note(record.id)
 
     def drop(self, kind, record_id):
         with self.lock:
             if self.records[kind].pop(record_id, None) is not None:
                 self.ordered[kind] = None
+                self.changes[kind].note(record_id)
             if kind == "node":
                 self.lockers["node"].pop(record_id, None)
 
@@ -212,10 +216,27 @@ class _Cache:
             self.records[kind] = fresh
             self.ordered[kind] = None
             self.lockers[kind] = lockers
+            self.changes[kind].reset()
 
     def has(self, kind, record_id):
         with self.lock:
             return record_id in self.records[kind]
+
+    def changed_since(self, kind, since):
+        """``(position, {id: record or None})`` (see ``StateStore.node_changes``)."""
+        with self.lock:
+            position, ids = self.changes[kind].since(since)
+            if ids is None:
+                return position, None
+            records = self.records[kind]
+            return position, {rid: (records[rid].record if rid in records else None)
+                              for rid in ids}
+
+    def peek(self, kind, record_id):
+        """The cached record itself (not to be changed), or None."""
+        with self.lock:
+            cached = self.records[kind].get(record_id)
+        return None if cached is None else cached.record
 
     def contender_event(self, kind, record_id, name, created):
         """Apply one lock contender's create/delete straight from the event path (no read)."""
@@ -746,6 +767,10 @@ class ZooKeeperStore(StateStore):
         self._ensure_caches()
         return self._cache.copies("node", shared)
 
+    def node_changes(self, since):
+        self._ensure_caches()
+        return self._cache.changed_since("node", since)
+
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
 
@@ -774,8 +799,13 @@ class ZooKeeperStore(StateStore):
             self._cache.put(kind, fresh_copy(record), stat.mzxid)
 
     def delete_node(self, node_id):
-        self._assured_lock_paths.discard(P.node_path(node_id) + "/lock")
         path = P.node_path(node_id)
+        lock_dir = path + "/lock"
+        self._assured_lock_paths.discard(lock_dir)
+        with self._held_lock:
+            held = self._held.pop(lock_dir, None)   # the lock goes with the record
+        if held is not None and self._delete_locked_node(path, node_id, held):
+            return
         data, stat = self._get_or_none(path)
         if stat is None:
             return
@@ -792,6 +822,36 @@ class ZooKeeperStore(StateStore):
                     raise
         self._delete(path, recursive=True)
         self._cache.drop("node", node_id)
+
+    def _delete_locked_node(self, path, node_id, held):
+        """Delete a node whose lock we hold in one transaction (our contender, the lock
+        directory, the node) instead of a read, a write and a recursive walk of six calls.
+        The record was marked ``deleted`` by an earlier write unless the cache says otherwise;
+        False when the fast path does not apply (then the caller takes the general one)."""
+        recipe, generation = held.token
+        cached = self._cache.peek("node", node_id)
+        if (generation != self._generation or not recipe.node
+                or cached is None or cached.state != NodeState.DELETED):
+            return False
+        contender = f"{recipe.path}/{recipe.node}"
+        txn = self._client.transaction()
+        txn.delete(contender)
+        txn.delete(recipe.path)
+        txn.delete(path)
+        try:
+            self._wait_connected()
+            results = self._wait(txn.commit_async(), f"delete {path}")
+        except StoreError:
+            return False
+        if any(isinstance(r, Exception) for r in results):
+            return False        # another contender, or a child we do not know of
+        held.released = True
+        recipe.is_acquired = False
+        if self._caching:
+            self._released_contenders.add(recipe.node)
+        self._track_lock(held.path, recipe.node, add=False)
+        self._cache.drop("node", node_id)
+        return True
 
     # -- node requests -----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ another tool using the same account.
 """
 import base64
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -108,8 +109,10 @@ def quota_refusal(limits, used, need):
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def addresses_for(seq):
-    """Fake but valid addresses from documentation ranges: (private v4, public v4, public v6)."""
+    """Fake but valid addresses from documentation ranges: (private v4, public v4, public v6).
+    Cached: every listing of a large cloud asks again for each instance."""
     host = (seq - 1) % 254 + 1
     v6 = ipaddress.IPv6Address(int(ipaddress.IPv6Address("2001:db8::")) + seq)
     return f"192.0.2.{host}", f"203.0.113.{host}", str(v6)
@@ -117,11 +120,16 @@ def addresses_for(seq):
 
 def host_keys_for(instance_id):
     """A well-formed ``ssh-ed25519`` public key line derived from the id (no real key pair)."""
+    return list(_host_keys(instance_id))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _host_keys(instance_id):
     key_type = b"ssh-ed25519"
     material = hashlib.sha256(instance_id.encode()).digest()
     blob = (len(key_type).to_bytes(4, "big") + key_type
             + len(material).to_bytes(4, "big") + material)
-    return [f"ssh-ed25519 {base64.b64encode(blob).decode()}"]
+    return (f"ssh-ed25519 {base64.b64encode(blob).decode()}",)
 
 
 # -- records -------------------------------------------------------------------------------------
