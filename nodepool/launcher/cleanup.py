@@ -126,9 +126,9 @@ def leaked_instances(provider_name, instances, nodes, suspects):
     return to_delete, now_suspect
 
 
-def unmanaged_usage(provider_name, instances, nodes):
-    """Cloud usage not accounted to this provider's node records (other tools, leaks)."""
-    ours = {n.external_id for n in nodes if n.provider == provider_name and n.external_id}
+def unmanaged_usage(instances, ours):
+    """Cloud usage not accounted to this provider's node records (other tools, leaks);
+    ``ours``: the external ids those records carry."""
     total = Resources()
     for inst in instances:
         if inst.deleted or inst.external_id in ours:
@@ -196,10 +196,12 @@ class Cleanup:
                 log.exception("cleanup action %s failed (will retry)", action)
         self._collect_locks()
 
-    def delete_used(self, nodes, locked_nodes):
-        """Between full cleanups, delete returned nodes at once: they hold quota."""
-        for node in nodes:
-            if node.state != NodeState.USED or node.id in locked_nodes:
+    def delete_used(self, index, locked_nodes):
+        """Between full cleanups, delete returned nodes at once: they hold quota.
+        ``index``: the pass's ``NodeIndex`` (its ``used`` ids, not the whole fleet)."""
+        for node_id in sorted(index.used):
+            node = index.by_id[node_id]
+            if node.id in locked_nodes:
                 continue
             worker = self.providers.workers.get(node.provider)
             if worker is not None and not getattr(worker.adapter, "reuses_nodes", False):

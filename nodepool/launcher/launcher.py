@@ -100,6 +100,7 @@ class Launcher:
             dict(tick=self.worker_tick, leak_interval=self.leak_interval), self._wake)
         self.requests = RequestHandler(self.store, self.providers, lambda: self.config,
                                        self.launcher_name)
+        self.index = self.requests.index
         self.cleanup = Cleanup(self.store, self.providers, lambda: self.config,
                                lambda: set(self.requests.held), self.lock_gc_interval,
                                self.request_lock_max_age)
@@ -233,23 +234,23 @@ class Launcher:
         self._maybe_reload()
         now = time.monotonic()
         self.requests.note_launches()
-        nodes = self.store.list_nodes(shared=True)
+        index = self.index.refresh(self.store)
         requests = self.store.list_requests(shared=True)
         components = self.store.list_components("pool")
         locked_nodes = self.store.locked_node_ids()
-        views = self.providers.views(nodes)
+        views = self.providers.views(index)
         self.requests.views = {v.key: v for v in views}
         self.requests.components = components
-        self.requests.progress(nodes, requests, now)
+        self.requests.progress(index, requests, now)
         paused = self.requests.route(
-            requests, nodes, views, components, locked_nodes,
+            requests, index, views, components, locked_nodes,
             {t: tl.limits for t, tl in self.config.tenant_limits.items()}, now)
         self.providers.set_paused(paused)
         self.paused_pools = paused
-        self.observer.tick(nodes, requests, components)
-        self.housekeeping_once(nodes, requests, locked_nodes, views, components)
+        self.observer.tick(index, requests, components)
+        self.housekeeping_once(index, requests, locked_nodes, views, components)
 
-    def housekeeping_once(self, nodes, requests, locked_nodes, views, components):
+    def housekeeping_once(self, index, requests, locked_nodes, views, components):
         """Returned nodes, finished min-ready requests, periodic cleanup and new min-ready
         requests: after the requests of the pass, so a new request never waits behind them.
         The pass's snapshot is used: what the request handling changed is seen next pass
@@ -258,10 +259,10 @@ class Launcher:
         mono = time.monotonic()
         if mono - self._last_cleanup >= self.cleanup_interval:
             self._last_cleanup = mono
-            self.cleanup.run(nodes, requests, locked_nodes, self.store.locked_request_ids(),
-                             time.time())
+            self.cleanup.run(index.nodes(), requests, locked_nodes,
+                             self.store.locked_request_ids(), time.time())
         else:
-            self.cleanup.delete_used(nodes, locked_nodes)
+            self.cleanup.delete_used(index, locked_nodes)
         # locks are not listed here: taking a finished request's lock tells who holds it
         self.min_ready.finish_done(requests, (), time.time())
         # the fleet tallies are the pass's snapshot's (brought up to date when routing)

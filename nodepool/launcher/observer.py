@@ -58,14 +58,16 @@ class Observer:
 
     # -- called once a pass ---------------------------------------------------------------------
 
-    def tick(self, nodes, requests, components):
+    def tick(self, index, requests, components):
+        """``index``: the pass's ``NodeIndex`` (only its failed nodes are looked at, and the
+        whole fleet only when gauges are due)."""
         try:
-            self._note_failures(nodes)
+            self._note_failures([index.by_id[i] for i in sorted(index.failed)])
             mono = time.monotonic()
             if mono - self._last_gauges >= GAUGE_SECONDS and stats.client() is not None:
                 self._last_gauges = mono
                 if self._elected():
-                    values = stats.node_gauge_values(nodes, self.get_config())
+                    values = stats.node_gauge_values(index.nodes(), self.get_config())
                     values.update(stats.addressable_request_values(requests, components))
                     stats.gauges(values)
             self.flush()
@@ -75,7 +77,8 @@ class Observer:
             log.exception("launcher observation failed (ignored)")
 
     def _note_failures(self, nodes):
-        """Remember each failed launch of ours once (its node is deleted soon after)."""
+        """Remember each failed launch of ours once (its node is deleted soon after);
+        ``nodes``: those with a failure reason."""
         ours = set(self.own_pool_ids()) if self.own_pool_ids else {n.launcher for n in nodes}
         current = set()
         for node in nodes:

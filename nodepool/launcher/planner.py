@@ -168,6 +168,10 @@ def launchable_now(pv, label):
     return pv.launches and never_reason(pv, [label]) is None
 
 
+def _costs_key(views):
+    return tuple(sorted((k, id(v.label_costs)) for k, v in views.items()))
+
+
 class Fleet:
     """Usage tallies (per pool, provider and tenant) and the free ready nodes of a snapshot,
     carried from one pass to the next.  Only records that changed are counted again: stores
@@ -177,6 +181,7 @@ class Fleet:
     def __init__(self):
         self._seen = {}            # node id -> (record, pool key, cost, in free index)
         self._costs_key = None
+        self._position = None      # position in the NodeIndex's changes (catch_up)
         self.pool_usage = defaultdict(Resources)
         self.provider_usage = defaultdict(Resources)
         self.tenant_usage = defaultdict(Resources)
@@ -186,7 +191,7 @@ class Fleet:
     def update(self, nodes, views):
         """Bring the tallies to ``nodes`` (the full current list); ``views``: pool key ->
         PoolView (label costs for nodes that carry no resources of their own)."""
-        costs_key = tuple(sorted((k, id(v.label_costs)) for k, v in views.items()))
+        costs_key = _costs_key(views)
         if costs_key != self._costs_key:
             self.__init__()
             self._costs_key = costs_key
@@ -201,6 +206,25 @@ class Fleet:
             self._add(node, views)
         for node_id in [i for i in self._seen if i not in present]:
             self._remove(node_id, self._seen[node_id])
+        return self
+
+    def catch_up(self, index, views):
+        """Bring the tallies to a ``NodeIndex``, looking only at the records that changed in
+        it since the last call (everything when the label costs changed)."""
+        since = self._position if _costs_key(views) == self._costs_key else None
+        position, changes = index.changed_since(since)
+        if changes is None:
+            self.update(index.by_id.values(), views)
+        else:
+            for node_id, node in changes.items():
+                old = self._seen.get(node_id)
+                if old is not None:
+                    if old[0] is node:
+                        continue
+                    self._remove(node_id, old)
+                if node is not None:
+                    self._add(node, views)
+        self._position = position
         return self
 
     def _add(self, node, views):

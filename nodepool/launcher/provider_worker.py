@@ -466,6 +466,8 @@ class ProviderWorker:
         self._lock = threading.Lock()
         # cloud view (read by the launcher thread; replaced wholesale, never mutated)
         self.instances = []
+        self._instances_gen = 0  # bumped with every new listing
+        self._unmanaged_key = self._unmanaged = None
         self.instances_time = 0.0
         self.quota_limits = None
         self.quota_time = 0.0
@@ -539,8 +541,15 @@ class ProviderWorker:
         self.quota_time = 0.0
         self.instances_time = 0.0
 
-    def unmanaged_usage(self, nodes):
-        return cleanup.unmanaged_usage(self.provider.name, self.instances, nodes)
+    def unmanaged_usage(self, index):
+        """Usage in the cloud not ours, worked out again only when the listing or the
+        external ids of our records changed (``index``: the pass's ``NodeIndex``)."""
+        key = (self._instances_gen, index.external_version[self.provider.name])
+        if key != self._unmanaged_key:
+            self._unmanaged = cleanup.unmanaged_usage(
+                self.instances, index.external_ids(self.provider.name))
+            self._unmanaged_key = key
+        return self._unmanaged
 
     def session_lost(self):
         """Locks are gone: abandon launches (cleaning their instances) and deletes."""
@@ -690,6 +699,7 @@ class ProviderWorker:
     def _list_instances(self, now):
         try:
             self.instances = self.adapter.list_instances()
+            self._instances_gen += 1
         except Exception as exc:
             self.log.warning("provider %s: cannot list instances: %s", self.provider.name, exc)
         self.instances_time = now

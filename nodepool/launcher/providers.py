@@ -127,7 +127,7 @@ class ProviderSet:
 
     # -- the planner's view -------------------------------------------------------------------
 
-    def views(self, nodes):
+    def views(self, index):
         views = []
         for key, comp in list(self.components.items()):
             pool = self.pool(key)
@@ -153,7 +153,7 @@ class ProviderSet:
                 broken_labels=worker.broken_labels, unavailable_labels=unavailable,
                 down=down,
                 cloud_limits=worker.quota_limits if worker.quota_limits else None,
-                unmanaged_usage=worker.unmanaged_usage(nodes),
+                unmanaged_usage=worker.unmanaged_usage(index),
                 ignore_provider_quota=pool.ignore_provider_quota,
                 max_concurrency=prov.max_concurrency, in_flight=worker.in_flight,
                 launches=getattr(worker.adapter, "launches", True),

@@ -20,6 +20,7 @@ Failure rules:
 """
 import logging
 import time
+from collections import ChainMap
 
 from ..errors import ConflictError, LockError, NodepoolError, NotFoundError, StoreError
 from ..model.images import newest_ready_upload
@@ -29,6 +30,7 @@ from .. import metrics
 from . import lifecycle as lc
 from . import planner
 from .backoff import Backoff
+from .nodeindex import NodeIndex
 from .provider_worker import build_launch_spec, choose_az
 from .providers import quietly
 from .reasons import Why
@@ -52,6 +54,7 @@ class RequestHandler:
         self.views = {}                        # pool key -> PoolView of the current pass
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
+        self.index = NodeIndex()               # the store's nodes, followed by what changed
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
         self._strays = set()                   # node records we created but could not lock
         self.on_fulfil = None                  # (request, provider, warm, seconds) -> None
@@ -64,16 +67,17 @@ class RequestHandler:
 
     # -- new requests ---------------------------------------------------------------------------
 
-    def route(self, requests, nodes, views, components, locked_nodes, tenant_limits, now):
-        """Decide and apply what every waiting request gets; return the pool keys paused."""
+    def route(self, requests, index, views, components, locked_nodes, tenant_limits, now):
+        """Decide and apply what every waiting request gets; return the pool keys paused.
+        ``index``: the pass's ``NodeIndex``."""
         self.views = {v.key: v for v in views}
         self.components = components
         skip = set(self.held) | self.request_backoff.blocked(now)
         snap = planner.Snapshot(
-            requests=requests, nodes=nodes, pools=views, registered_pools=components,
+            requests=requests, nodes=(), pools=views, registered_pools=components,
             locked_nodes=locked_nodes, active_requests=skip, tenant_limits=tenant_limits,
             backoff=self.pool_backoff.blocked(now),
-            fleet=self.fleet.update(nodes, self.views))
+            fleet=self.fleet.catch_up(index, self.views))
         paused = set()
         launching = {}                         # pool key -> accepts that launch, in order
         for action in planner.plan_requests(snap):
@@ -260,8 +264,8 @@ class RequestHandler:
 
     def _room(self, view):
         """The pool's room now (call under its lock, after ``sync_nodes``)."""
-        return planner.Room(view, fleet=self.fleet.update(self.store.list_nodes(shared=True),
-                                                          self.views))
+        self.index.refresh(self.store)
+        return planner.Room(view, fleet=self.fleet.catch_up(self.index, self.views))
 
     def _pool_lock(self, pool):
         """Serialises launch decisions for one pool across launchers (held for milliseconds).
@@ -343,11 +347,11 @@ class RequestHandler:
             except Exception as exc:
                 log.debug("node %s (created, never launched): not removed yet: %s", node_id, exc)
 
-    def progress(self, nodes, requests, now):
+    def progress(self, index, requests, now):
         """Move every held request on (``lifecycle.plan_held``), each on its own."""
         if self._strays:
             self._remove_strays()
-        by_id = {n.id: n for n in nodes}
+        by_id = index.by_id
         current = {r.id: r for r in requests}
         for rid, held in list(self.held.items()):
             if self.request_backoff.waiting(rid, now):
@@ -383,7 +387,7 @@ class RequestHandler:
             verify = [a.node_id for a in actions if isinstance(a, lc.Verify)]
             if not verify:
                 break
-            by_id = dict(by_id)
+            by_id = ChainMap({}, by_id)         # the pass's index itself is left as it is
             for node_id in verify:
                 node = self.store.get_node(node_id)
                 if node is not None:

@@ -19,12 +19,14 @@ from nodepool.model import NodeState, RequestState
 
 class FaultyStore:
     """Passes every call to a real store, except an armed one which raises ``StoreError``
-    once; can also hide nodes from one ``list_nodes`` answer (a cache that lags)."""
+    once; can also hide nodes from one ``list_nodes`` or ``node_changes`` answer (a cache that
+    lags: the change is delivered on a later call)."""
 
     def __init__(self, store):
         self._store = store
         self._armed = {}
         self._hide = set()
+        self._late = {}           # thread -> ids hidden from it, to be delivered late
         self._mutex = threading.Lock()
         self.fired = []
 
@@ -33,7 +35,7 @@ class FaultyStore:
             self._armed[method] = nth
 
     def hide_once(self, node_id, thread_ident):
-        """Leave ``node_id`` out of the next ``list_nodes`` answer to that thread."""
+        """Leave ``node_id`` out of the next listing or change-feed answer to that thread."""
         with self._mutex:
             self._hide.add((node_id, thread_ident))
 
@@ -52,14 +54,32 @@ class FaultyStore:
                         raise StoreError(f"injected fault in {name}")
                     self._armed[name] = left - 1
             result = attr(*args, **kw)
-            if name == "list_nodes" and self._hide:
+            if name == "list_nodes" and (self._hide or self._late):
+                hidden = self._hidden_now()
+                result = [n for n in result if n.id not in hidden]
+            elif name == "node_changes" and result[1] is not None and (self._hide or self._late):
+                # a lagging cache: the change arrives, only later (on a call that hides none)
+                position, changes = result
+                hidden = self._hidden_now()
                 me = threading.get_ident()
                 with self._mutex:
-                    hidden = {nid for nid, ident in self._hide if ident == me}
-                    self._hide = {(nid, ident) for nid, ident in self._hide if ident != me}
-                result = [n for n in result if n.id not in hidden]
+                    late = set() if hidden else self._late.pop(me, set())
+                changes = {i: r for i, r in changes.items() if i not in hidden}
+                for node_id in late - set(changes):
+                    changes[node_id] = self._store.get_node(node_id)
+                result = position, changes
             return result
         return call
+
+    def _hidden_now(self):
+        """The ids hidden from this thread's answer now (they are delivered late)."""
+        me = threading.get_ident()
+        with self._mutex:
+            hidden = {nid for nid, ident in self._hide if ident == me}
+            self._hide = {(nid, ident) for nid, ident in self._hide if ident != me}
+            if hidden:
+                self._late.setdefault(me, set()).update(hidden)
+        return hidden
 
 
 def faulty_launcher(env, **kw):
@@ -78,7 +98,7 @@ def ended(client, request_id, timeout=30):
 # -- 2 and the done-criterion: a store error at any call of the accept/launch/fulfil/delete paths
 
 FAULT_SITES = ["lock_request", "get_request", "update_request", "lock_node", "get_node",
-               "update_node", "create_node", "delete_node", "lock", "sync_nodes", "list_nodes",
+               "update_node", "create_node", "delete_node", "lock", "sync_nodes", "node_changes",
                "delete_request", "submit_request"]
 
 

@@ -8,6 +8,7 @@ from nodepool.drivers.base import Instance, META_NODE_ID, META_PROVIDER
 from nodepool.launcher import cleanup as cleanup_plan, minready, planner
 from nodepool.launcher.cleanup import Deallocate, DeleteNode, ResetLostRequest
 from nodepool.launcher.minready import SubmitMinReady
+from nodepool.launcher.nodeindex import NodeIndex
 from nodepool.launcher.planner import Accept, Decline, Defer, PoolView, Snapshot
 from nodepool.launcher.reasons import Reason, Why
 from nodepool.model import Component, Limits, Node, NodeRequest, Resources
@@ -373,9 +374,26 @@ def test_instance_of_a_retried_launch_is_a_leak_once_node_is_ready():
 def test_unmanaged_usage_counts_foreign_instances():
     instances = [Instance(external_id="a", resources=Resources.of(cores=2)),
                  Instance(external_id="b"), inst("c", "0001")]
-    nodes = [node("0001", external_id="c")]
-    used = cleanup_plan.unmanaged_usage("sim", instances, nodes)
+    index = NodeIndex().refresh(_ListStore([node("0001", external_id="c"),
+                                            node("0002", external_id="d", provider="other")]))
+    used = cleanup_plan.unmanaged_usage(instances, index.external_ids("sim"))
     assert used["instances"] == 2 and used["cores"] == 2
+    # the instance of another provider's record is not ours either
+    used = cleanup_plan.unmanaged_usage([inst("d", "0002")], index.external_ids("sim"))
+    assert used["instances"] == 1
+
+
+class _ListStore:
+    """Just enough store for a NodeIndex: no change feed, a listing."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def node_changes(self, since):
+        return None, None
+
+    def list_nodes(self, shared=False):
+        return list(self.nodes)
 
 
 def test_request_declined_by_every_remaining_pool_fails():
