@@ -45,19 +45,23 @@ class _Record:
         return name
 
     @classmethod
+    def _stored_fields(cls):
+        """``(attribute, JSON key)`` of each stored field, worked out once per class: reading
+        ten thousand records must not ask ``dataclasses`` ten thousand times."""
+        fields = cls.__dict__.get("_STORED_FIELDS")
+        if fields is None:
+            fields = tuple((f.name, cls._json_key(f.name)) for f in dataclasses.fields(cls)
+                           if f.name not in cls._LOCAL)
+            cls._STORED_FIELDS = fields
+        return fields
+
+    @classmethod
     def from_dict(cls, data, id=None, version=None):
         data = dict(data or {})
-        kwargs = {}
-        names = {f.name for f in dataclasses.fields(cls)} - set(cls._LOCAL)
-        for name in names:
-            key = cls._json_key(name)
-            if key in data:
-                kwargs[name] = data.pop(key)
-        rec = cls(**kwargs)
-        rec.id = id
+        rec = cls(**{name: data.pop(key) for name, key in cls._stored_fields() if key in data})
+        rec.id = id                      # __post_init__ normalised the fields
         rec.version = version
         rec.extra = data
-        rec._normalise()
         return rec
 
     def __post_init__(self):

@@ -27,22 +27,26 @@ class CachedRecord:
     """One parsed record and a ``tag`` saying which version of the source it came from (the
     SQLite row generation, the ZooKeeper ``mzxid``)."""
 
-    __slots__ = ("tag", "record", "flat", "nested")
+    __slots__ = ("tag", "record", "_shape")
 
     def __init__(self, record, tag):
         self.tag = tag
         self.record = record
-        containers = [k for k, v in vars(record).items() if type(v) in _CONTAINERS]
-        self.flat = tuple(k for k in containers if _is_flat(getattr(record, k)))
-        self.nested = tuple(k for k in containers if k not in self.flat)
+        self._shape = None        # (flat, nested) container attributes, on the first copy
 
     def fresh(self):
         """A copy the caller may mutate freely (lists and dicts are copied too)."""
-        new = object.__new__(self.record.__class__)
-        attrs = self.record.__dict__.copy()
-        for key in self.flat:
+        record = self.record
+        if self._shape is None:
+            containers = [k for k, v in vars(record).items() if type(v) in _CONTAINERS]
+            flat = tuple(k for k in containers if _is_flat(getattr(record, k)))
+            self._shape = (flat, tuple(k for k in containers if k not in flat))
+        flat, nested = self._shape
+        new = object.__new__(record.__class__)
+        attrs = record.__dict__.copy()
+        for key in flat:
             attrs[key] = attrs[key].copy()
-        for key in self.nested:
+        for key in nested:
             attrs[key] = json_copy(attrs[key])
         new.__dict__ = attrs
         return new

@@ -199,3 +199,43 @@ def test_info_rows_group_uploads_by_build():
 ])
 def test_accept_negotiation(accept, expected):
     assert wants_json(accept) is expected
+
+
+# -- the direct layout of large tables is prettytable's own -----------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_cell = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5).flatmap(lambda n: st.tuples(
+    st.lists(_cell.filter(bool), min_size=n, max_size=n, unique=True),
+    st.lists(st.lists(_cell, min_size=n, max_size=n), max_size=6))))
+def test_plain_table_is_prettytables_layout(table):
+    import prettytable
+    headings, rows = table
+    expected = prettytable.PrettyTable(headings)
+    expected.align = "l"
+    for row in rows:
+        expected.add_row(row)
+    assert tables.plain_table(headings, rows) == expected.get_string()
+
+
+def test_plain_table_leaves_other_text_to_prettytable():
+    assert tables.plain_table(["a"], [["two\nlines"]]) is None
+    assert tables.plain_table(["a"], [["ünïcode"]]) is None
+
+
+def test_a_large_node_list_renders_as_prettytable_would():
+    import prettytable
+    nodes = [Node(id=f"{i:010d}", state="ready", type=["small"], provider="sim", pool="main",
+                  external_id=f"i-{i}", state_time=1000.0) for i in range(tables.PLAIN_TABLE_ROWS)]
+    rows = tables.node_rows(nodes, set(), 2000.0, False)
+    text = tables.render_text(tables.NODE_LIST, rows, 2000.0)
+    expected = prettytable.PrettyTable([c.heading for c in tables.NODE_LIST.columns])
+    expected.align = "l"
+    for row in rows:
+        expected.add_row([str(tables.format_cell(c, row.get(c.key), 2000.0))
+                          for c in tables.NODE_LIST.columns])
+    assert text == expected.get_string()
