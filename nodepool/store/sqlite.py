@@ -15,14 +15,16 @@ It behaves like the ZooKeeper store so the daemons cannot tell them apart:
 * If our own session was expired (we were frozen longer than ``session_timeout``), listeners
   hear ``"lost"``, a new session is opened, our components are registered again, ``"connected"``.
 * Locks are rows keyed by Nodepool's lock paths.
-* ``watch()`` wakes on any process's commit: a poller thread reads ``PRAGMA data_version``
-  every ``poll_interval`` (a few microseconds per check) while at least one watcher exists.
+* ``watch()`` wakes on any process's commit: every commit sends a datagram to each watching
+  process (``wakeups``), whose watcher thread then reads ``PRAGMA data_version``; it also
+  looks every ``SAFETY_POLL`` seconds (every ``poll_interval`` where wake-ups cannot work).
 * ``list_nodes``/``list_requests`` keep parsed records in memory and reread only rows whose
   change counter moved, so a launcher with 10,000 nodes does not reparse them every loop.
 """
 import json
 import logging
 import os
+import select
 import socket
 import sqlite3
 import threading
@@ -34,9 +36,12 @@ from ..errors import ConflictError, LockError, NotFoundError, SessionLostError, 
 from ..model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 from .base import ChangeWatcher, Lock, StateStore, node_lock_path
 from .cached import CachedRecord, ChangeLog
+from .wakeups import Wakeups
 from .zk import paths as P
 
 log = logging.getLogger("nodepool.store.sqlite")
+
+SAFETY_POLL = 0.25      # seconds between looks for a commit nobody woke us for
 
 COMPONENT_KINDS = ("launcher", "builder", "pool")
 
@@ -149,6 +154,7 @@ class SQLiteStore(StateStore):
         self._ordered = {"nodes": [], "requests": []}    # table -> [CachedRecord] in listing order
         self._changes = {"nodes": ChangeLog(), "requests": ChangeLog()}
         self._gens = {"nodes": -1, "requests": -1}   # -1: nothing read yet
+        self._wakeups = Wakeups(self.path)
         self._started = False
 
     # -- connections -------------------------------------------------------------------------------
@@ -189,8 +195,9 @@ class SQLiteStore(StateStore):
                               f"(check the path and its permissions)")
         return StoreError(f"state store {self.path}: {text}")
 
-    def _tx(self, fn, immediate=True):
-        """Run ``fn(conn)`` in one transaction; SQLite errors become one-line StoreErrors."""
+    def _tx(self, fn, immediate=True, wake=True):
+        """Run ``fn(conn)`` in one transaction; SQLite errors become one-line StoreErrors.
+        ``wake``: wake the other processes' watchers after the commit (not for heartbeats)."""
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -200,6 +207,8 @@ class SQLiteStore(StateStore):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            if wake:
+                self._wakeups.poke()
             return result
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -327,6 +336,7 @@ class SQLiteStore(StateStore):
             return
         self._started = False
         self._stop.set()
+        self._wakeups.poke()           # our own watcher thread too: it returns at once
         for t in self._threads + [self._poller]:
             if t is not None and t is not threading.current_thread():
                 t.join(5)
@@ -339,6 +349,7 @@ class SQLiteStore(StateStore):
             log.warning("could not remove our session from %s: %s", self.path, exc)
         self._notify_watchers()
         self._close_connections()
+        self._wakeups.stop()
 
     @property
     def session_id(self):
@@ -400,7 +411,7 @@ class SQLiteStore(StateStore):
             try:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + beat_every
-                    lost = self._tx(self._beat)
+                    lost = self._tx(self._beat, wake=False)
                 else:
                     lost = False
                     live, every = self._live_sessions()
@@ -449,26 +460,36 @@ class SQLiteStore(StateStore):
         return watcher
 
     def _start_poller(self):
-        """Called with ``_watch_lock`` held.  The baseline ``data_version`` is read here, before
-        ``watch()`` returns, so a commit right after it is never missed."""
+        """Called with ``_watch_lock`` held.  The wake-up socket is bound and the baseline
+        ``data_version`` read here, before ``watch()`` returns, so a commit right after it is
+        never missed."""
         if self._poller is not None and self._poller.is_alive():
             return
+        sock = self._wakeups.listen()
         try:
             conn = self._connect()
             baseline = conn.execute("PRAGMA data_version").fetchone()[0]
         except (StoreError, sqlite3.Error) as exc:
             log.warning("state store %s: change poller cannot start: %s", self.path, exc)
+            self._wakeups.close()
             self._poller = None
             return
-        self._poller = threading.Thread(target=self._poll_loop, args=(conn, baseline),
+        self._poller = threading.Thread(target=self._poll_loop, args=(conn, baseline, sock),
                                         name="store-watch", daemon=True)
         self._poller.start()
 
-    def _poll_loop(self, conn, last):
-        """Notify watchers whenever any connection commits (``PRAGMA data_version`` moves);
-        ends when the store stops or no watcher is left."""
+    def _poll_loop(self, conn, last, sock):
+        """Notify watchers whenever any connection commits (``PRAGMA data_version`` moves):
+        looked at when a committer wakes us (``wakeups``), and every ``SAFETY_POLL`` anyway
+        (every ``poll_interval`` without wake-ups); ends when the store stops or no watcher is
+        left."""
         try:
-            while not self._stop.wait(self.poll_interval):
+            while not self._stop.is_set():
+                if sock is not None:
+                    if select.select([sock], [], [], SAFETY_POLL)[0]:
+                        self._wakeups.drain(sock)
+                elif self._stop.wait(self.poll_interval):
+                    return
                 with self._watch_lock:
                     if not len(self._watchers):
                         self._poller = None
@@ -483,6 +504,8 @@ class SQLiteStore(StateStore):
                     self._notify_watchers()
         finally:
             conn.close()
+            if sock is not None:
+                self._wakeups.close(sock)
 
     def _notify_watchers(self):
         with self._watch_lock:

@@ -552,3 +552,43 @@ def test_killed_but_unreaped_process_counts_as_gone(db_path, children, make_stor
     observer.lock_node("0000000005", blocking=True, timeout=WAIT)
     eventually(lambda: observer.get_request(request_id) is None, timeout=WAIT,
                what="the zombie's ephemeral request to vanish")
+
+
+# -- wake-ups: a commit wakes the other processes' watchers at once ---------------------------------
+
+def test_a_commit_wakes_another_process_watcher_without_polling(db_path, children, monkeypatch,
+                                                                 make_store):
+    """With the safety poll and the fallback poll an hour apart, only the wake-up can tell
+    the watcher about a commit made by another process."""
+    from nodepool.store import sqlite as sqlite_store
+    monkeypatch.setattr(sqlite_store, "SAFETY_POLL", 3600.0)
+    store = make_store(poll_interval=3600.0)
+    watcher = store.watch()
+    watcher.wait(0)
+    child = children("""
+        import sys
+        from nodepool.model import Node
+        from nodepool.store.sqlite import SQLiteStore
+        store = SQLiteStore(sys.argv[1]).start()
+        store.create_node(Node(type=["small"], provider="p"))
+        print("written", flush=True)
+        sys.stdin.read()
+        store.stop()
+    """, db_path)
+    assert child.line() == "written"
+    assert watcher.wait(WAIT), "the watcher was not woken by the other process's commit"
+    assert [n.provider for n in store.list_nodes()] == ["p"]
+
+
+def test_a_dead_watcher_name_is_removed_by_the_next_commit(db_path, make_store):
+    store = make_store()
+    watcher = store.watch()       # noqa: F841 (watchers are weakly held: keep it)
+    wake_dir = db_path + ".wake"
+    eventually(lambda: os.listdir(wake_dir), what="our wake-up name")
+    stale = os.path.join(wake_dir, "nodepool-" + "0" * 32)     # a process killed with -9
+    open(stale, "w").close()
+    store.create_node(new_node())
+    assert not os.path.exists(stale)
+    assert len(os.listdir(wake_dir)) == 1                       # ours is still there
+    store.stop()
+    assert os.listdir(wake_dir) == []
