@@ -42,6 +42,7 @@ from .zk import paths as P
 log = logging.getLogger("nodepool.store.sqlite")
 
 SAFETY_POLL = 0.25      # seconds between looks for a commit nobody woke us for
+TOMBSTONES_KEPT = 100000   # generations of deleted-row ids kept for readers' caches
 
 COMPONENT_KINDS = ("launcher", "builder", "pool")
 
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS upload_seq (
     PRIMARY KEY (image, build_id, provider));
 CREATE TABLE IF NOT EXISTS image_flags (
     image TEXT NOT NULL, flag TEXT NOT NULL, created REAL, PRIMARY KEY (image, flag));
+CREATE TABLE IF NOT EXISTS tombstones (tbl TEXT NOT NULL, id TEXT NOT NULL, gen INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tombstones_gen ON tombstones(tbl, gen);
 CREATE TABLE IF NOT EXISTS components (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL,
     session TEXT NOT NULL);
@@ -356,8 +359,10 @@ class SQLiteStore(StateStore):
         return self._session
 
     def _drop_session(self, conn, sid):
-        if conn.execute("DELETE FROM requests WHERE session=?", (sid,)).rowcount:
-            self._bump(conn, "requests")
+        gone = [r[0] for r in conn.execute("DELETE FROM requests WHERE session=? RETURNING id",
+                                           (sid,))]
+        if gone:
+            self._deleted(conn, "requests", gone)
         conn.execute("DELETE FROM locks WHERE session=?", (sid,))
         conn.execute("DELETE FROM components WHERE session=?", (sid,))
         conn.execute("DELETE FROM sessions WHERE id=?", (sid,))
@@ -518,6 +523,22 @@ class SQLiteStore(StateStore):
     def _bump(self, conn, table):
         return self._next(conn, f"gen:{table}")
 
+    def _deleted(self, conn, table, ids):
+        """Record deleted rows as tombstones at a new generation, so readers drop them from
+        their caches without listing every id.  Tombstones older than ``TOMBSTONES_KEPT``
+        generations go (every so often); a reader further behind lists the ids once."""
+        gen = self._bump(conn, table)
+        conn.executemany("INSERT INTO tombstones VALUES (?, ?, ?)",
+                         [(table, i, gen) for i in ids])
+        row = conn.execute("SELECT value FROM meta WHERE key=?",
+                           (f"tombfloor:{table}",)).fetchone()
+        if gen - (row[0] if row else 0) > 2 * TOMBSTONES_KEPT:
+            floor = gen - TOMBSTONES_KEPT
+            conn.execute("DELETE FROM tombstones WHERE tbl=? AND gen<?", (table, floor))
+            conn.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                         "value=excluded.value", (f"tombfloor:{table}", floor))
+        return gen
+
     def _next(self, conn, key):
         """Advance and return a counter; counters only grow, so ids are never reused."""
         conn.execute("INSERT INTO meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET "
@@ -562,6 +583,15 @@ class SQLiteStore(StateStore):
                 (self._gens[table],)):
             cache[rid] = CachedRecord(cls.from_dict(json.loads(data), id=rid, version=version), g)
             changes.note(rid)
+        last = self._gens[table]
+        if last >= 0:
+            floor = self._read("SELECT value FROM meta WHERE key=?", (f"tombfloor:{table}",))
+            if not floor or last >= floor[0][0]:
+                for (rid,) in self._read("SELECT id FROM tombstones WHERE tbl=? AND gen>?",
+                                         (table, last)):
+                    if cache.pop(rid, None) is not None:
+                        changes.note(rid)
+        # rows deleted without a tombstone (too long ago, an older writer): list the ids
         count = self._read(f"SELECT count(*) FROM {table}")[0][0]
         if count != len(cache):
             present = {r[0] for r in self._read(f"SELECT id FROM {table}")}
@@ -630,7 +660,7 @@ class SQLiteStore(StateStore):
     def delete_node(self, node_id):
         def fn(conn):
             if conn.execute("DELETE FROM nodes WHERE id=?", (str(node_id),)).rowcount:
-                self._bump(conn, "nodes")
+                self._deleted(conn, "nodes", [str(node_id)])
             conn.execute("DELETE FROM locks WHERE path=?", (node_lock_path(node_id),))
         self._tx(fn)
         self._notify_watchers()
@@ -675,7 +705,7 @@ class SQLiteStore(StateStore):
     def delete_request(self, request_id):
         def fn(conn):
             if conn.execute("DELETE FROM requests WHERE id=?", (request_id,)).rowcount:
-                self._bump(conn, "requests")
+                self._deleted(conn, "requests", [request_id])
         self._tx(fn)
         self._notify_watchers()
 

@@ -592,3 +592,25 @@ def test_a_dead_watcher_name_is_removed_by_the_next_commit(db_path, make_store):
     assert len(os.listdir(wake_dir)) == 1                       # ours is still there
     store.stop()
     assert os.listdir(wake_dir) == []
+
+
+def test_deletes_reach_other_caches_by_tombstones_and_without_them(db_path, make_store,
+                                                                  monkeypatch):
+    """Another process's deletes leave its cache through tombstones; a reader further behind
+    than the tombstones kept (or rows deleted by a writer that left none) lists the ids."""
+    from nodepool.store import sqlite as sqlite_store
+    a, b = make_store(), make_store()
+    nodes = [a.create_node(new_node()) for _ in range(6)]
+    assert len(b.list_nodes()) == 6
+    a.delete_node(nodes[0].id)
+    assert {n.id for n in b.list_nodes()} == {n.id for n in nodes[1:]}
+    # pruning: keep only a few generations of tombstones; b is now too far behind for them
+    monkeypatch.setattr(sqlite_store, "TOMBSTONES_KEPT", 1)
+    for node in nodes[1:4]:
+        a.delete_node(node.id)
+    assert raw(db_path).execute("SELECT count(*) FROM tombstones").fetchone()[0] < 4
+    assert {n.id for n in b.list_nodes()} == {n.id for n in nodes[4:]}
+    # a row gone with no tombstone at all (an older writer)
+    raw(db_path).execute("DELETE FROM nodes WHERE id=?", (nodes[4].id,)).connection.commit()
+    a.update_node(a.get_node(nodes[5].id))      # moves the generation
+    assert [n.id for n in b.list_nodes()] == [nodes[5].id]
