@@ -33,6 +33,7 @@ from nodepool.model.states import NodeState
 from .base import ChangeWatcher, Lock, StateStore
 from .cached import CachedRecord, ChangeLog, fresh_copy
 from .zk import paths as P
+from .zk.handler import PollThreadingHandler
 from .zk.recursive_watch import RecursiveWatchClient
 
 log = logging.getLogger("nodepool.store.zookeeper")
@@ -346,7 +347,7 @@ class ZooKeeperStore(StateStore):
             kwargs = dict(use_ssl=True, ca=ca, certfile=cert, keyfile=key, verify_certs=True)
         client = RecursiveWatchClient(hosts=self.hosts, timeout=self.timeout,
                                       connection_retry={"max_tries": -1, "max_delay": 2.0},
-                                      **kwargs)
+                                      handler=PollThreadingHandler(), **kwargs)
         try:
             client.start(timeout=self.timeout)
         except Exception as e:
