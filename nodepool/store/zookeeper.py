@@ -36,6 +36,8 @@ from .zk import paths as P
 from .zk.handler import PollThreadingHandler
 from .zk.recursive_watch import RecursiveWatchClient
 
+EVENT_BATCH = 500        # watch events applied per batch (their fetches pipelined)
+
 log = logging.getLogger("nodepool.store.zookeeper")
 # a session-loop event: delete the contenders of locks released during an outage
 _STALE_CONTENDERS = object()
@@ -626,26 +628,45 @@ class ZooKeeperStore(StateStore):
     # -- caches ------------------------------------------------------------------------------------
 
     def _event_loop(self):
+        """Apply watch events to the caches.  The records they call for are fetched together
+        at the end of each batch of queued events (one round trip, not one per event): every
+        fetch is sent after the batch's events arrived, so it reads a state at least as new
+        as theirs, and a record deleted meanwhile reads as missing."""
         while True:
-            item = self._events.get()
-            if item is None or self._stopping:
-                return
+            batch = [self._events.get()]
+            while batch[-1] is not None and len(batch) < EVENT_BATCH:
+                try:
+                    batch.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            fetch = {}
+            for item in batch:
+                if item is None or self._stopping:
+                    return
+                try:
+                    if item[0] == "rewalk":
+                        self._fetch_many(fetch)
+                        fetch = {}
+                        try:
+                            self._rewalk()
+                            # switched on here, in order with the events: one queued after the
+                            # walk's read must be applied, not skipped as "not caching yet"
+                            self._caching = True
+                        finally:
+                            if item[1] is not None:
+                                item[1].set()
+                    elif item[0] == "refetch":
+                        kind, record_id = P.classify(item[1])
+                        if kind in ("node", "request") and self._caching:
+                            fetch[(kind, record_id)] = None
+                    else:
+                        self._apply_event(*item, fetch=fetch)
+                except StoreError as e:
+                    log.warning("ZooKeeper cache update failed: %s (re-walked on reconnect)", e)
+                except Exception:
+                    log.exception("ZooKeeper cache update failed")
             try:
-                if item[0] == "rewalk":
-                    try:
-                        self._rewalk()
-                        # switched on here, in order with the events: one queued after the
-                        # walk's read must be applied, not skipped as "not caching yet"
-                        self._caching = True
-                    finally:
-                        if item[1] is not None:
-                            item[1].set()
-                elif item[0] == "refetch":
-                    kind, record_id = P.classify(item[1])
-                    if kind in ("node", "request") and self._caching:
-                        self._fetch_into_cache(kind, record_id)
-                else:
-                    self._apply_event(*item)
+                self._fetch_many(fetch)
             except StoreError as e:
                 log.warning("ZooKeeper cache update failed: %s (re-walked on reconnect)", e)
             except Exception:
@@ -653,7 +674,25 @@ class ZooKeeperStore(StateStore):
             if self._events.empty():
                 self._notify_watchers()
 
-    def _apply_event(self, event_type, path):
+    def _fetch_many(self, wanted):
+        """Read the records ``wanted`` (``(kind, id)`` keys) into the cache, all requests
+        sent before the first answer is awaited."""
+        if not wanted:
+            return
+        self._wait_connected()
+        sent = []
+        for kind, record_id in wanted:
+            path = P.node_path(record_id) if kind == "node" else P.request_path(record_id)
+            sent.append((kind, record_id, path, self._client.get_async(path)))
+        for kind, record_id, path, result in sent:
+            try:
+                data, stat = self._wait(result, f"get {path}")
+            except kze.NoNodeError:
+                self._cache.drop(kind, record_id)
+                continue
+            self._into_cache(kind, record_id, data, stat)
+
+    def _apply_event(self, event_type, path, fetch=None):
         kind, record_id = P.classify(path)
         if kind in ("node", "request"):
             if event_type == EventType.DELETED:
@@ -669,7 +708,10 @@ class ZooKeeperStore(StateStore):
                 # of ours is already cached (write-through): nothing to read
                 if self._cache.has(kind, record_id):
                     return
-            self._fetch_into_cache(kind, record_id)
+            if fetch is None:
+                self._fetch_into_cache(kind, record_id)
+            else:
+                fetch[(kind, record_id)] = None
         elif kind in ("node-lock", "request-lock"):
             if not self._caching:
                 return
@@ -699,6 +741,9 @@ class ZooKeeperStore(StateStore):
         if stat is None:
             self._cache.drop(kind, record_id)
             return
+        self._into_cache(kind, record_id, data, stat)
+
+    def _into_cache(self, kind, record_id, data, stat):
         record = self._record_from(kind, record_id, data, stat)
         if record is not None:
             self._cache.put(kind, record, stat.mzxid)
