@@ -218,14 +218,20 @@ class RequestHandler:
                     held.node_locks[node_id] = self.store.lock_node(node_id)
                 except LockError:
                     raise _Retry() from None
-                node = self.store.get_node(node_id)
+                # the pass's record stands in for a read: the write is compare-and-set on
+                # its version, so a node changed since the snapshot is simply not taken
+                seen = self.index.by_id.get(node_id)
+                node = seen.copy() if seen is not None else self.store.get_node(node_id)
                 if node is None or node.state != NodeState.READY or node.allocated_to \
                         or label not in node.type:
                     raise _Retry()
                 node.allocated_to = req.id
                 node.tenant_name = req.tenant_name
                 node.requestor = req.requestor
-                self.store.update_node(node, check_version=True)
+                try:
+                    self.store.update_node(node, check_version=True)
+                except ConflictError:
+                    raise _Retry() from None
                 assigned[node_id] = node
             if action.launch:
                 if room is None or not room.take(action.launch):
