@@ -14,6 +14,7 @@ Prints figures; asserts nothing about time.  Usage:
 import argparse
 import json
 import os
+import socket
 import shutil
 import statistics
 import subprocess
@@ -59,6 +60,26 @@ def cpu_seconds(pid):
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def zk_packets(hosts):
+    """ZooKeeper's count of packets received (``mntr``), or None when 4lw is not allowed."""
+    host, port = hosts.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as s:
+            s.sendall(b"mntr")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return None
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("zk_packets_received"):
+            return int(line.split()[1])
+    return None
 
 
 def pct(values, p):
@@ -179,6 +200,9 @@ def main():
 
         # 3. sustained load
         wait_for(lambda: len(ready_unallocated(store)) >= 20, 60)
+        # the watching store of the phases above is not part of the load: with ZooKeeper its
+        # cache would read every record the clients and the launcher write
+        store.stop()
         cpu0 = cpu_seconds(proc.pid)
         latencies, errors = [], []
         counter = {"left": args.requests}
@@ -207,6 +231,9 @@ def main():
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--format",
                                     "raw", "--threads", "--gil", "-o", args.py_spy, "--rate", "200"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        packets0 = zk_packets(args.zk) if args.store == "zookeeper" else None
+        clients_cpu0 = time.process_time()
+        server_cpu0 = cpu_seconds(zk_server.process.pid) if zk_server is not None else None
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -220,11 +247,21 @@ def main():
                                   latencies)
         results["load"]["throughput_rps"] = round(len(latencies) / elapsed, 1)
         results["load"]["errors"] = len(errors)
+        # the clients are threads of this one process: when it is busy, they are the limit
+        results["load"]["clients_cpu_s"] = round(time.process_time() - clients_cpu0, 2)
+        if server_cpu0 is not None:
+            results["load"]["zookeeper_cpu_s"] = round(cpu_seconds(zk_server.process.pid) - server_cpu0, 2)
+        if packets0 is not None:
+            packets1 = zk_packets(args.zk)
+            if packets1 is not None and latencies:
+                # every packet the server received: clients and launcher, the replacement
+                # launches and deletes of the used nodes included
+                results["load"]["zk_packets_per_request"] = round(
+                    (packets1 - packets0) / len(latencies), 1)
         results["load"]["launcher_cpu_s"] = round(cpu_seconds(proc.pid) - cpu0, 2)
         results["launcher_cpu_s_total"] = round(cpu_seconds(proc.pid), 2)
         proc.terminate()
         proc.wait(30)
-        store.stop()
         log.close()
     finally:
         try:

@@ -18,7 +18,6 @@ import argparse
 import os
 import pstats
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from bench_launcher import cpu_seconds, ready_unallocated, wait_for, write_config  # noqa: E402
+from bench_launcher import (cpu_seconds, ready_unallocated, wait_for,  # noqa: E402
+                            write_config, zk_packets)
 from nodepool.client import NodepoolClient  # noqa: E402
 from nodepool.config import load_config  # noqa: E402
 from nodepool.store import open_store  # noqa: E402
@@ -44,26 +44,6 @@ def start_launcher(config, logfile, profile_to=None):
     cmd += ["-m", "nodepool.cli.launcher"]
     cmd += ["-f", "-c", config, "--no-webapp"]
     return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-
-def zk_packets(hosts):
-    """ZooKeeper's count of packets received (``mntr``), or None when 4lw is not allowed."""
-    host, port = hosts.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=2) as s:
-            s.sendall(b"mntr")
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return None
-    for line in data.decode(errors="replace").splitlines():
-        if line.startswith("zk_packets_received"):
-            return int(line.split()[1])
-    return None
 
 
 def args_fill_timeout(n):

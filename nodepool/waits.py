@@ -14,6 +14,7 @@ as the launcher's registration (a restarted launcher starts an empty ring) and a
 """
 import dataclasses
 import math
+import threading
 import time
 
 RING_SIZE = 500             # fulfilments kept per launcher (each ~50 bytes in the record)
@@ -140,9 +141,11 @@ class Ring:
         self.size = size
         self.rows = []
         self.dirty = False
+        self._lock = threading.Lock()
 
     def add(self, row):
-        self.rows.append(row)
-        if len(self.rows) > self.size:
-            del self.rows[:len(self.rows) - self.size]
-        self.dirty = True
+        with self._lock:            # fulfilments are recorded from several threads
+            self.rows.append(row)
+            if len(self.rows) > self.size:
+                del self.rows[:len(self.rows) - self.size]
+            self.dirty = True

@@ -14,6 +14,7 @@ from ..drivers.base import kept_by
 from ..errors import ConflictError, LockError, NotFoundError
 from ..model.quota import Resources
 from ..model.states import NodeState, RequestState
+from .fanout import Fanout
 
 log = logging.getLogger("nodepool.launcher.cleanup")
 
@@ -167,6 +168,7 @@ class Cleanup:
         self.lock_gc_interval = lock_gc_interval
         self.request_lock_max_age = request_lock_max_age
         self._last_lock_gc = 0.0
+        self.fanout = Fanout()                  # independent deletes of a pass, side by side
 
     def run(self, nodes, requests, locked_nodes, locked_requests, now):
         config = self.config()
@@ -199,16 +201,21 @@ class Cleanup:
     def delete_used(self, index, locked_nodes):
         """Between full cleanups, delete returned nodes at once: they hold quota.
         ``index``: the pass's ``NodeIndex`` (its ``used`` ids, not the whole fleet)."""
+        todo = []
         for node_id in sorted(index.used):
             node = index.by_id[node_id]
             if node.id in locked_nodes:
                 continue
             worker = self.providers.workers.get(node.provider)
             if worker is not None and not getattr(worker.adapter, "reuses_nodes", False):
-                try:
-                    self.delete_node(node.id, "used", seen=node)
-                except Exception:
-                    log.exception("node %s: delete failed (will retry)", node.id)
+                todo.append(node)
+        self.fanout.run(self._delete_used, todo)
+
+    def _delete_used(self, node):
+        try:
+            self.delete_node(node.id, "used", seen=node)
+        except Exception:
+            log.exception("node %s: delete failed (will retry)", node.id)
 
     def delete_node(self, node_id, reason, seen=None):
         """Lock the node, mark it ``deleting`` and hand it to its provider's worker.

@@ -33,6 +33,7 @@ from ..errors import ConfigError, StoreError
 from ..model.records import Component
 from ..store import open_store
 from .cleanup import REQUEST_LOCK_MAX_AGE, Cleanup, return_to_pool
+from .fanout import Fanout
 from .minready import MinReady
 from .observer import Observer
 from .providers import ProviderSet, quietly
@@ -106,6 +107,8 @@ class Launcher:
                                self.request_lock_max_age)
         self.min_ready = MinReady(
             self.store, lambda nid, rid, why: return_to_pool(self.store, nid, rid, why))
+        self.fanout = Fanout.for_store(self.store)
+        self.requests.fanout = self.cleanup.fanout = self.min_ready.fanout = self.fanout
         self.observer = Observer(
             self.store, lambda: self.config, self.launcher_component, self.launcher_name,
             lambda: [c.pool_id for c in self.providers.components.values()])
@@ -148,6 +151,8 @@ class Launcher:
     def shutdown(self):
         """Stop workers, release our locks and registrations.  In-flight launches are left to
         the restart-safety rules (their unlocked nodes get deleted, instances are tagged)."""
+        if getattr(self, "fanout", None) is not None:
+            self.fanout.stop()
         if self.providers is not None:
             self.providers.stop()
         if self.webapp:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..errors import StoreError
 from ..model.records import NodeRequest
 from ..model.states import RequestState
+from .fanout import Fanout
 from .planner import MIN_READY_PRIORITY, MIN_READY_REQUESTOR, is_ready_unallocated, launchable_now
 
 log = logging.getLogger("nodepool.launcher.min-ready")
@@ -106,6 +107,7 @@ class MinReady:
     def __init__(self, store, deallocate):
         self.store = store
         self.deallocate = deallocate        # (node id, request id, reason) -> None
+        self.fanout = Fanout()              # independent finishes of a pass, side by side
 
     def top_up(self, labels, ready, requests, views, components, my_pool_ids, now):
         for action in plan_min_ready(labels, ready, requests,
@@ -124,12 +126,14 @@ class MinReady:
                 log.info("min-ready: requested %d node(s) of label %s", submitted, action.label)
 
     def finish_done(self, requests, locked_requests, now):
-        for request_id in min_ready_to_finish(requests, locked_requests, now):
-            try:
-                self.finish(request_id)
-            except StoreError as exc:
-                log.warning("min-ready request %s: finishing failed (will retry): %s",
-                            request_id, exc)
+        self.fanout.run(self._finish_quietly, min_ready_to_finish(requests, locked_requests, now))
+
+    def _finish_quietly(self, request_id):
+        try:
+            self.finish(request_id)
+        except StoreError as exc:
+            log.warning("min-ready request %s: finishing failed (will retry): %s",
+                        request_id, exc)
 
     def finish(self, request_id):
         with self.store.request_if_free(request_id) as req:

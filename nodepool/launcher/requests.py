@@ -30,6 +30,7 @@ from .. import metrics
 from . import lifecycle as lc
 from . import planner
 from .backoff import Backoff
+from .fanout import Fanout
 from .nodeindex import NodeIndex
 from .provider_worker import build_launch_spec, choose_az
 from .providers import quietly
@@ -55,6 +56,7 @@ class RequestHandler:
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
         self.index = NodeIndex()               # the store's nodes, followed by what changed
+        self.fanout = Fanout()                 # independent store work of a pass, side by side
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
         self._strays = set()                   # node records we created but could not lock
         self.on_fulfil = None                  # (request, provider, warm, seconds) -> None
@@ -80,6 +82,7 @@ class RequestHandler:
             fleet=self.fleet.catch_up(index, self.views))
         paused = set()
         launching = {}                         # pool key -> accepts that launch, in order
+        direct = []                            # declines, failures, accepts of ready nodes
         for action in planner.plan_requests(snap):
             if isinstance(action, planner.Defer):
                 if action.pauses:
@@ -87,7 +90,10 @@ class RequestHandler:
             elif isinstance(action, planner.Accept) and action.launch:
                 launching.setdefault(action.pool_key, []).append(action)
             else:
-                self._isolated(action.request_id, now, self._apply_route, action)
+                direct.append(action)
+        # each on its own request (and its own ready nodes, planned apart): side by side
+        self.fanout.run(lambda a: self._isolated(a.request_id, now, self._apply_route, a),
+                        direct)
         for pool_key, accepts in launching.items():
             self._accept_launching(pool_key, accepts, now)
         for held in self.held.values():

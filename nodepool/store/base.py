@@ -196,6 +196,10 @@ class StateStore(abc.ABC):
         """Write the node back.  NotFoundError if it was deleted; ConflictError on a stale
         version when ``check_version``.  Bumps ``node.version``."""
 
+    #: whether independent writes gain from being made side by side (a networked store whose
+    #: every call is a round trip); the launcher then overlaps a pass's independent items
+    parallel_writes = False
+
     def node_changes(self, since):
         """``(position, {id: node or None})``: the nodes created, changed (the new record, to
         be read, never changed) or deleted (None) since ``since``, a position an earlier call

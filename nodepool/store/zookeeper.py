@@ -282,6 +282,8 @@ class _Cache:
 class ZooKeeperStore(StateStore):
     """``StateStore`` on ZooKeeper (>= 3.6) with Nodepool 11's paths, JSON and lock recipe."""
 
+    parallel_writes = True
+
     def __init__(self, hosts, chroot=None, tls=None, timeout=10.0):
         if isinstance(hosts, (list, tuple)):
             hosts = ",".join(hosts)
