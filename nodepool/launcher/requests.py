@@ -19,6 +19,7 @@ Failure rules:
   waited for: a busy pool is tried again next pass.
 """
 import logging
+import threading
 import time
 from collections import ChainMap
 
@@ -57,6 +58,7 @@ class RequestHandler:
         self._launching_before = {}            # provider -> launches running before the snapshot
         self.index = NodeIndex()               # the store's nodes, followed by what changed
         self.fanout = Fanout()                 # independent store work of a pass, side by side
+        self._room_lock = threading.Lock()
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
         self._strays = set()                   # node records we created but could not lock
         self.on_fulfil = None                  # (request, provider, warm, seconds) -> None
@@ -275,9 +277,12 @@ class RequestHandler:
         quietly(rlock.release)
 
     def _room(self, view):
-        """The pool's room now (call under its lock, after ``sync_nodes``)."""
-        self.index.refresh(self.store)
-        return planner.Room(view, fleet=self.fleet.catch_up(self.index, self.views))
+        """The pool's room now (call under its lock, after ``sync_nodes``).  Held requests are
+        moved on side by side: the index and the tallies are brought up to date by one at a
+        time."""
+        with self._room_lock:
+            self.index.refresh(self.store)
+            return planner.Room(view, fleet=self.fleet.catch_up(self.index, self.views))
 
     def _pool_lock(self, pool):
         """Serialises launch decisions for one pool across launchers (held for milliseconds).
@@ -365,10 +370,11 @@ class RequestHandler:
             self._remove_strays()
         by_id = index.by_id
         current = {r.id: r for r in requests}
-        for rid, held in list(self.held.items()):
-            if self.request_backoff.waiting(rid, now):
-                continue
-            self._isolated(rid, now, self._advance, held, current.get(rid), by_id)
+        due = [(rid, held) for rid, held in list(self.held.items())
+               if not self.request_backoff.waiting(rid, now)]
+        # each held request is its own (its lock, its nodes): side by side
+        self.fanout.run(lambda item: self._isolated(item[0], now, self._advance, item[1],
+                                                    current.get(item[0]), by_id), due)
         self.pool_backoff.forget(lambda key: key[0] in self.views or
                                  any(h.pool_key == key[0] for h in self.held.values()))
         self.request_backoff.forget(lambda rid: rid in current)
