@@ -18,9 +18,12 @@ from ..base import Driver
 DEFAULT_RUNTIME = "runc"
 IMAGE_FORMAT = "tar"
 # What a node runs when its image entry names no ``command``: host keys of its own (the image
-# has none), then sshd in the foreground, logging to the container's output.
+# has none; ed25519 and ECDSA only, as an RSA key takes a second or more to make), then sshd in
+# the foreground, logging to the container's output.
 DEFAULT_COMMAND = ["/bin/sh", "-c",
-                   "mkdir -p /run/sshd && ssh-keygen -A >/dev/null && exec /usr/sbin/sshd -D -e"]
+                   "mkdir -p /run/sshd && for t in ed25519 ecdsa; do "
+                   "f=/etc/ssh/ssh_host_${t}_key; [ -e $f ] || ssh-keygen -q -t $t -N '' -f $f; "
+                   "done && exec /usr/sbin/sshd -D -e"]
 
 
 def _command(value):
