@@ -244,8 +244,10 @@ class PodmanAdapter(Adapter):
                 pass
         address = host_ip if host_ip and host_ip not in ("0.0.0.0", "::") \
             else self.publish_address
+        reachable = address if port else None
         return Instance(external_id=name, metadata=dict(labels), ready=running,
-                        failed=exited, interface_ip=address if port else None,
+                        failed=exited, interface_ip=reachable,
+                        public_ipv4=reachable if reachable and ":" not in reachable else None,
                         private_ipv4=private_ip, cloud=CLOUD_NAME, host_id=self.host_id,
                         resources=resources, connection_port=port)
 
