@@ -30,6 +30,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from fixtures.launcher import wait_until                 # noqa: E402
+from fixtures.podman import node_config, remove_labelled  # noqa: E402
 
 from nodepool.builder.builder import Builder            # noqa: E402
 from nodepool.client import NodepoolClient               # noqa: E402
@@ -47,47 +51,14 @@ PROVIDER = "bench-podman"
 
 
 def write_config(path, work, key, min_ready, max_servers):
+    text = node_config(work, PROVIDER, {"DIB_DEV_USER_AUTHORIZED_KEYS": f"{key}.pub"},
+                       min_ready=min_ready, max_servers=max_servers,
+                       provider_extra="max-cores: 64")
     with open(path, "w") as f:
-        f.write(f"""\
-embedded-store:
-  path: {work}/nodepool.sqlite
-images-dir: {work}/images
-build-log-dir: {work}/build-logs
-labels:
-  - name: debian-node
-    min-ready: {min_ready}
-diskimages:
-  - name: debian-node
-    dib-cmd: {sys.executable} -m nodepool.builder.image_create
-    elements: [debian-minimal, openssh-server, devuser]
-    release: bookworm
-    env-vars:
-      DIB_DEV_USER_AUTHORIZED_KEYS: {key}.pub
-providers:
-  - name: {PROVIDER}
-    driver: podman
-    max-cores: 64
-    diskimages:
-      - name: debian-node
-    pools:
-      - name: main
-        max-servers: {max_servers}
-        labels:
-          - name: debian-node
-            diskimage: debian-node
-            cores: 1
-            ram: 512
-""")
-
-
-def wait_for(cond, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+        f.write(f"embedded-store:\n  path: {work}/nodepool.sqlite\n" + text)
+    # a rewrite within the same second must look changed to the daemons
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
 
 
 def ready_nodes(store):
@@ -106,19 +77,6 @@ def start(obj):
     thread = threading.Thread(target=obj.run, daemon=True)
     thread.start()
     return thread
-
-
-def remove_everything():
-    label = f"label=nodepool_provider_name={PROVIDER}"
-    podman = ["podman"]
-    names = subprocess.run(podman + ["ps", "-a", "--filter", label, "--format", "{{.Names}}"],
-                           capture_output=True, text=True).stdout.split()
-    if names:
-        subprocess.run(podman + ["rm", "-f", "-t", "0", *names], capture_output=True)
-    images = subprocess.run(podman + ["images", "-q", "--filter", label],
-                            capture_output=True, text=True).stdout.split()
-    if images:
-        subprocess.run(podman + ["rmi", "-f", *set(images)], capture_output=True)
 
 
 def adapter_burst(config_path, store, count):
@@ -162,7 +120,7 @@ def main():
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
     config_path = os.path.join(work, "nodepool.yaml")
     write_config(config_path, work, key, min_ready=1, max_servers=args.max_servers)
-    remove_everything()
+    remove_labelled(PROVIDER)
     daemons = []
     try:
         t0 = time.monotonic()
@@ -173,13 +131,13 @@ def main():
         start(launcher)
         store = open_store(load_config(config_path))
         store.start()
-        wait_for(lambda: [b for b in store.list_builds() if str(b.state) == "ready"], 600,
-                 "the image build")
+        wait_until(lambda: [b for b in store.list_builds() if str(b.state) == "ready"], 600,
+                   message="the image build")
         built = time.monotonic() - t0
-        wait_for(lambda: [u for u in store.list_uploads() if str(u.state) == "ready"], 300,
-                 "the upload")
+        wait_until(lambda: [u for u in store.list_uploads() if str(u.state) == "ready"], 300,
+                   message="the upload")
         uploaded = time.monotonic() - t0
-        wait_for(lambda: ready_nodes(store), 300, "the first ready node")
+        wait_until(lambda: ready_nodes(store), 300, message="the first ready node")
         first = time.monotonic() - t0
         print(f"build -> first ready node: {first:.1f} s (build ready {built:.1f} s, "
               f"upload ready {uploaded:.1f} s, node {first - uploaded:.1f} s after the upload)")
@@ -187,7 +145,7 @@ def main():
         client = NodepoolClient(store, requestor="bench")
         warm = []
         for _ in range(args.warm):
-            wait_for(lambda: ready_nodes(store), 120, "a ready node")
+            wait_until(lambda: ready_nodes(store), 120, message="a ready node")
             t = time.monotonic()
             nodes = client.request(["debian-node"], timeout=120)
             warm.append(time.monotonic() - t)
@@ -197,19 +155,18 @@ def main():
 
         # no ready node: min-ready 0, wait until the pool is empty
         write_config(config_path, work, key, min_ready=0, max_servers=args.max_servers)
-        st = os.stat(config_path)
-        os.utime(config_path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-        wait_for(lambda: not store.list_nodes() and not ready_nodes(store), 120,
-                 "the ready pool to drain (min-ready 0)", interval=0.2)
+        wait_until(lambda: not store.list_nodes(), 120, interval=0.2,
+                   message="the ready pool to drain (min-ready 0)")
         cold, cold_ssh = [], []
         for _ in range(3):
             t = time.monotonic()
             [node] = client.request(["debian-node"], timeout=120)
             cold.append(time.monotonic() - t)
-            wait_for(lambda: ssh_ok(node, key), 60, "ssh")
+            wait_until(lambda: ssh_ok(node, key), 60, message="ssh")
             cold_ssh.append(time.monotonic() - t)
             client.release([node])
-            wait_for(lambda: store.get_node(node.id) is None, 60, "the node's deletion")
+            wait_until(lambda: store.get_node(node.id) is None, 60,
+                       message="the node's deletion")
         print(f"cold launch -> node ready (host keys scanned): median "
               f"{statistics.median(cold):.2f} s; -> first SSH command done: median "
               f"{statistics.median(cold_ssh):.2f} s (3 launches)")
@@ -235,7 +192,7 @@ def main():
         for daemon in daemons:
             if hasattr(daemon, "shutdown"):
                 daemon.shutdown()
-        remove_everything()
+        remove_labelled(PROVIDER)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from fixtures.launcher import wait_until
-from fixtures.podman import (IMAGE_CREATE, NODE_ELEMENTS, containers_of, podman, ssh_command)
+from fixtures.podman import containers_of, node_config, podman, ssh_command
 from nodepool.builder.builder import Builder
 from nodepool.config import load_config
 from nodepool.config.model import PoolLabel
@@ -30,35 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("podman")]
 
 def write_config(env, provider, node_image, max_servers=2):
     """A launcher and builder config: one podman provider serving a built Debian node."""
-    env_vars = "".join(f"\n      {k}: {v}" for k, v in node_image.env_vars.items())
-    return env.write(f"""\
-images-dir: {env.dir}/images
-build-log-dir: {env.dir}/build-logs
-launcher:
-  leak-interval: 1
-labels:
-  - name: debian-node
-diskimages:
-  - name: debian-node
-    dib-cmd: {IMAGE_CREATE}
-    elements: {json.dumps(NODE_ELEMENTS)}
-    release: bookworm
-    env-vars:{env_vars}
-providers:
-  - name: {provider}
-    driver: podman
-    boot-timeout: 30
-    diskimages:
-      - name: debian-node
-    pools:
-      - name: main
-        max-servers: {max_servers}
-        labels:
-          - name: debian-node
-            diskimage: debian-node
-            cores: 1
-            ram: 512
-""")
+    return env.write(node_config(env.dir, provider, node_image.env_vars,
+                                 max_servers=max_servers))
 
 
 def builder_for(env):

@@ -182,3 +182,12 @@ def test_debian_root_packages_cache_key_and_mirror(tmp_path):
                                            "bookworm main\n")
     assert debian_root.apt_mirror([str(tmp_path / "sources.list")]) == "http://old.example/debian"
     assert debian_root.apt_mirror([str(tmp_path / "none")]) == debian_root.DEFAULT_MIRROR
+
+
+def test_shipped_example_config_loads():
+    repo = __file__.rsplit("/tests/", 1)[0]
+    cfg = load_config(f"{repo}/examples/podman.yaml")
+    prov = cfg.providers["local"]
+    assert prov.driver == "podman" and cfg.diskimages["debian-node"].formats == ["tar"]
+    assert cfg.diskimages["debian-node"].elements == ["debian-minimal", "openssh-server",
+                                                      "devuser"]
