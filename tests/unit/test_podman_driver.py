@@ -140,6 +140,7 @@ def test_published_port_from_ps_and_inspect():
     assert published_port(ps, 22) == ("127.0.0.1", 41022)
     assert published_port(ps, 2222) == (None, None)
     assert published_port(None, 22) == (None, None)
+    assert published_port(ps, None) == ("127.0.0.1", 8080)
     inspect = {"22/tcp": [{"HostIp": "", "HostPort": "41022"}], "80/tcp": None}
     assert published_port(inspect, 22) == (None, 41022)
     assert published_port(inspect, 80) == (None, None)

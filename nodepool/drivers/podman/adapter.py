@@ -42,16 +42,17 @@ def image_reference(name):
 
 
 def published_port(ports, container_port):
-    """``(host_ip, host_port)`` publishing ``container_port``/tcp, from ``podman ps`` JSON
-    (a list of ``{host_ip, container_port, host_port}``) or ``podman inspect`` JSON (a mapping
-    ``"22/tcp" -> [{HostIp, HostPort}]``); ``(None, None)`` when it is not published."""
+    """``(host_ip, host_port)`` publishing ``container_port``/tcp (None: the first TCP port
+    published), from ``podman ps`` JSON (a list of ``{host_ip, container_port, host_port}``) or
+    ``podman inspect`` JSON (a mapping ``"22/tcp" -> [{HostIp, HostPort}]``); ``(None, None)``
+    when it is not published."""
     if isinstance(ports, dict):
         for binding in ports.get(f"{container_port}/tcp") or []:
             if binding.get("HostPort"):
                 return binding.get("HostIp") or None, int(binding["HostPort"])
         return None, None
     for entry in ports or []:
-        if (int(entry.get("container_port") or 0) == container_port
+        if ((container_port is None or int(entry.get("container_port") or 0) == container_port)
                 and (entry.get("protocol") or "tcp") == "tcp" and entry.get("host_port")):
             return entry.get("host_ip") or None, int(entry["host_port"])
     return None, None
@@ -285,23 +286,13 @@ class PodmanAdapter(Adapter):
             labels = c.get("Labels") or {}
             if labels.get("nodepool_probe"):
                 continue
-            port = None
-            entry = None
-            if labels.get(META_PROVIDER) == self.provider.name:
-                entry = self._entry_for_labels(labels)
-            host_ip, port = published_port(c.get("Ports"), entry.connection_port
-                                           if entry is not None else 22)
+            # a node publishes exactly one port (its connection port)
+            host_ip, port = published_port(c.get("Ports"), None)
             state = c.get("State")
             out.append(self.instance(names[0], labels, running=state == "running", port=port,
                                      host_ip=host_ip,
                                      exited=state in ("exited", "stopped", "dead")))
         return out
-
-    def _entry_for_labels(self, labels):
-        """The image entry a container of ours was launched from (for its container port)."""
-        pool = self.provider.pools.get(labels.get("nodepool_pool_name"))
-        return None if pool is None else next(
-            (self._image_entry(lbl) for lbl in pool.labels.values()), None)
 
     def quota_limits(self):
         opts = self.provider.options
