@@ -205,6 +205,7 @@ def test_adapter_upload_boot_console_and_delete(podman_provider_name, node_image
           path: {tmp_path}/s.sqlite
         labels:
           - name: debian-node
+          - name: broken-node
         providers:
           - name: {podman_provider_name}
             driver: podman
@@ -213,13 +214,18 @@ def test_adapter_upload_boot_console_and_delete(podman_provider_name, node_image
                 image: localhost/nodepool-test-missing:latest
             diskimages:
               - name: debian-node
+              - name: broken-node
+                command: echo sshd is missing >&2; exit 3
             pools:
               - name: main
                 labels:
                   - name: debian-node
                     diskimage: debian-node
+                  - name: broken-node
+                    diskimage: broken-node
         diskimages:
           - name: debian-node
+          - name: broken-node
         """))
     prov = load_config(str(tmp_path / "n.yaml")).providers[podman_provider_name]
     assert prov.options["image-format"] == "tar"
@@ -246,6 +252,17 @@ def test_adapter_upload_boot_console_and_delete(podman_provider_name, node_image
                timeout=30, message="sshd started")
     with pytest.raises(Exception, match="still used by containers"):
         adapter.delete_image(image_id)
+
+    # a container that exits at once fails its launch, saying what it wrote
+    broken = adapter.create_state_machine(LaunchSpec(
+        hostname="np0000000008", label=pool.labels["broken-node"], pool=pool,
+        metadata={META_NODE_ID: "0000000008", META_POOL: "main",
+                  META_PROVIDER: podman_provider_name},
+        image_external_id=image_id, node_id="0000000008"))
+    with pytest.raises(PermanentCloudError, match=r"exited \(exit code 3\): sshd is missing"):
+        wait_until(broken.advance, timeout=60, message="the broken launch to fail")
+    wait_until(adapter.delete_state_machine(broken.external_id).advance, timeout=60,
+               message="the exited container removed")
     delete = adapter.delete_state_machine(inst.external_id)
     wait_until(delete.advance, timeout=60, message="container removed")
     assert inst.external_id not in containers_of(podman_provider_name)

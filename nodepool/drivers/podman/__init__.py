@@ -101,6 +101,8 @@ class PodmanDriver(Driver):
         return {
             v.Optional("cores", default=1): v.All(int, v.Range(min=1)),    # --cpus
             v.Optional("ram", default=1024): v.All(int, v.Range(min=6)),   # MiB, --memory
+            # log the container's output (podman logs) when its launch fails
+            v.Optional("console-log", default=False): bool,
         }
 
     def diskimage_schema(self):

@@ -79,16 +79,16 @@ class PodmanCreate(StateMachine):
     def advance(self):
         if self.state == self.START:
             self.external_id = self.settings["name"]
-            self.call = self.adapter.podman.start(*self.adapter.run_args(self.settings),
-                                                  what=f"podman run {self.external_id}")
+            self.call = self.adapter.start_call("create", *self.adapter.run_args(self.settings),
+                                                what=f"podman run {self.external_id}")
             self.state = self.RUNNING
             return None
         if self.state == self.RUNNING:
             if self._finished() is None:
                 return None
-            self.call = self.adapter.podman.start("inspect", "--type", "container",
-                                                  self.external_id,
-                                                  what=f"podman inspect {self.external_id}")
+            self.call = self.adapter.start_call("inspect", "inspect", "--type", "container",
+                                                self.external_id,
+                                                what=f"podman inspect {self.external_id}")
             self.state = self.INSPECTING
             return None
         if self.state == self.INSPECTING:
@@ -147,8 +147,8 @@ class PodmanDelete(StateMachine):
         if self.complete:
             return True
         if self.state == self.START:
-            self.call = self.adapter.podman.start(
-                "rm", "--force", "--ignore", "--time", "2", self.external_id,
+            self.call = self.adapter.start_call(
+                "delete", "rm", "--force", "--ignore", "--time", "2", self.external_id,
                 what=f"podman rm {self.external_id}")
             self.state = self.DELETING
             return None
@@ -184,6 +184,11 @@ class PodmanAdapter(Adapter):
             if json_output:
                 return self.podman.json(*args, timeout=timeout)
             return self.podman.call(*args, timeout=timeout)
+
+    def start_call(self, operation, *args, what=None):
+        """Start one podman command through the rate limiter, without waiting for it."""
+        with self.rate_limiter.call(operation):
+            return self.podman.start(*args, what=what)
 
     def _image_entry(self, label):
         if label.cloud_image:
@@ -255,11 +260,25 @@ class PodmanAdapter(Adapter):
     def output_tail(self, name, lines=3):
         """The last lines a container wrote (why it stopped), or an empty string."""
         try:
-            with self.rate_limiter.call("logs"):
-                proc_out = self.podman.call("logs", "--tail", str(lines), name, timeout=15)
-        except PodmanError:
+            output = self._logs(name, lines)
+        except (TransientCloudError, InstanceNotFound):
             return ""
-        return " | ".join(line.strip() for line in proc_out.splitlines() if line.strip())
+        return " | ".join(line.strip() for line in output.splitlines() if line.strip())
+
+    def _logs(self, name, lines):
+        """What the container's command wrote, stdout and stderr (``podman logs``)."""
+        argv = self.podman.argv("logs", "--tail", str(lines), name)
+        try:
+            with self.rate_limiter.call("console"):
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                      stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise TransientCloudError(f"console of {name}: {exc}") from exc
+        if proc.returncode != 0:
+            if is_missing(proc.stderr):
+                raise InstanceNotFound(f"container {name} not found on {self.provider.name}")
+            raise TransientCloudError(f"console of {name}: {last_line(proc.stderr)}")
+        return proc.stdout + proc.stderr
 
     # -- the adapter contract --------------------------------------------------------------------
 
@@ -380,17 +399,5 @@ class PodmanAdapter(Adapter):
                 for img in images]
 
     def console_log(self, external_id):
-        """What the container's command (sshd -e) wrote, stdout and stderr."""
-        argv = self.podman.argv("logs", "--tail", "200", external_id)
-        try:
-            with self.rate_limiter.call("console"):
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                                      stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise TransientCloudError(f"console of {external_id}: {exc}") from exc
-        if proc.returncode != 0:
-            if is_missing(proc.stderr):
-                raise InstanceNotFound(f"container {external_id} not found on "
-                                       f"{self.provider.name}")
-            raise TransientCloudError(f"console of {external_id}: {last_line(proc.stderr)}")
-        return proc.stdout + proc.stderr
+        """What the container's command (``sshd -e``) wrote, stdout and stderr."""
+        return self._logs(external_id, 200)
