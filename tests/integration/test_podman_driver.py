@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import textwrap
+import time
 
 import pytest
 
@@ -28,10 +29,10 @@ from nodepool.model.images import newest_ready_upload
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("podman")]
 
 
-def write_config(env, provider, node_image, max_servers=2):
+def write_config(env, provider, node_image, max_servers=2, provider_extra=""):
     """A launcher and builder config: one podman provider serving a built Debian node."""
     return env.write(node_config(env.dir, provider, node_image.env_vars,
-                                 max_servers=max_servers))
+                                 max_servers=max_servers, provider_extra=provider_extra))
 
 
 def builder_for(env):
@@ -69,6 +70,8 @@ def run_on(node, world, command):
 # -- a job on a real node ----------------------------------------------------------------------
 
 def test_built_image_boots_a_node_that_runs_a_job_over_ssh(world):
+    # the machine's capacity as the provider's quota: one core, so one 1-core node at a time
+    write_config(world, world.provider, world.node_image, provider_extra="max-cores: 1")
     store = world.store()
     build = build_and_upload(builder_for(world), store)
     upload = newest_ready_upload(store.list_uploads(), "debian-node", world.provider)
@@ -93,10 +96,19 @@ def test_built_image_boots_a_node_that_runs_a_job_over_ssh(world):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [f"np{node.id}", "zuul", "42"]
 
+    # a second request waits at the cores quota while the first node is in use...
+    second = client.submit(["debian-node"])
+    time.sleep(3)
+    assert str(store.get_request(second.id).state) in ("requested", "pending")
+    assert list(containers_of(world.provider)) == [node.external_id]
     client.release([node])
     wait_until(lambda: node.external_id not in containers_of(world.provider), timeout=60,
                message="the used node's container removed")
     wait_until(lambda: store.get_node(node.id) is None, timeout=30, message="record gone")
+    # ...and is served once it is gone
+    [other] = client.accept(client.wait(second.id, timeout=120))
+    assert other.external_id in containers_of(world.provider)
+    client.release([other])
 
 
 # -- crashes and leaks -------------------------------------------------------------------------
