@@ -181,10 +181,17 @@ def test_retention_and_revert_act_on_podmans_image_store(world):
     store = world.store()
     builder = builder_for(world)
     b1, b2, b3 = (build_and_upload(builder, store) for _ in range(3))
+    # an image labelled as an upload of ours that has no record (a builder killed mid-upload)
+    adapter = get_driver("podman").adapter(world.config.providers[world.provider])
+    leaked = adapter.upload_image(ImageUploadSpec(
+        image_name="debian-node-leaked", filename=world.node_image.tar, image_format="tar",
+        metadata={META_BUILD_ID: "f" * 32, META_UPLOAD_ID: "0000000099",
+                  META_PROVIDER: world.provider}))
     builder.janitor_pass()
     assert [b.id for b in store.list_builds("debian-node")] == [b2.id, b3.id]
     ups = store.list_uploads("debian-node", provider=world.provider)
     assert podman_image_ids(world.provider) == sorted(u.external_id for u in ups)
+    assert leaked not in podman_image_ids(world.provider)
 
     current = newest_ready_upload(ups, "debian-node", world.provider)
     previous = next(u for u in ups if u.build_id == b2.id)
