@@ -145,7 +145,8 @@ def write_root_tree(root, elements, environ, arch):
 def run_element(element, directory, root, environ):
     script = os.path.join(directory, "build.sh") if directory else None
     if not script or not os.path.isfile(script):
-        progress(f"element {element}: nothing to run")
+        builtin = element in debian_root.BUILTIN_ELEMENTS
+        progress(f"element {element}: {'built in' if builtin else 'nothing to run'}")
         return
     if not os.access(script, os.X_OK):
         raise ImageCreateError(f"element {element}: {script} is not executable")
