@@ -192,3 +192,15 @@ def test_shipped_example_config_loads():
     assert prov.driver == "podman" and cfg.diskimages["debian-node"].formats == ["tar"]
     assert cfg.diskimages["debian-node"].elements == ["debian-minimal", "openssh-server",
                                                       "devuser"]
+
+
+def test_builtin_elements_need_no_directory_and_debian_root_needs_root(tmp_path, monkeypatch):
+    from nodepool.builder import image_create
+    found = image_create.find_elements(["debian-minimal", "openssh-server", "devuser"],
+                                       str(tmp_path))
+    assert found == {"debian-minimal": None, "openssh-server": None, "devuser": None}
+    with pytest.raises(image_create.ImageCreateError, match="'nosuch' not found"):
+        image_create.find_elements(["nosuch"], str(tmp_path))
+    monkeypatch.setattr(debian_root.os, "geteuid", lambda: 1000)
+    with pytest.raises(debian_root.DebianRootError, match="debian-minimal needs root"):
+        debian_root.lay_down(str(tmp_path), ["debian-minimal"], {}, "amd64")
