@@ -234,7 +234,7 @@ def test_adapter_upload_boot_console_and_delete(podman_provider_name, node_image
             diskimages:
               - name: debian-node
               - name: broken-node
-                command: echo sshd is missing >&2; exit 3
+                command: [/usr/sbin/no-such-daemon, -D]
             pools:
               - name: main
                 labels:
@@ -272,14 +272,15 @@ def test_adapter_upload_boot_console_and_delete(podman_provider_name, node_image
     with pytest.raises(Exception, match="still used by containers"):
         adapter.delete_image(image_id)
 
-    # a container that exits at once fails its launch, saying what it wrote
+    # a container whose command cannot start fails its launch, saying why, and is removed
     broken = adapter.create_state_machine(LaunchSpec(
         hostname="np0000000008", label=pool.labels["broken-node"], pool=pool,
         metadata={META_NODE_ID: "0000000008", META_POOL: "main",
                   META_PROVIDER: podman_provider_name},
         image_external_id=image_id, node_id="0000000008"))
-    with pytest.raises(PermanentCloudError, match=r"exited \(exit code 3\): sshd is missing"):
+    with pytest.raises(PermanentCloudError, match="no-such-daemon.*not found"):
         wait_until(broken.advance, timeout=60, message="the broken launch to fail")
+    assert broken.external_id in containers_of(podman_provider_name)       # left "created"
     wait_until(adapter.delete_state_machine(broken.external_id).advance, timeout=60,
                message="the exited container removed")
     delete = adapter.delete_state_machine(inst.external_id)

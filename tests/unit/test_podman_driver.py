@@ -204,3 +204,31 @@ def test_builtin_elements_need_no_directory_and_debian_root_needs_root(tmp_path,
     monkeypatch.setattr(debian_root.os, "geteuid", lambda: 1000)
     with pytest.raises(debian_root.DebianRootError, match="debian-minimal needs root"):
         debian_root.lay_down(str(tmp_path), ["debian-minimal"], {}, "amd64")
+
+
+def test_inspected_container_becomes_an_instance_or_a_clear_failure(tmp_path, monkeypatch):
+    import json
+    prov = config(tmp_path).providers["pod"]
+    adapter = get_driver("podman").adapter(prov)
+    machine = adapter.create_state_machine(spec(prov, image="abc123"))
+    machine.external_id = machine.settings["name"]
+    monkeypatch.setattr(adapter, "output_tail", lambda name: "sshd: no hostkeys available")
+    exited = [{"State": {"Status": "exited", "ExitCode": 1}}]
+    with pytest.raises(PermanentCloudError, match=r"is exited \(exit code 1\): sshd: no "
+                                                   r"hostkeys available"):
+        machine._check(json.dumps(exited))
+    unpublished = [{"State": {"Status": "running"}, "NetworkSettings": {"Ports": {}}}]
+    with pytest.raises(PermanentCloudError, match="no published port for 2222"):
+        machine._check(json.dumps(unpublished))
+    with pytest.raises(TransientCloudError, match="unreadable podman inspect output"):
+        machine._check("not json")
+    running = [{"State": {"Status": "running"},
+                "Config": {"Labels": {META_NODE_ID: "0000000042", META_PROVIDER: "pod",
+                                      "nodepool_cores": "1", "nodepool_ram": "1024"}},
+                "NetworkSettings": {"IPAddress": "10.88.0.5", "Ports": {
+                    "2222/tcp": [{"HostIp": "127.0.0.1", "HostPort": "40001"}]}}}]
+    inst = machine._check(json.dumps(running))
+    assert machine.complete and inst.ready and inst.node_id == "0000000042"
+    assert (inst.interface_ip, inst.public_ipv4, inst.connection_port, inst.private_ipv4) == (
+        "127.0.0.1", "127.0.0.1", 40001, "10.88.0.5")
+    assert inst.resources == {"instances": 1, "cores": 1, "ram": 1024}
