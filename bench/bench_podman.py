@@ -79,6 +79,14 @@ def start(obj):
     return thread
 
 
+def stop(daemon, threads):
+    """Stop a daemon started by ``start`` and wait for its thread (and workers) to end."""
+    daemon.stop()
+    threads.pop(daemon).join(60)
+    if hasattr(daemon, "shutdown"):
+        daemon.shutdown()
+
+
 def adapter_burst(config_path, store, count):
     """``count`` launches advanced from one loop, as a provider worker does; then deletes."""
     prov = load_config(config_path).providers[PROVIDER]
@@ -121,16 +129,15 @@ def main():
     config_path = os.path.join(work, "nodepool.yaml")
     write_config(config_path, work, key, min_ready=1, max_servers=args.max_servers)
     remove_labelled(PROVIDER)
-    daemons = []
+    threads = {}          # daemon -> the thread running it
+    store = open_store(load_config(config_path))
+    store.start()
     try:
         t0 = time.monotonic()
         builder = Builder(config_path, hostname="bench")
         launcher = Launcher(config_path, webapp=False)
-        daemons += [builder, launcher]
-        start(builder)
-        start(launcher)
-        store = open_store(load_config(config_path))
-        store.start()
+        threads[builder] = start(builder)
+        threads[launcher] = start(launcher)
         wait_until(lambda: [b for b in store.list_builds() if str(b.state) == "ready"], 600,
                    message="the image build")
         built = time.monotonic() - t0
@@ -179,19 +186,16 @@ def main():
         burst = time.monotonic() - t
         print(f"burst of {args.burst} requests (max-servers {args.max_servers}): all served in "
               f"{burst:.1f} s = {args.burst / burst * 60:.0f} nodes ready per minute")
-        launcher.stop()
-        daemons.remove(launcher)
-        time.sleep(1)
+        wait_until(lambda: not store.list_nodes(), 120, interval=0.2,
+                   message="the used nodes' deletion")
+        stop(launcher, threads)
         running, deleted = adapter_burst(config_path, store, args.burst)
         print(f"adapter alone: {args.burst} containers running in {running:.1f} s "
               f"({args.burst / running * 60:.0f} per minute), deleted in {deleted:.1f} s")
-        store.stop()
     finally:
-        for daemon in daemons:
-            daemon.stop()
-        for daemon in daemons:
-            if hasattr(daemon, "shutdown"):
-                daemon.shutdown()
+        for daemon in list(threads):
+            stop(daemon, threads)
+        store.stop()
         remove_labelled(PROVIDER)
         shutil.rmtree(work, ignore_errors=True)
 
