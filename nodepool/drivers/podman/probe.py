@@ -1,4 +1,4 @@
-"""Can this machine start containers?  One real container, no image needed.
+"""Can this machine start containers?  One real container, from a 2 MB image of its own.
 
 ``runtime_problem`` runs ``/bin/true`` in a container of a scratch image holding only that
 binary and its libraries (imported once as ``PROBE_IMAGE``), with the provider's runtime and
