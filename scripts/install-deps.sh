@@ -2,7 +2,8 @@
 # Install everything the tests and the demo need on a fresh Debian machine (idempotent).
 # Debian packages: zookeeper (ZooKeeper store tests), openssh (static driver / host-key scan
 # tests), e2fsprogs + qemu-utils (real image files from the shipped build command), chromium +
-# chromium-driver (the dashboard test drives a real headless browser through Selenium).
+# chromium-driver (the dashboard test drives a real headless browser through Selenium), podman +
+# runc + debootstrap (the podman driver's real container nodes and their Debian images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,10 @@ command -v mke2fs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+# the podman driver's real nodes: containers (podman with Debian's runc), node roots (debootstrap)
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing Debian packages: ${need_apt[*]}"

@@ -12,4 +12,5 @@ pytest_plugins = [
     "fixtures.openstack",
     "fixtures.moto",
     "fixtures.statsd",
+    "fixtures.podman",
 ]

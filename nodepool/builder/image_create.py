@@ -14,6 +14,9 @@ environment); elements are directories under ``ELEMENTS_PATH`` whose optional ex
 Formats: ``tar`` is a tarball of the tree; ``raw`` is an ext4 filesystem of it (``mke2fs -d``) or,
 without mke2fs, a disk with an MBR partition table whose one partition holds a tar of the tree;
 ``qcow2`` comes from ``qemu-img convert`` or, without qemu-img, from our own qcow2 v2 writer.
+
+The built-in elements ``debian-minimal``, ``openssh-server`` and ``devuser`` (``debian_root.py``)
+make the tree a real Debian node instead: a cached debootstrap root, sshd and the node user.
 """
 import argparse
 import hashlib
@@ -27,6 +30,8 @@ import sys
 import tarfile
 import tempfile
 import time
+
+from . import debian_root
 
 FORMATS = ("raw", "qcow2", "tar")
 SECTOR = 512
@@ -86,7 +91,7 @@ def find_elements(elements, elements_path):
     for element in elements:
         match = next((os.path.join(d, element) for d in dirs
                       if os.path.isdir(os.path.join(d, element))), None)
-        if dirs and match is None:
+        if dirs and match is None and element not in debian_root.BUILTIN_ELEMENTS:
             raise ImageCreateError(f"element {element!r} not found in ELEMENTS_PATH "
                                    f"{':'.join(dirs)}", 2)
         found[element] = match
@@ -109,28 +114,39 @@ def write_root_tree(root, elements, environ, arch):
     """Populate ``root`` with the files every image has, then run element ``build.sh`` scripts."""
     name = environ.get("DIB_IMAGE_NAME") or "image"
     release = environ.get("DIB_RELEASE") or "0"
+    base = None
+    if debian_root.wanted(elements):
+        base = debian_root.lay_down(root, elements, environ, arch)
+        if "devuser" in elements:
+            debian_root.add_user(root, environ)
     etc = os.path.join(root, "etc")
     os.makedirs(etc, exist_ok=True)
-    with open(os.path.join(etc, "os-release"), "w") as f:
-        f.write(f'NAME="Nodepool Image"\nID=nodepool\nVERSION_ID="{release}"\n'
-                f'PRETTY_NAME="Nodepool Image {name} {release}"\n')
+    if base is None:
+        with open(os.path.join(etc, "os-release"), "w") as f:
+            f.write(f'NAME="Nodepool Image"\nID=nodepool\nVERSION_ID="{release}"\n'
+                    f'PRETTY_NAME="Nodepool Image {name} {release}"\n')
     with open(os.path.join(etc, "hostname"), "w") as f:
         f.write(f"{name}\n")
     manifest = {"image": name, "release": release, "arch": arch, "elements": list(elements),
                 "environment": recorded_environment(environ), "created": int(time.time())}
+    if base is not None:
+        manifest["base"] = base
     manifest_dir = os.path.join(etc, "nodepool")
     os.makedirs(manifest_dir, exist_ok=True)
     with open(os.path.join(manifest_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     for element, directory in elements.items():
         run_element(element, directory, root, environ)
+    if base is not None:
+        debian_root.finish(root)
     return manifest
 
 
 def run_element(element, directory, root, environ):
     script = os.path.join(directory, "build.sh") if directory else None
     if not script or not os.path.isfile(script):
-        progress(f"element {element}: nothing to run")
+        builtin = element in debian_root.BUILTIN_ELEMENTS
+        progress(f"element {element}: {'built in' if builtin else 'nothing to run'}")
         return
     if not os.access(script, os.X_OK):
         raise ImageCreateError(f"element {element}: {script} is not executable")
@@ -331,14 +347,16 @@ def build_image(args, environ):
         manifest = write_root_tree(root, elements, environ, args.arch)
         with open(os.path.join(manifest_dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-        payload = tar_bytes(root)
+        full_os = "base" in manifest      # owners and modes matter: system tar, on disk
+        payload = None if full_os else tar_bytes(root)
 
         raw_path = f"{output}.raw" if "raw" in formats else os.path.join(work, "disk.raw")
         if "raw" in formats or "qcow2" in formats:
             if write_raw_ext4(root, raw_path, args.image_size):
                 progress(f"raw: ext4 filesystem image written with mke2fs -d ({raw_path})")
             else:
-                write_raw_partitioned(payload, raw_path)
+                write_raw_partitioned(payload if payload is not None else tar_bytes(root),
+                                      raw_path)
                 progress("raw: mke2fs -d not available; wrote a disk with an MBR partition "
                          f"table holding a tar of the tree ({raw_path})")
         if "raw" in formats:
@@ -348,9 +366,12 @@ def build_image(args, environ):
             progress(f"qcow2: written by {how}")
             written.append(f"{output}.qcow2")
         if "tar" in formats:
-            with open(f"{output}.tar", "wb") as f:
-                f.write(payload)
-            progress(f"tar: {len(payload)} bytes")
+            if payload is None:
+                debian_root.write_tar(root, f"{output}.tar")
+            else:
+                with open(f"{output}.tar", "wb") as f:
+                    f.write(payload)
+            progress(f"tar: {os.path.getsize(output + '.tar')} bytes")
             written.append(f"{output}.tar")
         if args.checksum:
             for path in written:
@@ -371,6 +392,9 @@ def main(argv=None):
     except ImageCreateError as exc:
         print(f"nodepool-image-create: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except debian_root.DebianRootError as exc:
+        print(f"nodepool-image-create: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except OSError as exc:
         print(f"nodepool-image-create: error: {exc}", file=sys.stderr, flush=True)
         return 1
