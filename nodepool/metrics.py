@@ -95,8 +95,8 @@ class StoreCollector(Collector):
     def collect(self):
         up = GaugeMetricFamily("nodepool_store_up", "1 if the state store answered this scrape")
         try:
-            nodes = self.store.list_nodes()
-            requests = self.store.list_requests()
+            nodes = self.store.list_nodes(shared=True)   # only counted
+            requests = self.store.list_requests(shared=True)
         except Exception:
             up.add_metric([], 0)
             yield up

@@ -263,7 +263,7 @@ class Cleanup:
         with self.store.request_if_free(request_id) as req:
             if req is None or req.state != RequestState.PENDING:
                 return
-            for node in self.store.list_nodes():
+            for node in self.store.list_nodes(shared=True):
                 if node.allocated_to == req.id and node.state == NodeState.READY:
                     return_to_pool(self.store, node.id, req.id, f"request {req.id} was lost")
             req.nodes = []

@@ -708,7 +708,7 @@ class ProviderWorker:
         """Delete instances and resources tagged as ours that no node record owns."""
         self._list_instances(time.monotonic())
         try:
-            nodes = self.store.list_nodes()
+            nodes = self.store.list_nodes(shared=True)   # only read
         except StoreError as exc:
             self.log.warning("leak scan skipped: %s", exc)
             return

@@ -94,8 +94,8 @@ def image_table(uploads, now):
 
 
 def dashboard_data(store, config, now, window=WINDOW):
-    nodes = store.list_nodes()
-    requests = store.list_requests()
+    nodes = store.list_nodes(shared=True)       # only read here
+    requests = store.list_requests(shared=True)
     uploads = store.list_uploads()
     launchers = store.list_components("launcher")
     recent = waits.read_waits(launchers)
