@@ -37,6 +37,7 @@ from .minready import MinReady
 from .observer import Observer
 from .providers import ProviderSet, quietly
 from .requests import RequestHandler
+from .validation import RolloutManager
 
 log = logging.getLogger("nodepool.launcher")
 
@@ -70,6 +71,7 @@ class Launcher:
         self.requests = None
         self.cleanup = None
         self.min_ready = None
+        self.rollout = None
         self.observer = None
         self.launcher_component = None
         self.paused_pools = set()
@@ -95,11 +97,14 @@ class Launcher:
         self.launcher_component = self.store.register_component(Component(
             kind="launcher", hostname=self.hostname, state="running",
             version_string=_version()))
+        self.rollout = RolloutManager(self.store, lambda: self.config, self.launcher_name)
         self.providers = ProviderSet(
             self.store, self.hostname, self.launcher_name, _version(),
-            dict(tick=self.worker_tick, leak_interval=self.leak_interval), self._wake)
+            dict(tick=self.worker_tick, leak_interval=self.leak_interval,
+                 on_outcome=self.rollout.record), self._wake)
         self.requests = RequestHandler(self.store, self.providers, lambda: self.config,
                                        self.launcher_name)
+        self.requests.choose_upload = self.rollout.choose
         self.cleanup = Cleanup(self.store, self.providers, lambda: self.config,
                                lambda: set(self.requests.held), self.lock_gc_interval,
                                self.request_lock_max_age)
@@ -151,6 +156,8 @@ class Launcher:
             self.providers.stop()
         if self.webapp:
             self.webapp.stop()
+        if self.rollout is not None:
+            self.rollout.stop()
         if self.observer is not None:
             self.observer.stop()
         if self.store is not None:
@@ -269,6 +276,8 @@ class Launcher:
                               components,
                               [c.pool_id for c in self.providers.components.values()],
                               time.time())
+        # image rollout: outcome counters, steps, validations (every few seconds)
+        self.rollout.run(requests)
 
     # -- config and providers ----------------------------------------------------------------------
 

@@ -1,0 +1,448 @@
+"""Image rollout in the launcher: the I/O side of ``rollout.py``.
+
+``RolloutManager`` lives in the launcher loop.  It
+
+* picks the upload each launch boots (``choose``), counting the launch for that upload;
+* collects launch outcomes from the provider workers (``record``) and adds them to the upload
+  records' counters by compare-and-set (``flush``), so every launcher sharing the store sees
+  the sum;
+* every ``INTERVAL`` seconds applies ``rollout.plan_pair`` to each (image, provider) pair it
+  serves: starts a candidate's rollout, advances its steps, withdraws it when it does worse;
+* runs validations: claims one in the upload record, asks for a node booted from the candidate
+  (an ordinary node request marked ``rollout_validation``), checks that node over SSH on a
+  thread of its own (never the loop), and records the result.
+
+Failure rules: every store write is a compare-and-set re-decided on a fresh record; an error
+with one pair is logged and that pair is tried again next pass.  A validation that cannot run
+(no node, store trouble, its launcher died) is retried after a backoff without counting against
+the upload; meanwhile the current upload serves every request, so no request ever waits on a
+validation.  Outcome counts not yet written stay in memory and are written next pass.
+"""
+import collections
+import concurrent.futures
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+
+from .. import metrics
+from ..config.rollout import policy_for
+from ..errors import LockError, StoreError
+from ..model.records import NodeRequest
+from ..model.rollout import (RUNNING, PENDING, WITHDRAWN, Rollout, pair_status)
+from ..model.states import NodeState, RequestState, UploadState
+from ..store.base import compare_and_set
+from . import rollout as ro
+from .nodescan import NodeScan
+
+log = logging.getLogger("nodepool.launcher.rollout")
+
+INTERVAL = 2.0
+VALIDATION_REQUESTOR = "nodepool-rollout"
+VALIDATION_KEY = "rollout_validation"       # request extra: the upload path to boot
+NODE_LOCK_TIMEOUT = 10
+WITHDRAWN_REASONS_KEY = "withdrawn_reasons"  # build extra: provider -> reason
+
+_UPLOAD_PATH = re.compile(r"^/nodepool/images/(?P<image>[^/]+)/builds/(?P<build>[^/]+)"
+                          r"/providers/(?P<provider>[^/]+)/images/(?P<upload>[^/]+)$")
+
+
+def parse_upload_path(path):
+    match = _UPLOAD_PATH.match(path or "")
+    return (match.group("image"), match.group("build"), match.group("provider"),
+            match.group("upload")) if match else None
+
+
+class RolloutManager:
+    def __init__(self, store, config, launcher_name, clock=time.time):
+        self.store = store
+        self.config = config                    # () -> running configuration
+        self.launcher_name = launcher_name
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pending = collections.defaultdict(collections.Counter)   # upload path -> counts
+        self._checks = {}                      # upload path -> Future of a validation check
+        self._executor = None
+        self._last_run = float("-inf")
+
+    # -- launches (called by the request handler and the provider workers) ----------------------
+
+    def launches(self, upload):
+        with self._lock:
+            pending = self._pending.get(upload.path, {}).get("launches", 0)
+        return Rollout.of(upload).count("launches") + pending
+
+    def choose(self, uploads, image, provider, request=None):
+        """The upload a new node of ``image`` on ``provider`` boots (None: none ready)."""
+        policy = policy_for(self.config(), image, provider)
+        status = pair_status(uploads, image, provider, policy is not None)
+        wanted = (request.extra.get(VALIDATION_KEY) if request is not None else None)
+        upload = ro.choose_upload(status, policy, self.launches, wanted)
+        if upload is not None and policy is not None:
+            self._add(upload.path, "launches")
+        return upload
+
+    def record(self, node, kind):
+        """A launch attempt of ``node`` ended (``kind``: ready or a failure counter)."""
+        if parse_upload_path(node.image_id) is not None:
+            self._add(node.image_id, kind)
+
+    def _add(self, path, kind, count=1):
+        with self._lock:
+            self._pending[path][kind] += count
+
+    # -- the periodic pass -----------------------------------------------------------------------
+
+    def run(self, requests, now=None, force=False):
+        """Called from the launcher loop: cheap unless ``INTERVAL`` has passed."""
+        mono = time.monotonic()
+        if not force and mono - self._last_run < INTERVAL:
+            return
+        self._last_run = mono
+        now = self.clock() if now is None else now
+        self.flush()
+        config = self.config()
+        pairs = [(image, prov_name) for prov_name, prov in config.providers.items()
+                 for image in prov.diskimages if policy_for(config, image, prov_name)]
+        if not pairs and not self._checks:
+            return
+        uploads = self.store.list_uploads()
+        live = {r.id for r in requests}
+        for image, provider in pairs:
+            try:
+                self._run_pair(config, uploads, image, provider, now, live)
+            except StoreError as exc:
+                log.warning("rollout of %s on %s: store error (will retry): %s", image,
+                            provider, exc)
+            except Exception:
+                log.exception("rollout of %s on %s failed (will retry)", image, provider)
+
+    def flush(self):
+        """Add the counts gathered since the last flush to the upload records."""
+        with self._lock:
+            pending, self._pending = self._pending, collections.defaultdict(collections.Counter)
+        for path, counts in pending.items():
+            key = parse_upload_path(path)
+            if key is None or not counts:
+                continue
+
+            def add(upload, counts=counts):
+                state = Rollout.of(upload)
+                for kind, n in counts.items():
+                    state.outcomes[kind] = state.count(kind) + n
+                state.store(upload)
+            try:
+                compare_and_set(lambda key=key: self.store.get_upload(*key),
+                                self.store.update_upload, add)
+            except StoreError as exc:
+                log.warning("upload %s: outcome counts not written yet: %s", path, exc)
+                with self._lock:
+                    self._pending[path].update(counts)
+
+    def _run_pair(self, config, uploads, image, provider, now, live):
+        policy = policy_for(config, image, provider)
+        status = pair_status(uploads, image, provider, True)
+        self._follow_validation(config, status, policy, now)
+        action = ro.plan_pair(status, policy, now, self.launches, live)
+        if action is None:
+            return
+        if isinstance(action, ro.StartRollout):
+            cur = action.current
+            cur_outcomes = Rollout.of(cur).outcomes if cur is not None else {}
+            cur_launches = self.launches(cur) if cur is not None else 0
+            if self._change(action.upload, lambda s: ro.start_rollout(
+                    s, policy, now, cur_outcomes, cur.path if cur else None, cur_launches)):
+                log.info("upload %s: new candidate of %s on %s (%s)", action.upload.path,
+                         image, provider, "validating" if policy.validation else "rolling out")
+        elif isinstance(action, ro.AdvanceStep):
+            cur_launches = self.launches(action.current) if action.current is not None else 0
+            if self._change(action.upload, lambda s: ro.advance_step(
+                    s, policy, action.to_step, now, cur_launches)):
+                event = "current" if action.to_step >= len(policy.steps) else "step"
+                metrics.ROLLOUT_EVENTS.labels(image, provider, event).inc()
+                log.info("upload %s of %s on %s: %s", action.upload.path, image, provider,
+                         "now current" if event == "current" else
+                         f"step {action.to_step + 1}: {policy.steps[action.to_step]}% of launches")
+        elif isinstance(action, ro.Withdraw):
+            self.withdraw(action.upload, action.by, action.reason, now)
+        elif isinstance(action, ro.StartValidation):
+            self._start_validation(config, action.upload, policy, now)
+        elif isinstance(action, ro.ResetValidation):
+            request = action.upload.extra.get("rollout", {}).get("validation", {}).get("request")
+            if request and self.store.get_request(request) is not None:
+                return                # it exists after all (our snapshot predates it)
+            self._apply_validation(action.upload, policy, False, action.reason, now,
+                                   counts=False)
+
+    def _change(self, upload, change):
+        """Compare-and-set ``change(Rollout)`` into the upload record; True when written."""
+        def edit(record):
+            if str(getattr(record.state, "value", record.state)) != UploadState.READY.value:
+                return False
+            state = Rollout.of(record)
+            if change(state) is False:
+                return False
+            state.store(record)
+        return compare_and_set(
+            lambda: self.store.get_upload(upload.image, upload.build_id, upload.provider,
+                                          upload.id),
+            self.store.update_upload, edit) is not None
+
+    # -- withdrawal ------------------------------------------------------------------------------
+
+    def withdraw(self, upload, by, reason, now=None):
+        """Take the upload out of service the way ``nodepool image-delete`` does (the builder
+        deletes its cloud image and never uploads that build there again), with the reason."""
+        withdraw_upload(self.store, upload, by, reason, self.clock() if now is None else now)
+        metrics.ROLLOUT_EVENTS.labels(upload.image, upload.provider, f"withdrawn-{by}").inc()
+        log.warning("upload %s of %s on %s withdrawn (%s): %s", upload.id, upload.image,
+                    upload.provider, by, reason)
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def _validation_label(self, config, image, provider, policy):
+        prov = config.providers.get(provider)
+        if prov is None:
+            return None
+        labels = sorted((lbl.pool, lbl.name) for lbl in prov.labels() if lbl.diskimage == image)
+        if policy.validation.label:
+            return policy.validation.label if any(
+                name == policy.validation.label for _, name in labels) else None
+        return labels[0][1] if labels else None
+
+    def _start_validation(self, config, upload, policy, now):
+        me = self.launcher_name
+
+        def claim(state):
+            if state.phase != ro.VALIDATING or state.validation.get("state") != PENDING:
+                return False
+            state.validation = dict(state.validation, state=RUNNING, claimed_by=me,
+                                    claimed_at=now, request=None)
+        if not self._change(upload, claim):
+            return                              # someone else runs it, or it changed
+        label = self._validation_label(config, upload.image, upload.provider, policy)
+        if label is None:
+            self._apply_validation(upload, policy, False, f"no label of provider "
+                                   f"{upload.provider} boots {upload.image}", now, counts=False)
+            return
+        try:
+            req = NodeRequest(node_types=[label], requestor=VALIDATION_REQUESTOR, reuse=False,
+                              provider=upload.provider, created_time=now,
+                              extra={VALIDATION_KEY: upload.path})
+            req = self.store.submit_request(req, priority="100", ephemeral=True)
+        except StoreError as exc:
+            self._apply_validation(upload, policy, False, f"node request not submitted: {exc}",
+                                   now, counts=False)
+            return
+
+        def note_request(state):
+            val = state.validation
+            if val.get("state") != RUNNING or val.get("claimed_by") != me:
+                return False
+            state.validation = dict(val, request=req.id)
+        if not self._change(upload, note_request):
+            self.store.delete_request(req.id)
+            return
+        log.info("upload %s: validation node requested (%s, request %s)", upload.path, label,
+                 req.id)
+
+    def _follow_validation(self, config, status, policy, now):
+        """Move this launcher's running validation of the pair's candidate on."""
+        cand = status.candidate
+        if cand is None:
+            return
+        path = cand.path
+        future = self._checks.get(path)
+        if future is not None:
+            if not future.done():
+                return
+            del self._checks[path]
+            try:
+                ok, reason, counts = future.result()
+            except Exception as exc:          # a bug in the check must not wedge the rollout
+                ok, reason, counts = False, f"validation check crashed: {exc}", False
+            self._apply_validation(cand, policy, ok, reason, now, counts)
+            return
+        state = Rollout.of(cand)
+        val = state.validation
+        if (state.phase != ro.VALIDATING or val.get("state") != RUNNING
+                or val.get("claimed_by") != self.launcher_name or not val.get("request")):
+            return
+        req = self.store.get_request(val["request"])
+        if req is None:
+            return                             # plan_pair resets it
+        if req.state == RequestState.FAILED:
+            reasons = "; ".join(sorted(set((req.extra.get("declined_reasons") or {}).values())))
+            quietly_delete_request(self.store, req.id)
+            self._apply_validation(cand, policy, False, "the validation node failed to launch"
+                                   + (f" ({reasons})" if reasons else ""), now, counts=True)
+        elif req.state == RequestState.FULFILLED:
+            self._checks[path] = self._pool().submit(
+                validate_on_node, self.store, req, cand.path, policy.validation,
+                self._username(config, cand.image))
+
+    def _username(self, config, image):
+        dimg = config.diskimages.get(image)
+        return dimg.username if dimg else "zuul"
+
+    def _apply_validation(self, upload, policy, ok, reason, now, counts):
+        cur = pair_status(self.store.list_uploads(image=upload.image, provider=upload.provider),
+                          upload.image, upload.provider, True).current
+        cur_launches = self.launches(cur) if cur is not None else 0
+        verdict = []
+
+        def change(state):
+            if state.phase != ro.VALIDATING:
+                return False
+            verdict[:] = [ro.after_validation(state, policy, ok, reason, now, cur_launches,
+                                              counts)]
+        if not self._change(upload, change):
+            return
+        if ok:
+            metrics.ROLLOUT_EVENTS.labels(upload.image, upload.provider, "validated").inc()
+            log.info("upload %s of %s on %s validated: %s", upload.id, upload.image,
+                     upload.provider, reason)
+        elif verdict and verdict[0]:
+            metrics.ROLLOUT_EVENTS.labels(upload.image, upload.provider,
+                                          "validation-failed").inc()
+            self.withdraw(upload, "validation", verdict[0], now)
+        else:
+            log.warning("upload %s of %s on %s: validation attempt %s: %s", upload.id,
+                        upload.image, upload.provider,
+                        "failed" if counts else "could not run (retrying later)", reason)
+
+    def _pool(self):
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="rollout-validation")
+        return self._executor
+
+    def stop(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def quietly_delete_request(store, request_id):
+    try:
+        store.delete_request(request_id)
+    except StoreError as exc:
+        log.debug("validation request %s not deleted (it goes with our session): %s",
+                  request_id, exc)
+
+
+def withdraw_upload(store, upload, by, reason, now):
+    """Mark the upload ``deleting`` with its rollout phase ``withdrawn`` and the reason, and
+    remember in its build that it was withdrawn from this provider (with the reason), so the
+    builder never uploads that build there again.  Shared by the launcher and the CLI."""
+    from ..builder.planner import WITHDRAWN_KEY, withdrawn_providers
+
+    def mark_build(build):
+        reasons = dict(build.extra.get(WITHDRAWN_REASONS_KEY) or {})
+        if upload.provider in withdrawn_providers(build) and upload.provider in reasons:
+            return False
+        build.extra[WITHDRAWN_KEY] = sorted(withdrawn_providers(build) | {upload.provider})
+        reasons[upload.provider] = f"{by}: {reason}"
+        build.extra[WITHDRAWN_REASONS_KEY] = reasons
+    compare_and_set(lambda: store.get_build(upload.image, upload.build_id), store.update_build,
+                    mark_build)
+
+    def mark_upload(record):
+        if str(getattr(record.state, "value", record.state)) not in (
+                UploadState.READY.value, UploadState.DELETING.value):
+            return False
+        state = Rollout.of(record)
+        if state.phase == WITHDRAWN:
+            return False
+        state.phase = WITHDRAWN
+        state.withdrawn_by = by
+        state.reason = reason
+        state.note(now, f"withdrawn by {by}: {reason}")
+        state.store(record)
+        if record.state != UploadState.DELETING:
+            record.set_state(UploadState.DELETING)
+    compare_and_set(lambda: store.get_upload(upload.image, upload.build_id, upload.provider,
+                                             upload.id), store.update_upload, mark_upload)
+
+
+# -- the check on the validation node (runs on a thread of its own) -------------------------------
+
+def validate_on_node(store, request, upload_path, validation, username):
+    """``(ok, reason, counts)`` for the fulfilled validation request: the node booted from
+    ``upload_path`` must answer SSH (its host keys are scanned), then run the command if one
+    is configured.  Afterwards the node is marked used (deleted by cleanup) and the request
+    deleted.  ``counts`` is False when the check could not run for reasons of our own."""
+    node_id = request.nodes[0] if request.nodes else None
+    try:
+        node = store.get_node(node_id) if node_id else None
+        if node is None:
+            return False, "the validation node is gone", False
+        try:
+            lock = store.lock_node(node.id, blocking=True, timeout=NODE_LOCK_TIMEOUT,
+                                   identifier=VALIDATION_REQUESTOR)
+        except LockError:
+            return False, f"node {node.id} stayed locked", False
+        try:
+            if node.image_id != upload_path:
+                result = (False, f"node {node.id} booted {node.image_id}, not the candidate "
+                                 "(the request went to another provider)", False)
+            else:
+                ok, reason = check_node(node, validation, validation.username or username)
+                result = (ok, f"node {node.id}: {reason}", True)
+            node = store.get_node(node.id)
+            if node is not None and node.state == NodeState.READY:
+                node.set_state(NodeState.USED)
+                store.update_node(node)
+        finally:
+            lock.release()
+        return result
+    except StoreError as exc:
+        return False, f"store error during validation: {exc}", False
+    finally:
+        quietly_delete_request(store, request.id)
+
+
+def check_node(node, validation, username, clock=time.monotonic):
+    """``(ok, reason)``: scan the node's SSH host keys, then run the validation command."""
+    deadline = clock() + validation.timeout
+    scan = NodeScan(node.interface_ip, node.connection_port or 22, validation.timeout,
+                    node.connection_type)
+    try:
+        while True:
+            try:
+                keys = scan.advance()
+            except Exception as exc:       # LaunchTimeout: it never answered
+                return False, f"did not answer SSH: {exc}"
+            if keys is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        scan.close()
+    if not validation.command:
+        return True, f"answered SSH ({len(keys)} host key(s))"
+    with tempfile.TemporaryDirectory(prefix="nodepool-validate-") as tmp:
+        known_hosts = os.path.join(tmp, "known_hosts")
+        port = int(node.connection_port or 22)
+        host = node.interface_ip if port == 22 else f"[{node.interface_ip}]:{port}"
+        with open(known_hosts, "w") as f:
+            for key in keys:
+                f.write(f"{host} {key}\n")
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={known_hosts}", "-o", "ConnectTimeout=10",
+                "-o", "LogLevel=ERROR", "-i", validation.key_file, "-p", str(port),
+                "-l", username, node.interface_ip, validation.command]
+        remaining = max(1.0, deadline - clock())
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=remaining,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return False, f"command {validation.command!r} did not finish within " \
+                          f"{validation.timeout}s"
+        except OSError as exc:
+            return False, f"ssh could not run: {exc}"
+    if proc.returncode == 0:
+        return True, f"command {validation.command!r} succeeded"
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+    return False, f"command {validation.command!r} exited {proc.returncode}: {tail[0]}"
