@@ -145,7 +145,8 @@ class RolloutManager:
     def _run_pair(self, config, uploads, image, provider, now, live):
         policy = policy_for(config, image, provider)
         status = pair_status(uploads, image, provider, True)
-        self._follow_validation(config, status, policy, now)
+        if self._follow_validation(config, status, policy, now):
+            return                    # the snapshot predates what it changed: plan next pass
         action = ro.plan_pair(status, policy, now, self.launches, live)
         if action is None:
             return
@@ -250,39 +251,42 @@ class RolloutManager:
                  req.id)
 
     def _follow_validation(self, config, status, policy, now):
-        """Move this launcher's running validation of the pair's candidate on."""
+        """Move this launcher's running validation of the pair's candidate on; True when it
+        wrote the candidate's record."""
         cand = status.candidate
         if cand is None:
-            return
+            return False
         path = cand.path
         future = self._checks.get(path)
         if future is not None:
             if not future.done():
-                return
+                return False
             del self._checks[path]
             try:
                 ok, reason, counts = future.result()
             except Exception as exc:          # a bug in the check must not wedge the rollout
                 ok, reason, counts = False, f"validation check crashed: {exc}", False
             self._apply_validation(cand, policy, ok, reason, now, counts)
-            return
+            return True
         state = Rollout.of(cand)
         val = state.validation
         if (state.phase != ro.VALIDATING or val.get("state") != RUNNING
                 or val.get("claimed_by") != self.launcher_name or not val.get("request")):
-            return
+            return False
         req = self.store.get_request(val["request"])
         if req is None:
-            return                             # plan_pair resets it
+            return False                       # plan_pair resets it
         if req.state == RequestState.FAILED:
             reasons = "; ".join(sorted(set((req.extra.get("declined_reasons") or {}).values())))
             quietly_delete_request(self.store, req.id)
             self._apply_validation(cand, policy, False, "the validation node failed to launch"
                                    + (f" ({reasons})" if reasons else ""), now, counts=True)
-        elif req.state == RequestState.FULFILLED:
+            return True
+        if req.state == RequestState.FULFILLED:
             self._checks[path] = self._pool().submit(
                 validate_on_node, self.store, req, cand.path, policy.validation,
                 self._username(config, cand.image))
+        return False
 
     def _username(self, config, image):
         dimg = config.diskimages.get(image)

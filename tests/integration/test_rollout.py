@@ -1,0 +1,245 @@
+"""Image rollout end to end: validation on a node, steps, automatic withdrawal.
+
+A real launcher (on SQLite and on a real ZooKeeper) with the simulated cloud; every simulated
+instance answers on a real loopback sshd (``interface-ip`` + the diskimage's
+``connection-port``), so validations scan real host keys and run their command over real SSH.
+Uploads are made the way the builder makes them (an image uploaded to the simulated cloud, a
+``ready`` upload record), newest by ``state_time``.
+"""
+import getpass
+
+import pytest
+
+from fixtures.launcher import wait_until
+from fixtures.sshd import SshServer, sshd_available
+from nodepool.client import RequestFailed
+from nodepool.drivers.base import ImageUploadSpec
+from nodepool.launcher import validation
+from nodepool.model import ImageBuild, ImageUpload, RequestState
+from nodepool.model.rollout import CURRENT, ROLLING, VALIDATING, WITHDRAWN, Rollout
+
+pytestmark = pytest.mark.skipif(not sshd_available(), reason="openssh-server not installed")
+
+CONFIG = """\
+labels:
+  - name: jammy
+diskimages:
+  - name: ubuntu
+    rollout:
+{rollout}
+providers:
+  - name: sim
+    driver: simulated
+    boot-time: 0.02
+    launch-retries: {retries}
+    interface-ip: 127.0.0.1
+    boot-failure-images: {failing}
+    diskimages:
+      - name: ubuntu
+        connection-port: {port}
+    pools:
+      - name: main
+        max-servers: 20
+        labels:
+          - name: jammy
+            diskimage: ubuntu
+"""
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    server = SshServer(tmp_path / "sshd", login=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def quick_rollout(monkeypatch):
+    monkeypatch.setattr(validation, "INTERVAL", 0.1)
+
+
+def write(env, sshd, rollout, retries=3, failing="{}"):
+    return env.write(CONFIG.format(rollout=rollout, port=sshd.port, retries=retries,
+                                   failing=failing))
+
+
+def upload(env, store, n):
+    """A ready build and upload of ``ubuntu`` on ``sim`` (the n-th: newer than n-1)."""
+    adapter = env.adapter("sim")
+    image_file = env.dir / f"ubuntu-{n}.qcow2"
+    image_file.write_bytes(b"QFI\xfb" + bytes([n]) * 4096)
+    build = store.create_build(ImageBuild(image="ubuntu", state="ready", formats="qcow2",
+                                          state_time=1000.0 + n))
+    ext = adapter.upload_image(ImageUploadSpec(image_name=f"ubuntu-{n}",
+                                               filename=str(image_file), image_format="qcow2",
+                                               metadata={}))
+    return store.create_upload(ImageUpload(image="ubuntu", build_id=build.id, provider="sim",
+                                           state="ready", external_id=ext,
+                                           external_name=f"ubuntu-{n}", format="qcow2",
+                                           state_time=1000.0 + n))
+
+
+def fresh(store, up):
+    return store.get_upload(up.image, up.build_id, up.provider, up.id)
+
+
+def phase(store, up):
+    return Rollout.of(fresh(store, up)).phase
+
+
+def boot_once(client):
+    """One request of one node: the upload path it booted, or None when the request failed."""
+    try:
+        nodes = client.request(["jammy"], timeout=30)
+    except RequestFailed:
+        return None
+    client.release(nodes)
+    return nodes[0].image_id
+
+
+def test_good_image_is_validated_then_rolled_out_step_by_step(launcher_env, tmp_path):
+    sshd = SshServer(tmp_path / "sshd", login=True)
+    sshd.start()
+    try:
+        verdict = tmp_path / "verdict"
+        verdict.write_text("ok\n")
+        write(launcher_env, sshd, f"""\
+      validation:
+        command: grep -q ok {verdict}
+        key-file: {sshd.client_key}
+        username: {getpass.getuser()}
+        timeout: 30
+        retry-delay: 0.5
+      steps: [25, 50, 100]
+      step-min-launches: 2
+      fallback:
+        min-launches: 50
+""")
+        store = launcher_env.store()
+        old = upload(launcher_env, store, 1)
+        launcher_env.start_launcher()
+        client = launcher_env.client()
+        assert boot_once(client) == old.path        # the only upload serves at once
+        new = upload(launcher_env, store, 2)
+        # until the new upload is validated, every launch boots the previous one
+        wait_until(lambda: phase(store, new) is not None, message="the rollout to start")
+        seen = []
+        while phase(store, new) == VALIDATING:
+            seen.append(boot_once(client))
+        assert set(seen) <= {old.path}
+        state = wait_until(lambda: Rollout.of(fresh(store, new)).phase in (ROLLING, CURRENT)
+                           and Rollout.of(fresh(store, new)), message="validation to pass")
+        assert state.validation["state"] == "passed"
+        # the validation node booted the candidate and was cleaned up afterwards
+        assert state.outcomes.get("ready", 0) >= 1
+        # step by step: at each step the candidate's share of launches stays within it
+        by_step = {}
+        for _ in range(60):
+            state = Rollout.of(fresh(store, new))
+            if state.phase == CURRENT:
+                break
+            by_step.setdefault(state.step, []).append(boot_once(client))
+        assert phase(store, new) == CURRENT, by_step
+        shares = {0: 25, 1: 50, 2: 100}
+        for step, paths in by_step.items():
+            on_new = sum(1 for p in paths if p == new.path)
+            # a launch decided just before the step changed may count in the next: one extra
+            assert on_new * 100 <= shares[step] * len(paths) + 100, (step, paths)
+            assert None not in paths
+        assert {0, 1} <= set(by_step)
+        history = [event for _, event in Rollout.of(fresh(store, new)).history]
+        assert any("step 2/3" in e for e in history) and "current" in history
+        # now every launch boots the new upload; the previous one is still ready (kept)
+        assert boot_once(client) == new.path
+        assert str(fresh(store, old).state) == "ready"
+    finally:
+        sshd.stop()
+
+
+def test_image_failing_validation_never_serves_and_is_withdrawn(launcher_env, tmp_path):
+    sshd = SshServer(tmp_path / "sshd", login=True)
+    sshd.start()
+    try:
+        verdict = tmp_path / "verdict"
+        verdict.write_text("bad\n")
+        write(launcher_env, sshd, f"""\
+      validation:
+        command: grep -q ok {verdict}
+        key-file: {sshd.client_key}
+        username: {getpass.getuser()}
+        timeout: 30
+        attempts: 2
+        retry-delay: 0.3
+      steps: [50, 100]
+""")
+        store = launcher_env.store()
+        old = upload(launcher_env, store, 1)
+        launcher_env.start_launcher()
+        client = launcher_env.client()
+        new = upload(launcher_env, store, 2)
+        seen = []
+        while str(fresh(store, new).state) == "ready":
+            seen.append(boot_once(client))
+            assert len(seen) < 500, "the bad upload was never withdrawn"
+        assert set(seen) == {old.path}            # every request served, never from the bad one
+        record = fresh(store, new)
+        state = Rollout.of(record)
+        assert str(record.state) == "deleting" and state.phase == WITHDRAWN
+        assert state.withdrawn_by == "validation"
+        assert state.validation["attempts"] == 2
+        assert "exited 1" in state.reason
+        build = store.get_build("ubuntu", new.build_id)
+        assert build.extra["withdrawn_from"] == ["sim"]
+        assert "validation" in build.extra["withdrawn_reasons"]["sim"]
+        assert boot_once(client) == old.path
+        # validation nodes were deleted after their check
+        wait_until(lambda: not [n for n in store.list_nodes() if n.image_id == new.path],
+                   message="validation nodes to go")
+    finally:
+        sshd.stop()
+
+
+def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_path):
+    """No validation: the candidate gets 25% of launches; every boot from it fails, so after
+    the minimum sample it is withdrawn; the previous image serves throughout and only requests
+    given to the candidate (within its share) fail."""
+    sshd = SshServer(tmp_path / "sshd", login=True)
+    sshd.start()
+    try:
+        rollout = """\
+      steps: [25, 100]
+      step-min-launches: 1000
+      fallback:
+        margin: 0.3
+        min-launches: 3
+"""
+        write(launcher_env, sshd, rollout, retries=1)
+        store = launcher_env.store()
+        old = upload(launcher_env, store, 1)
+        new = upload(launcher_env, store, 2)
+        write(launcher_env, sshd, rollout, retries=1,
+              failing="{" + new.external_id + ": 1.0}")
+        launcher_env.start_launcher()
+        client = launcher_env.client()
+        wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
+        results = []
+        while phase(store, new) == ROLLING:
+            results.append(boot_once(client))
+            assert len(results) < 200, "the failing upload was never withdrawn"
+        record = fresh(store, new)
+        state = Rollout.of(record)
+        assert str(record.state) == "deleting" and state.phase == WITHDRAWN
+        assert state.withdrawn_by == "fallback" and "failed" in state.reason
+        assert state.outcomes["launch_failures"] >= 3 and not state.outcomes.get("ready")
+        failed = results.count(None)
+        # only the candidate's share failed; everything else booted the previous upload
+        assert set(results) <= {old.path, None}
+        assert failed * 100 <= 25 * len(results) + 100
+        assert Rollout.of(fresh(store, old)).phase is None      # never touched
+        for _ in range(5):
+            assert boot_once(client) == old.path
+        reqs = [r for r in store.list_requests() if r.state == RequestState.REQUESTED]
+        assert not reqs
+    finally:
+        sshd.stop()
