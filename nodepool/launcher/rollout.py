@@ -167,8 +167,8 @@ def plan_pair(status, policy, now, launches, live_requests):
     if state.held:
         return None
     c, _ = launches_in_step(state, launches(cand), launches(current) if current else 0)
-    if (c >= policy.step_min_launches
-            and now - (state.step_started or now) >= policy.step_min_time):
+    started = state.step_started if state.step_started is not None else now
+    if c >= policy.step_min_launches and now - started >= policy.step_min_time:
         return AdvanceStep(cand, current, state.step + 1)
     return None
 
