@@ -239,7 +239,87 @@ def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_pat
         assert Rollout.of(fresh(store, old)).phase is None      # never touched
         for _ in range(5):
             assert boot_once(client) == old.path
+        # the operator sees which upload serves and why the other one went
+        listing = {r["Upload ID"]: r for r in rows(run_cli(launcher_env, "image-list",
+                                                           "--rollout").stdout)}
+        assert listing[old.id]["Serves"] == "current"
+        assert listing[new.id]["State"] == "deleting"
+        assert listing[new.id]["Reason"].startswith("fallback: ")
         reqs = [r for r in store.list_requests() if r.state == RequestState.REQUESTED]
         assert not reqs
+    finally:
+        sshd.stop()
+
+
+def run_cli(env, *args):
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    environ = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "nodepool.cli.nodepool", "-c",
+                           env.config_path, *args], capture_output=True, text=True,
+                          timeout=60, env=environ)
+
+
+def rows(text):
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    heads = [h.strip() for h in lines[0].strip("|").split("|")]
+    return [dict(zip(heads, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+
+
+@pytest.mark.slow
+def test_operator_holds_rolls_back_and_promotes(sqlite_launcher_env, tmp_path):
+    env = sqlite_launcher_env
+    sshd = SshServer(tmp_path / "sshd", login=True)
+    sshd.start()
+    try:
+        write(env, sshd, """\
+      steps: [20, 50, 100]
+      step-min-launches: 1
+      fallback:
+        min-launches: 100
+""")
+        store = env.store()
+        old = upload(env, store, 1)
+        new = upload(env, store, 2)
+        env.start_launcher()
+        client = env.client()
+        wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
+        out = run_cli(env, "image-hold-rollout", "ubuntu", "sim")
+        assert out.returncode == 0, out.stderr
+        assert Rollout.of(fresh(store, new)).held
+        for _ in range(8):
+            assert boot_once(client) in (old.path, new.path)
+        held = Rollout.of(fresh(store, new))
+        assert held.step == 0 and held.phase == ROLLING        # held: it did not advance
+        assert run_cli(env, "image-hold-rollout", "ubuntu", "sim", "--release").returncode == 0
+
+        def advanced():
+            boot_once(client)                   # launches are what a step waits for
+            return Rollout.of(fresh(store, new)).step >= 1
+        wait_until(advanced, timeout=30, message="the next step")
+        out = run_cli(env, "image-rollback", "ubuntu", "sim")
+        assert out.returncode == 0 and "back to step" in out.stdout, out.stderr
+        state = Rollout.of(fresh(store, new))
+        assert state.held and state.phase == ROLLING
+        listing = rows(run_cli(env, "image-list", "--rollout").stdout)
+        by_upload = {(r["Build ID"], r["Upload ID"]): r for r in listing}
+        assert by_upload[(old.build_id, old.id)]["Serves"] == "current"
+        cand = by_upload[(new.build_id, new.id)]
+        assert cand["Serves"] == "candidate" and cand["Rollout"].startswith("step ")
+        assert cand["Rollout"].endswith("held")
+        out = run_cli(env, "image-promote", "ubuntu", "sim")
+        assert out.returncode == 0, out.stderr
+        assert phase(store, new) == CURRENT
+        assert boot_once(client) == new.path
+        # nothing left to promote: a clear one-line refusal naming image-delete
+        out = run_cli(env, "image-promote", "ubuntu", "sim")
+        assert out.returncode == 1 and "image-delete" in out.stderr
+        assert "Traceback" not in out.stderr
+        # the plain image-list keeps Nodepool's columns
+        plain = rows(run_cli(env, "image-list").stdout)
+        assert list(plain[0]) == ["Build ID", "Upload ID", "Provider", "Image",
+                                  "Provider Image Name", "Provider Image ID", "State", "Age"]
     finally:
         sshd.stop()
