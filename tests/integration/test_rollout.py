@@ -240,11 +240,11 @@ def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_pat
         for _ in range(5):
             assert boot_once(client) == old.path
         # the operator sees which upload serves and why the other one went
-        listing = {r["Upload ID"]: r for r in rows(run_cli(launcher_env, "image-list",
-                                                           "--rollout").stdout)}
-        assert listing[old.id]["Serves"] == "current"
-        assert listing[new.id]["State"] == "deleting"
-        assert listing[new.id]["Reason"].startswith("fallback: ")
+        listing = {r["Build ID"]: r for r in rows(run_cli(launcher_env, "image-list",
+                                                          "--rollout").stdout)}
+        assert listing[old.build_id]["Serves"] == "current"
+        assert listing[new.build_id]["State"] == "deleting"
+        assert listing[new.build_id]["Reason"].startswith("fallback: ")
         reqs = [r for r in store.list_requests() if r.state == RequestState.REQUESTED]
         assert not reqs
     finally:
