@@ -203,7 +203,7 @@ def test_image_failing_validation_never_serves_and_is_withdrawn(launcher_env, tm
 def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_path):
     """No validation: the candidate gets 25% of launches; every boot from it fails, so after
     the minimum sample it is withdrawn; the previous image serves throughout and only requests
-    given to the candidate (within its share) fail."""
+    given to the candidate (within its share) fail.  Two launchers share the work."""
     sshd = SshServer(tmp_path / "sshd", login=True)
     sshd.start()
     try:
@@ -220,6 +220,8 @@ def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_pat
         new = upload(launcher_env, store, 2)
         write(launcher_env, sshd, rollout, retries=1,
               failing="{" + new.external_id + ": 1.0}")
+        # two launchers share the store: counters and rollout state live in the upload records
+        launcher_env.start_launcher()
         launcher_env.start_launcher()
         client = launcher_env.client()
         wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
@@ -247,6 +249,15 @@ def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_pat
         assert listing[new.build_id]["Reason"].startswith("fallback: ")
         reqs = [r for r in store.list_requests() if r.state == RequestState.REQUESTED]
         assert not reqs
+        # every launch attempt of both launchers was counted once, in the store (a request
+        # whose node failed in one launcher's pool may be launched again by the other's)
+        served = len(results) - failed + 5
+
+        def counted():
+            o, n = Rollout.of(fresh(store, old)), Rollout.of(fresh(store, new))
+            return (o.count("ready") == served and o.count("launches") == served
+                    and n.count("launches") == n.count("launch_failures")) or (o, n)
+        wait_until(lambda: counted() is True, message="the launches counted in the store")
     finally:
         sshd.stop()
 
