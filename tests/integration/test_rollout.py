@@ -334,3 +334,29 @@ def test_operator_holds_rolls_back_and_promotes(sqlite_launcher_env, tmp_path):
                                   "Provider Image Name", "Provider Image ID", "State", "Age"]
     finally:
         sshd.stop()
+
+
+def test_validation_node_not_answering_ssh_is_a_failed_attempt(sqlite_launcher_env, tmp_path):
+    """The candidate boots but its node never answers SSH (nothing listens on the port): each
+    attempt ends at the validation timeout, the upload is withdrawn after the allowed attempts,
+    and requests are served from the previous upload all along."""
+    env = sqlite_launcher_env
+    sshd = SshServer(tmp_path / "sshd")       # only for its free port: never started
+    write(env, sshd, """\
+      validation:
+        timeout: 1
+        attempts: 2
+        retry-delay: 0.2
+""")
+    store = env.store()
+    old = upload(env, store, 1)
+    new = upload(env, store, 2)
+    env.start_launcher()
+    client = env.client()
+    seen = []
+    while str(fresh(store, new).state) == "ready":
+        seen.append(boot_once(client))
+        assert len(seen) < 300, "the upload was never withdrawn"
+    assert set(seen) <= {old.path}
+    state = Rollout.of(fresh(store, new))
+    assert state.withdrawn_by == "validation" and "did not answer SSH" in state.reason
