@@ -59,6 +59,17 @@ def quick_rollout(monkeypatch):
     monkeypatch.setattr(validation, "INTERVAL", 0.1)
 
 
+def validating(sshd, verdict):
+    """A validation that logs in to the loopback sshd and passes while ``verdict`` says ok."""
+    return f"""\
+      validation:
+        command: grep -q ok {verdict}
+        key-file: {sshd.client_key}
+        username: {getpass.getuser()}
+        timeout: 30
+"""
+
+
 def write(env, sshd, rollout, retries=3, failing="{}"):
     return env.write(CONFIG.format(rollout=rollout, port=sshd.port, retries=retries,
                                    failing=failing))
@@ -98,168 +109,143 @@ def boot_once(client):
     return nodes[0].image_id
 
 
-def test_good_image_is_validated_then_rolled_out_step_by_step(launcher_env, tmp_path):
-    sshd = SshServer(tmp_path / "sshd", login=True)
-    sshd.start()
-    try:
-        verdict = tmp_path / "verdict"
-        verdict.write_text("ok\n")
-        write(launcher_env, sshd, f"""\
-      validation:
-        command: grep -q ok {verdict}
-        key-file: {sshd.client_key}
-        username: {getpass.getuser()}
-        timeout: 30
+def test_good_image_is_validated_then_rolled_out_step_by_step(launcher_env, sshd, tmp_path):
+    verdict = tmp_path / "verdict"
+    verdict.write_text("ok\n")
+    write(launcher_env, sshd, validating(sshd, verdict) + """\
         retry-delay: 0.5
       steps: [25, 50, 100]
       step-min-launches: 2
       fallback:
         min-launches: 50
 """)
-        store = launcher_env.store()
-        old = upload(launcher_env, store, 1)
-        launcher_env.start_launcher()
-        client = launcher_env.client()
-        assert boot_once(client) == old.path        # the only upload serves at once
-        new = upload(launcher_env, store, 2)
-        # until the new upload is validated, every launch boots the previous one
-        wait_until(lambda: phase(store, new) is not None, message="the rollout to start")
-        seen = []
-        while phase(store, new) == VALIDATING:
-            seen.append(boot_once(client))
-        assert set(seen) <= {old.path}
-        state = wait_until(lambda: Rollout.of(fresh(store, new)).phase in (ROLLING, CURRENT)
-                           and Rollout.of(fresh(store, new)), message="validation to pass")
-        assert state.validation["state"] == "passed"
-        # the validation node booted the candidate and was cleaned up afterwards
-        assert state.outcomes.get("ready", 0) >= 1
-        # step by step: at each step the candidate's share of launches stays within it
-        by_step = {}
-        for _ in range(60):
-            state = Rollout.of(fresh(store, new))
-            if state.phase == CURRENT:
-                break
-            by_step.setdefault(state.step, []).append(boot_once(client))
-        assert phase(store, new) == CURRENT, by_step
-        shares = {0: 25, 1: 50, 2: 100}
-        for step, paths in by_step.items():
-            on_new = sum(1 for p in paths if p == new.path)
-            # a launch decided just before the step changed may count in the next: one extra
-            assert on_new * 100 <= shares[step] * len(paths) + 100, (step, paths)
-            assert None not in paths
-        assert {0, 1} <= set(by_step)
-        history = [event for _, event in Rollout.of(fresh(store, new)).history]
-        assert any("step 2/3" in e for e in history) and "current" in history
-        # now every launch boots the new upload; the previous one is still ready (kept)
-        assert boot_once(client) == new.path
-        assert str(fresh(store, old).state) == "ready"
-    finally:
-        sshd.stop()
+    store = launcher_env.store()
+    old = upload(launcher_env, store, 1)
+    launcher_env.start_launcher()
+    client = launcher_env.client()
+    assert boot_once(client) == old.path        # the only upload serves at once
+    new = upload(launcher_env, store, 2)
+    # until the new upload is validated, every launch boots the previous one
+    wait_until(lambda: phase(store, new) is not None, message="the rollout to start")
+    seen = []
+    while phase(store, new) == VALIDATING:
+        seen.append(boot_once(client))
+    assert set(seen) <= {old.path}
+    state = wait_until(lambda: Rollout.of(fresh(store, new)).phase in (ROLLING, CURRENT)
+                       and Rollout.of(fresh(store, new)), message="validation to pass")
+    assert state.validation["state"] == "passed"
+    # the validation node booted the candidate and was cleaned up afterwards
+    assert state.outcomes.get("ready", 0) >= 1
+    # step by step: at each step the candidate's share of launches stays within it
+    by_step = {}
+    for _ in range(60):
+        state = Rollout.of(fresh(store, new))
+        if state.phase == CURRENT:
+            break
+        by_step.setdefault(state.step, []).append(boot_once(client))
+    assert phase(store, new) == CURRENT, by_step
+    shares = {0: 25, 1: 50, 2: 100}
+    for step, paths in by_step.items():
+        on_new = sum(1 for p in paths if p == new.path)
+        # a launch decided just before the step changed may count in the next: one extra
+        assert on_new * 100 <= shares[step] * len(paths) + 100, (step, paths)
+        assert None not in paths
+    assert {0, 1} <= set(by_step)
+    history = [event for _, event in Rollout.of(fresh(store, new)).history]
+    assert any("step 2/3" in e for e in history) and "current" in history
+    # now every launch boots the new upload; the previous one is still ready (kept)
+    assert boot_once(client) == new.path
+    assert str(fresh(store, old).state) == "ready"
 
 
-def test_image_failing_validation_never_serves_and_is_withdrawn(launcher_env, tmp_path):
-    sshd = SshServer(tmp_path / "sshd", login=True)
-    sshd.start()
-    try:
-        verdict = tmp_path / "verdict"
-        verdict.write_text("bad\n")
-        write(launcher_env, sshd, f"""\
-      validation:
-        command: grep -q ok {verdict}
-        key-file: {sshd.client_key}
-        username: {getpass.getuser()}
-        timeout: 30
+def test_image_failing_validation_never_serves_and_is_withdrawn(launcher_env, sshd, tmp_path):
+    verdict = tmp_path / "verdict"
+    verdict.write_text("bad\n")
+    write(launcher_env, sshd, validating(sshd, verdict) + """\
         attempts: 2
         retry-delay: 0.3
       steps: [50, 100]
 """)
-        store = launcher_env.store()
-        old = upload(launcher_env, store, 1)
-        launcher_env.start_launcher()
-        client = launcher_env.client()
-        new = upload(launcher_env, store, 2)
-        seen = []
-        while str(fresh(store, new).state) == "ready":
-            seen.append(boot_once(client))
-            assert len(seen) < 500, "the bad upload was never withdrawn"
-        assert set(seen) == {old.path}            # every request served, never from the bad one
-        record = fresh(store, new)
-        state = Rollout.of(record)
-        assert str(record.state) == "deleting" and state.phase == WITHDRAWN
-        assert state.withdrawn_by == "validation"
-        assert state.validation["attempts"] == 2
-        assert "exited 1" in state.reason
-        build = store.get_build("ubuntu", new.build_id)
-        assert build.extra["withdrawn_from"] == ["sim"]
-        assert "validation" in build.extra["withdrawn_reasons"]["sim"]
-        assert boot_once(client) == old.path
-        # validation nodes were deleted after their check
-        wait_until(lambda: not [n for n in store.list_nodes() if n.image_id == new.path],
-                   message="validation nodes to go")
-    finally:
-        sshd.stop()
+    store = launcher_env.store()
+    old = upload(launcher_env, store, 1)
+    launcher_env.start_launcher()
+    client = launcher_env.client()
+    new = upload(launcher_env, store, 2)
+    seen = []
+    while str(fresh(store, new).state) == "ready":
+        seen.append(boot_once(client))
+        assert len(seen) < 500, "the bad upload was never withdrawn"
+    assert set(seen) == {old.path}            # every request served, never from the bad one
+    record = fresh(store, new)
+    state = Rollout.of(record)
+    assert str(record.state) == "deleting" and state.phase == WITHDRAWN
+    assert state.withdrawn_by == "validation"
+    assert state.validation["attempts"] == 2
+    assert "exited 1" in state.reason
+    build = store.get_build("ubuntu", new.build_id)
+    assert build.extra["withdrawn_from"] == ["sim"]
+    assert "validation" in build.extra["withdrawn_reasons"]["sim"]
+    assert boot_once(client) == old.path
+    # validation nodes were deleted after their check
+    wait_until(lambda: not [n for n in store.list_nodes() if n.image_id == new.path],
+               message="validation nodes to go")
 
 
-def test_image_failing_launches_is_withdrawn_automatically(launcher_env, tmp_path):
+def test_image_failing_launches_is_withdrawn_automatically(launcher_env, sshd, tmp_path):
     """No validation: the candidate gets 25% of launches; every boot from it fails, so after
     the minimum sample it is withdrawn; the previous image serves throughout and only requests
     given to the candidate (within its share) fail.  Two launchers share the work."""
-    sshd = SshServer(tmp_path / "sshd", login=True)
-    sshd.start()
-    try:
-        rollout = """\
+    rollout = """\
       steps: [25, 100]
       step-min-launches: 1000
       fallback:
         margin: 0.3
         min-launches: 3
 """
-        write(launcher_env, sshd, rollout, retries=1)
-        store = launcher_env.store()
-        old = upload(launcher_env, store, 1)
-        new = upload(launcher_env, store, 2)
-        write(launcher_env, sshd, rollout, retries=1,
-              failing="{" + new.external_id + ": 1.0}")
-        # two launchers share the store: counters and rollout state live in the upload records
-        launcher_env.start_launcher()
-        launcher_env.start_launcher()
-        client = launcher_env.client()
-        wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
-        results = []
-        while phase(store, new) == ROLLING:
-            results.append(boot_once(client))
-            assert len(results) < 200, "the failing upload was never withdrawn"
-        record = fresh(store, new)
-        state = Rollout.of(record)
-        assert str(record.state) == "deleting" and state.phase == WITHDRAWN
-        assert state.withdrawn_by == "fallback" and "failed" in state.reason
-        assert state.outcomes["launch_failures"] >= 3 and not state.outcomes.get("ready")
-        failed = results.count(None)
-        # only the candidate's share failed; everything else booted the previous upload
-        assert set(results) <= {old.path, None}
-        assert failed * 100 <= 25 * len(results) + 100
-        assert Rollout.of(fresh(store, old)).phase is None      # never touched
-        for _ in range(5):
-            assert boot_once(client) == old.path
-        # the operator sees which upload serves and why the other one went
-        listing = {r["Build ID"]: r for r in rows(run_cli(launcher_env, "image-list",
-                                                          "--rollout").stdout)}
-        assert listing[old.build_id]["Serves"] == "current"
-        assert listing[new.build_id]["State"] == "deleting"
-        assert listing[new.build_id]["Reason"].startswith("fallback: ")
-        reqs = [r for r in store.list_requests() if r.state == RequestState.REQUESTED]
-        assert not reqs
-        # every launch attempt of both launchers was counted once, in the store (a request
-        # whose node failed in one launcher's pool may be launched again by the other's)
-        served = len(results) - failed + 5
+    write(launcher_env, sshd, rollout, retries=1)
+    store = launcher_env.store()
+    old = upload(launcher_env, store, 1)
+    new = upload(launcher_env, store, 2)
+    write(launcher_env, sshd, rollout, retries=1,
+          failing="{" + new.external_id + ": 1.0}")
+    # two launchers share the store: counters and rollout state live in the upload records
+    launcher_env.start_launcher()
+    launcher_env.start_launcher()
+    client = launcher_env.client()
+    wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
+    results = []
+    while phase(store, new) == ROLLING:
+        results.append(boot_once(client))
+        assert len(results) < 200, "the failing upload was never withdrawn"
+    record = fresh(store, new)
+    state = Rollout.of(record)
+    assert str(record.state) == "deleting" and state.phase == WITHDRAWN
+    assert state.withdrawn_by == "fallback" and "failed" in state.reason
+    assert state.outcomes["launch_failures"] >= 3 and not state.outcomes.get("ready")
+    failed = results.count(None)
+    # only the candidate's share failed; everything else booted the previous upload
+    assert set(results) <= {old.path, None}
+    assert failed * 100 <= 25 * len(results) + 100
+    assert Rollout.of(fresh(store, old)).phase is None      # never touched
+    for _ in range(5):
+        assert boot_once(client) == old.path
+    # the operator sees which upload serves and why the other one went
+    listing = {r["Build ID"]: r for r in rows(run_cli(launcher_env, "image-list",
+                                                      "--rollout").stdout)}
+    assert listing[old.build_id]["Serves"] == "current"
+    assert listing[new.build_id]["State"] == "deleting"
+    assert listing[new.build_id]["Reason"].startswith("fallback: ")
+    reqs = [r for r in store.list_requests() if r.state == RequestState.REQUESTED]
+    assert not reqs
+    # every launch attempt of both launchers was counted once, in the store (a request
+    # whose node failed in one launcher's pool may be launched again by the other's)
+    served = len(results) - failed + 5
 
-        def counted():
-            o, n = Rollout.of(fresh(store, old)), Rollout.of(fresh(store, new))
-            return (o.count("ready") == served and o.count("launches") == served
-                    and n.count("launches") == n.count("launch_failures")) or (o, n)
-        wait_until(lambda: counted() is True, message="the launches counted in the store")
-    finally:
-        sshd.stop()
+    def counted():
+        o, n = Rollout.of(fresh(store, old)), Rollout.of(fresh(store, new))
+        return (o.count("ready") == served and o.count("launches") == served
+                and n.count("launches") == n.count("launch_failures")) or (o, n)
+    wait_until(lambda: counted() is True, message="the launches counted in the store")
 
 
 def run_cli(env, *args):
@@ -280,60 +266,55 @@ def rows(text):
 
 
 @pytest.mark.slow
-def test_operator_holds_rolls_back_and_promotes(sqlite_launcher_env, tmp_path):
+def test_operator_holds_rolls_back_and_promotes(sqlite_launcher_env, sshd):
     env = sqlite_launcher_env
-    sshd = SshServer(tmp_path / "sshd", login=True)
-    sshd.start()
-    try:
-        write(env, sshd, """\
+    write(env, sshd, """\
       steps: [20, 50, 100]
       step-min-launches: 1
       fallback:
         min-launches: 100
 """)
-        store = env.store()
-        old = upload(env, store, 1)
-        new = upload(env, store, 2)
-        env.start_launcher()
-        client = env.client()
-        wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
-        out = run_cli(env, "image-hold-rollout", "ubuntu", "sim")
-        assert out.returncode == 0, out.stderr
-        assert Rollout.of(fresh(store, new)).held
-        for _ in range(8):
-            assert boot_once(client) in (old.path, new.path)
-        held = Rollout.of(fresh(store, new))
-        assert held.step == 0 and held.phase == ROLLING        # held: it did not advance
-        assert run_cli(env, "image-hold-rollout", "ubuntu", "sim", "--release").returncode == 0
+    store = env.store()
+    old = upload(env, store, 1)
+    new = upload(env, store, 2)
+    env.start_launcher()
+    client = env.client()
+    wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
+    out = run_cli(env, "image-hold-rollout", "ubuntu", "sim")
+    assert out.returncode == 0, out.stderr
+    assert Rollout.of(fresh(store, new)).held
+    for _ in range(8):
+        assert boot_once(client) in (old.path, new.path)
+    held = Rollout.of(fresh(store, new))
+    assert held.step == 0 and held.phase == ROLLING        # held: it did not advance
+    assert run_cli(env, "image-hold-rollout", "ubuntu", "sim", "--release").returncode == 0
 
-        def advanced():
-            boot_once(client)                   # launches are what a step waits for
-            return Rollout.of(fresh(store, new)).step >= 1
-        wait_until(advanced, timeout=30, message="the next step")
-        out = run_cli(env, "image-rollback", "ubuntu", "sim")
-        assert out.returncode == 0 and "back to step" in out.stdout, out.stderr
-        state = Rollout.of(fresh(store, new))
-        assert state.held and state.phase == ROLLING
-        listing = rows(run_cli(env, "image-list", "--rollout").stdout)
-        by_upload = {(r["Build ID"], r["Upload ID"]): r for r in listing}
-        assert by_upload[(old.build_id, old.id)]["Serves"] == "current"
-        cand = by_upload[(new.build_id, new.id)]
-        assert cand["Serves"] == "candidate" and cand["Rollout"].startswith("step ")
-        assert cand["Rollout"].endswith("held")
-        out = run_cli(env, "image-promote", "ubuntu", "sim")
-        assert out.returncode == 0, out.stderr
-        assert phase(store, new) == CURRENT
-        assert boot_once(client) == new.path
-        # nothing left to promote: a clear one-line refusal naming image-delete
-        out = run_cli(env, "image-promote", "ubuntu", "sim")
-        assert out.returncode == 1 and "image-delete" in out.stderr
-        assert "Traceback" not in out.stderr
-        # the plain image-list keeps Nodepool's columns
-        plain = rows(run_cli(env, "image-list").stdout)
-        assert list(plain[0]) == ["Build ID", "Upload ID", "Provider", "Image",
-                                  "Provider Image Name", "Provider Image ID", "State", "Age"]
-    finally:
-        sshd.stop()
+    def advanced():
+        boot_once(client)                   # launches are what a step waits for
+        return Rollout.of(fresh(store, new)).step >= 1
+    wait_until(advanced, timeout=30, message="the next step")
+    out = run_cli(env, "image-rollback", "ubuntu", "sim")
+    assert out.returncode == 0 and "back to step" in out.stdout, out.stderr
+    state = Rollout.of(fresh(store, new))
+    assert state.held and state.phase == ROLLING
+    listing = rows(run_cli(env, "image-list", "--rollout").stdout)
+    by_upload = {(r["Build ID"], r["Upload ID"]): r for r in listing}
+    assert by_upload[(old.build_id, old.id)]["Serves"] == "current"
+    cand = by_upload[(new.build_id, new.id)]
+    assert cand["Serves"] == "candidate" and cand["Rollout"].startswith("step ")
+    assert cand["Rollout"].endswith("held")
+    out = run_cli(env, "image-promote", "ubuntu", "sim")
+    assert out.returncode == 0, out.stderr
+    assert phase(store, new) == CURRENT
+    assert boot_once(client) == new.path
+    # nothing left to promote: a clear one-line refusal naming image-delete
+    out = run_cli(env, "image-promote", "ubuntu", "sim")
+    assert out.returncode == 1 and "image-delete" in out.stderr
+    assert "Traceback" not in out.stderr
+    # the plain image-list keeps Nodepool's columns
+    plain = rows(run_cli(env, "image-list").stdout)
+    assert list(plain[0]) == ["Build ID", "Upload ID", "Provider", "Image",
+                              "Provider Image Name", "Provider Image ID", "State", "Age"]
 
 
 def test_validation_node_not_answering_ssh_is_a_failed_attempt(sqlite_launcher_env, tmp_path):
