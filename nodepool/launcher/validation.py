@@ -9,7 +9,7 @@
 * every ``INTERVAL`` seconds applies ``rollout.plan_pair`` to each (image, provider) pair it
   serves: starts a candidate's rollout, advances its steps, withdraws it when it does worse;
 * runs validations: claims one in the upload record, asks for a node booted from the candidate
-  (an ordinary node request marked ``rollout_validation``), checks that node over SSH on a
+  (an ordinary node request whose ``requestor_data`` names the upload), checks that node over SSH on a
   thread of its own (never the loop), and records the result.
 
 Failure rules: every store write is a compare-and-set re-decided on a fresh record; an error
@@ -42,7 +42,8 @@ log = logging.getLogger("nodepool.launcher.rollout")
 
 INTERVAL = 2.0
 VALIDATION_REQUESTOR = "nodepool-rollout"
-VALIDATION_KEY = "rollout_validation"       # request extra: the upload path to boot
+# in the request's requestor_data (which Nodepool keeps when it rewrites a request): the upload
+VALIDATION_KEY = "rollout_validation"
 NODE_LOCK_TIMEOUT = 10
 WITHDRAWN_REASONS_KEY = "withdrawn_reasons"  # build extra: provider -> reason
 
@@ -79,7 +80,8 @@ class RolloutManager:
         """The upload a new node of ``image`` on ``provider`` boots (None: none ready)."""
         policy = policy_for(self.config(), image, provider)
         status = pair_status(uploads, image, provider, policy is not None)
-        wanted = (request.extra.get(VALIDATION_KEY) if request is not None else None)
+        data = getattr(request, "requestor_data", None)
+        wanted = data.get(VALIDATION_KEY) if isinstance(data, dict) else None
         upload = ro.choose_upload(status, policy, self.launches, wanted)
         if upload is not None and policy is not None:
             self._add(upload.path, "launches")
@@ -232,7 +234,7 @@ class RolloutManager:
         try:
             req = NodeRequest(node_types=[label], requestor=VALIDATION_REQUESTOR, reuse=False,
                               provider=upload.provider, created_time=now,
-                              extra={VALIDATION_KEY: upload.path})
+                              requestor_data={VALIDATION_KEY: upload.path})
             req = self.store.submit_request(req, priority="100", ephemeral=True)
         except StoreError as exc:
             self._apply_validation(upload, policy, False, f"node request not submitted: {exc}",
