@@ -510,20 +510,23 @@ class _Builder:
                 parent=d.get("parent"), abstract=d["abstract"],
                 delete_after_upload=d["delete-after-upload"], keep_formats=d["keep-formats"],
                 metadata=d["metadata"],
-                rollout=self.rollout(self._diskimage_key(entries, name), d.get("rollout")))
+                rollout=self.rollout(*self._rollout_key(entries, name), d.get("rollout")))
         return out
 
     @staticmethod
-    def _diskimage_key(entries, name):
-        index = next((i for i, e in enumerate(entries) if e["name"] == name), 0)
-        return f"diskimages[{index}].rollout"
+    def _rollout_key(entries, name):
+        """Where a diskimage's problems with ``rollout`` are reported, and whether they are:
+        an inherited policy is reported once, at the entry that writes it."""
+        index, entry = next(((i, e) for i, e in enumerate(entries) if e["name"] == name),
+                            (0, {}))
+        return f"diskimages[{index}].rollout", "rollout" in entry
 
-    def rollout(self, key, data):
+    def rollout(self, key, report, data):
         """The ``RolloutPolicy`` of a ``rollout`` mapping (None when absent)."""
         if data is None:
             return None
-        policy, problems = build_policy(data)
-        for sub, message in problems:
+        policy, problems = build_policy(data, os.path.dirname(os.path.abspath(self.path)))
+        for sub, message in problems if report else ():
             self.problem(f"{key}.{sub}", message)
         return policy
 
@@ -587,7 +590,7 @@ class _Builder:
                 name=name, pause=entry["pause"], connection_type=entry["connection-type"],
                 connection_port=_connection_port(entry),
                 options=_options(entry, own["diskimage"], schema.COMMON_KEYS["diskimage"]),
-                rollout=self.rollout(f"{key}.rollout", entry.get("rollout")))
+                rollout=self.rollout(f"{key}.rollout", True, entry.get("rollout")))
 
         for index, entry in enumerate(raw.get("cloud-images") or []):
             name = entry["name"]

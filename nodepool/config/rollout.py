@@ -3,6 +3,7 @@
 Our own key (Nodepool 11 has none): how a new upload is validated, rolled out and withdrawn
 automatically when it does worse than the previous one.  docs/rollout.md describes each key.
 """
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,9 +70,10 @@ class RolloutPolicy:
     fallback_min_launches: int = 10
 
 
-def build_policy(data):
+def build_policy(data, base_dir="."):
     """A ``RolloutPolicy`` from a validated ``rollout`` mapping, and problems ``(key, message)``
-    (keys relative to the ``rollout`` key)."""
+    (keys relative to the ``rollout`` key).  A relative ``key-file`` is taken relative to
+    ``base_dir`` (the directory of the file naming it)."""
     problems = []
     steps = list(data["steps"])
     if steps != sorted(steps) or len(set(steps)) != len(steps):
@@ -84,8 +86,11 @@ def build_policy(data):
         if val.get("command") and not val.get("key-file"):
             problems.append(("validation.key-file", "required with validation.command (the "
                                                     "private key that logs in to the node)"))
+        key_file = val.get("key-file")
+        if key_file:
+            key_file = os.path.normpath(os.path.join(base_dir, os.path.expanduser(key_file)))
         validation = Validation(command=val.get("command"), label=val.get("label"),
-                                username=val.get("username"), key_file=val.get("key-file"),
+                                username=val.get("username"), key_file=key_file,
                                 timeout=val["timeout"], attempts=val["attempts"],
                                 retry_delay=val["retry-delay"])
     fallback = data["fallback"]
