@@ -277,7 +277,7 @@ class Launcher:
                               [c.pool_id for c in self.providers.components.values()],
                               time.time())
         # image rollout: outcome counters, steps, validations (every few seconds)
-        self.rollout.run(requests)
+        self.rollout.run(requests, nodes)
 
     # -- config and providers ----------------------------------------------------------------------
 

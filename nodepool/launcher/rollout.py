@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..model.rollout import (BAD_OUTCOMES, CURRENT, FAILED, PASSED, PENDING, ROLLING, RUNNING,
-                             SKIPPED, VALIDATING, Rollout)
+                             SKIPPED, VALIDATING, WITHDRAWN, Rollout)
 
 MAX_RETRY_DELAY = 3600.0
 CLAIM_TIMEOUT = 120.0        # a claimed validation that never got its request is given up
@@ -287,3 +287,31 @@ def outcome_kind(exc, phase, scan_state=None):
     if isinstance(exc, LaunchTimeout):
         return "boot_timeouts"
     return "launch_failures"
+
+
+def unservable_paths(uploads, rolled_out):
+    """Paths of uploads whose ready nodes must not be handed out: of the pairs under rollout
+    (``rolled_out(image, provider)``), uploads no longer ``ready`` (withdrawn) and ready ones
+    that are not current and not yet validated (a validation node whose request vanished with
+    its launcher, or stock an upstream launcher booted from the newest upload)."""
+    from ..model.rollout import pair_status
+    bad, pairs = set(), set()
+    for u in uploads:
+        if not rolled_out(u.image, u.provider):
+            continue
+        pairs.add((u.image, u.provider))
+        if str(getattr(u.state, "value", u.state)) != "ready":
+            bad.add(u.path)
+    for image, provider in pairs:
+        status = pair_status(uploads, image, provider, True)
+        for u in [status.candidate] + list(status.superseded):
+            if u is not None and Rollout.of(u).phase in (None, VALIDATING):
+                bad.add(u.path)
+    return bad
+
+
+def nodes_to_retire(nodes, bad_paths):
+    """Ready, unallocated nodes booted from an unservable upload."""
+    return [n.id for n in nodes
+            if n.image_id in bad_paths and not n.allocated_to
+            and str(getattr(n.state, "value", n.state)) == "ready"]

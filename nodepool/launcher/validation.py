@@ -98,8 +98,9 @@ class RolloutManager:
 
     # -- the periodic pass -----------------------------------------------------------------------
 
-    def run(self, requests, now=None, force=False):
-        """Called from the launcher loop: cheap unless ``INTERVAL`` has passed."""
+    def run(self, requests, nodes=(), now=None, force=False):
+        """Called from the launcher loop with its snapshot: cheap unless ``INTERVAL`` has
+        passed."""
         mono = time.monotonic()
         if not force and mono - self._last_run < INTERVAL:
             return
@@ -113,6 +114,9 @@ class RolloutManager:
             return
         uploads = self.store.list_uploads()
         live = {r.id for r in requests}
+        rolled = set(pairs)
+        self._retire(ro.nodes_to_retire(nodes, ro.unservable_paths(
+            uploads, lambda image, provider: (image, provider) in rolled)))
         for image, provider in pairs:
             try:
                 self._run_pair(config, uploads, image, provider, now, live)
@@ -121,6 +125,24 @@ class RolloutManager:
                             provider, exc)
             except Exception:
                 log.exception("rollout of %s on %s failed (will retry)", image, provider)
+
+    def _retire(self, node_ids):
+        """Delete ready, unallocated nodes of withdrawn or unvalidated uploads (under their
+        lock, re-checked): they must never be handed to a request."""
+        for node_id in node_ids:
+            try:
+                with self.store.lock_node(node_id, identifier=self.launcher_name):
+                    node = self.store.get_node(node_id)
+                    if (node is None or node.state != NodeState.READY or node.allocated_to):
+                        continue
+                    node.set_state(NodeState.USED)
+                    self.store.update_node(node, check_version=True)
+                    log.info("node %s booted from %s is not handed out (upload withdrawn or "
+                             "not validated): deleting it", node_id, node.image_id)
+            except LockError:
+                continue                      # in use by someone: looked at again next pass
+            except StoreError as exc:
+                log.warning("node %s: not retired yet: %s", node_id, exc)
 
     def flush(self):
         """Add the counts gathered since the last flush to the upload records."""

@@ -15,7 +15,7 @@ from fixtures.sshd import SshServer, sshd_available
 from nodepool.client import RequestFailed
 from nodepool.drivers.base import ImageUploadSpec
 from nodepool.launcher import validation
-from nodepool.model import ImageBuild, ImageUpload, RequestState
+from nodepool.model import ImageBuild, ImageUpload, Node, RequestState
 from nodepool.model.rollout import CURRENT, ROLLING, VALIDATING, WITHDRAWN, Rollout
 
 pytestmark = pytest.mark.skipif(not sshd_available(), reason="openssh-server not installed")
@@ -168,9 +168,14 @@ def test_image_failing_validation_never_serves_and_is_withdrawn(launcher_env, ss
 """)
     store = launcher_env.store()
     old = upload(launcher_env, store, 1)
+    new = upload(launcher_env, store, 2)
+    # a ready node booted from the candidate (a validation node whose launcher died) must
+    # never be handed out: the launcher deletes it
+    stray = store.create_node(Node(state="ready", provider="sim", pool="main", type=["jammy"],
+                                   image_id=new.path, interface_ip="127.0.0.1"))
     launcher_env.start_launcher()
     client = launcher_env.client()
-    new = upload(launcher_env, store, 2)
+    wait_until(lambda: store.get_node(stray.id) is None, message="the stray node to go")
     seen = []
     while str(fresh(store, new).state) == "ready":
         seen.append(boot_once(client))

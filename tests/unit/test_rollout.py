@@ -234,3 +234,22 @@ def test_outcome_kinds_are_typed():
     assert ro.outcome_kind(LaunchTimeout("x"), "create") == "boot_timeouts"
     assert ro.outcome_kind(LaunchTimeout("x"), "scan", "connect") == "boot_timeouts"
     assert ro.outcome_kind(LaunchTimeout("x"), "scan", "keyscan") == "keyscan_failures"
+
+
+def test_ready_nodes_of_withdrawn_or_unvalidated_uploads_are_retired():
+    from nodepool.model import Node
+    old, cand = up(1), up(2, roll(phase=VALIDATING))
+    gone = up(3, roll(phase="withdrawn"), state="deleting")
+    other = up(4, provider="q")                       # a pair without rollout
+    uploads = [old, cand, gone, other]
+    bad = ro.unservable_paths(uploads, lambda image, provider: provider == "p")
+    assert bad == {cand.path, gone.path}
+    nodes = [Node(state="ready", image_id=cand.path, id="1"),
+             Node(state="ready", image_id=gone.path, id="2", allocated_to="r"),
+             Node(state="in-use", image_id=gone.path, id="3"),
+             Node(state="ready", image_id=old.path, id="4"),
+             Node(state="ready", image_id=other.path, id="5")]
+    assert ro.nodes_to_retire(nodes, bad) == ["1"]
+    # once rolling, the candidate's nodes serve like any other
+    rolling = up(2, roll(phase=ROLLING))
+    assert rolling.path not in ro.unservable_paths([old, rolling], lambda i, p: True)
