@@ -315,3 +315,15 @@ def nodes_to_retire(nodes, bad_paths):
     return [n.id for n in nodes
             if n.image_id in bad_paths and not n.allocated_to
             and str(getattr(n.state, "value", n.state)) == "ready"]
+
+
+def orphan_validation_requests(requests, uploads, requestor, now, grace=CLAIM_TIMEOUT):
+    """Ids of validation requests (by ``requestor``) no upload's validation refers to any more,
+    older than ``grace`` seconds: their validation was given up or its result recorded, and
+    their node must go back (and, being from an unvalidated upload, be deleted)."""
+    wanted = {Rollout.of(u).validation.get("request") for u in uploads}
+
+    def born(r):
+        return next((t for t in (r.created_time, r.state_time) if t is not None), now)
+    return [r.id for r in requests
+            if r.requestor == requestor and r.id not in wanted and now - born(r) > grace]

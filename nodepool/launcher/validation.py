@@ -117,6 +117,10 @@ class RolloutManager:
         rolled = set(pairs)
         self._retire(ro.nodes_to_retire(nodes, ro.unservable_paths(
             uploads, lambda image, provider: (image, provider) in rolled)))
+        for request_id in ro.orphan_validation_requests(requests, uploads,
+                                                        VALIDATION_REQUESTOR, now):
+            log.info("validation request %s is no longer followed: deleting it", request_id)
+            quietly_delete_request(self.store, request_id)
         for image, provider in pairs:
             try:
                 self._run_pair(config, uploads, image, provider, now, live)
@@ -268,8 +272,14 @@ class RolloutManager:
             if val.get("state") != RUNNING or val.get("claimed_by") != me:
                 return False
             state.validation = dict(val, request=req.id)
-        if not self._change(upload, note_request):
-            self.store.delete_request(req.id)
+        try:
+            noted = self._change(upload, note_request)
+        except StoreError:
+            noted = False
+        if not noted:
+            # the claim was lost or not written: the request is nobody's (the orphan sweep
+            # removes it should this delete fail too)
+            quietly_delete_request(self.store, req.id)
             return
         log.info("upload %s: validation node requested (%s, request %s)", upload.path, label,
                  req.id)

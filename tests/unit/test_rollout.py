@@ -253,3 +253,16 @@ def test_ready_nodes_of_withdrawn_or_unvalidated_uploads_are_retired():
     # once rolling, the candidate's nodes serve like any other
     rolling = up(2, roll(phase=ROLLING))
     assert rolling.path not in ro.unservable_paths([old, rolling], lambda i, p: True)
+
+
+def test_validation_requests_nobody_follows_are_swept_after_a_grace():
+    from nodepool.model import NodeRequest
+    followed = up(2, roll(phase=VALIDATING, validation={"state": RUNNING, "request": "100-1"}))
+
+    def req(rid, requestor="nodepool-rollout", t=0.0):
+        r = NodeRequest(requestor=requestor, created_time=t)
+        r.id = rid
+        return r
+    reqs = [req("100-1"), req("100-2"), req("100-3", t=990.0), req("100-4", requestor="zuul")]
+    assert ro.orphan_validation_requests(reqs, [up(1), followed], "nodepool-rollout",
+                                         1000.0) == ["100-2"]
