@@ -14,10 +14,9 @@ The current upload is never withdrawn by these decisions: only a candidate can b
 function takes and returns plain data; ``validation.py`` applies the actions to the store.
 """
 from dataclasses import dataclass
-from typing import Optional
 
 from ..model.rollout import (BAD_OUTCOMES, CURRENT, FAILED, PASSED, PENDING, ROLLING, RUNNING,
-                             SKIPPED, VALIDATING, WITHDRAWN, Rollout)
+                             SKIPPED, VALIDATING, Rollout)
 
 MAX_RETRY_DELAY = 3600.0
 CLAIM_TIMEOUT = 120.0        # a claimed validation that never got its request is given up
