@@ -39,6 +39,8 @@ ROLLOUT = Mapping({
     v.Optional("steps", default=[100]): Seq(Share),
     v.Optional("step-min-launches", default=0): Int(0),
     v.Optional("step-min-time", default=0): Number(0),
+    v.Optional("recheck", default=False): bool,
+    v.Optional("recheck-timeout", default=60): Number(1),
     v.Optional("fallback", default={}): Mapping({
         v.Optional("enabled", default=True): bool,
         v.Optional("margin", default=0.2): Fraction,
@@ -65,6 +67,8 @@ class RolloutPolicy:
     steps: tuple = (100,)
     step_min_launches: int = 0
     step_min_time: float = 0
+    recheck: bool = False             # re-scan SSH of the candidate's ready stock nodes
+    recheck_timeout: float = 60
     fallback: bool = True
     fallback_margin: float = 0.2
     fallback_min_launches: int = 10
@@ -96,7 +100,8 @@ def build_policy(data, base_dir="."):
     fallback = data["fallback"]
     return RolloutPolicy(validation=validation, steps=tuple(steps or [100]),
                          step_min_launches=data["step-min-launches"],
-                         step_min_time=data["step-min-time"], fallback=fallback["enabled"],
+                         step_min_time=data["step-min-time"], recheck=data["recheck"],
+                         recheck_timeout=data["recheck-timeout"], fallback=fallback["enabled"],
                          fallback_margin=fallback["margin"],
                          fallback_min_launches=fallback["min-launches"]), problems
 

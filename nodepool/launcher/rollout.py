@@ -326,3 +326,10 @@ def orphan_validation_requests(requests, uploads, requestor, now, grace=CLAIM_TI
         return next((t for t in (r.created_time, r.state_time) if t is not None), now)
     return [r.id for r in requests
             if r.requestor == requestor and r.id not in wanted and now - born(r) > grace]
+
+
+def nodes_to_recheck(nodes, candidate_path, done):
+    """Ready, unallocated nodes booted from the rolling candidate not checked yet (``done``)."""
+    return [n for n in nodes
+            if n.image_id == candidate_path and not n.allocated_to and n.id not in done
+            and str(getattr(n.state, "value", n.state)) == "ready"]

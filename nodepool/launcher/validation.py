@@ -29,7 +29,7 @@ import threading
 import time
 
 from .. import metrics
-from ..config.rollout import policy_for
+from ..config.rollout import Validation, policy_for
 from ..errors import LockError, StoreError
 from ..model.records import NodeRequest
 from ..model.rollout import (RUNNING, PENDING, WITHDRAWN, Rollout, pair_status)
@@ -66,6 +66,8 @@ class RolloutManager:
         self._lock = threading.Lock()
         self._pending = collections.defaultdict(collections.Counter)   # upload path -> counts
         self._checks = {}                      # upload path -> Future of a validation check
+        self._rechecks = {}                    # node id -> Future of a stock node's re-check
+        self._rechecked = set()                # node ids re-checked (ok) by this launcher
         self._executor = None
         self._last_run = float("-inf")
 
@@ -117,6 +119,7 @@ class RolloutManager:
         rolled = set(pairs)
         self._retire(ro.nodes_to_retire(nodes, ro.unservable_paths(
             uploads, lambda image, provider: (image, provider) in rolled)))
+        self._recheck(config, uploads, pairs, nodes)
         for request_id in ro.orphan_validation_requests(requests, uploads,
                                                         VALIDATION_REQUESTOR, now):
             log.info("validation request %s is no longer followed: deleting it", request_id)
@@ -129,6 +132,36 @@ class RolloutManager:
                             provider, exc)
             except Exception:
                 log.exception("rollout of %s on %s failed (will retry)", image, provider)
+
+    def _recheck(self, config, uploads, pairs, nodes):
+        """Re-scan SSH of the rolling candidate's ready stock nodes (``rollout.recheck``): a
+        node that no longer answers counts against its upload and is deleted, not handed out."""
+        for node_id, future in list(self._rechecks.items()):
+            if not future.done():
+                continue
+            del self._rechecks[node_id]
+            try:
+                ok, reason, node = future.result()
+            except Exception as exc:             # a bug in the check must not wedge the pass
+                log.warning("node %s: re-check crashed: %s", node_id, exc)
+                continue
+            if ok:
+                self._rechecked.add(node_id)
+                continue
+            log.warning("node %s (%s) failed its re-check: %s", node_id, node.image_id, reason)
+            self._add(node.image_id, "recheck_failures")
+            self._retire([node_id])
+        live = {n.id for n in nodes}
+        self._rechecked &= live
+        for image, provider in pairs:
+            policy = policy_for(config, image, provider)
+            cand = pair_status(uploads, image, provider, True).candidate
+            if not policy.recheck or cand is None or Rollout.of(cand).phase != ro.ROLLING:
+                continue
+            check = Validation(timeout=policy.recheck_timeout)
+            for node in ro.nodes_to_recheck(nodes, cand.path,
+                                            self._rechecked | set(self._rechecks)):
+                self._rechecks[node.id] = self._pool().submit(recheck_node, node, check)
 
     def _retire(self, node_ids):
         """Delete ready, unallocated nodes of withdrawn or unvalidated uploads (under their
@@ -440,6 +473,12 @@ def validate_on_node(store, request, upload_path, validation, username):
         return False, f"store error during validation: {exc}", False
     finally:
         quietly_delete_request(store, request.id)
+
+
+def recheck_node(node, check):
+    """``(ok, reason, node)``: does the ready node still answer SSH?"""
+    ok, reason = check_node(node, check, None)
+    return ok, reason, node
 
 
 def check_node(node, validation, username, clock=time.monotonic):

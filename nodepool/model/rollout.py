@@ -33,8 +33,9 @@ FAILED = "failed"
 SKIPPED = "skipped"
 
 # outcome counters (per upload; summed by every launcher)
-OUTCOMES = ("launches", "ready", "launch_failures", "boot_timeouts", "keyscan_failures")
-BAD_OUTCOMES = ("launch_failures", "boot_timeouts", "keyscan_failures")
+OUTCOMES = ("launches", "ready", "launch_failures", "boot_timeouts", "keyscan_failures",
+            "recheck_failures")
+BAD_OUTCOMES = ("launch_failures", "boot_timeouts", "keyscan_failures", "recheck_failures")
 
 
 @dataclass

@@ -7,11 +7,12 @@ Uploads are made the way the builder makes them (an image uploaded to the simula
 ``ready`` upload record), newest by ``state_time``.
 """
 import getpass
+import types
 
 import pytest
 
 from fixtures.launcher import wait_until
-from fixtures.sshd import SshServer, sshd_available
+from fixtures.sshd import SshServer, free_port, sshd_available
 from nodepool.client import RequestFailed
 from nodepool.drivers.base import ImageUploadSpec
 from nodepool.launcher import validation
@@ -327,7 +328,7 @@ def test_validation_node_not_answering_ssh_is_a_failed_attempt(sqlite_launcher_e
     attempt ends at the validation timeout, the upload is withdrawn after the allowed attempts,
     and requests are served from the previous upload all along."""
     env = sqlite_launcher_env
-    sshd = SshServer(tmp_path / "sshd")       # only for its free port: never started
+    sshd = types.SimpleNamespace(port=free_port())     # nothing listens there
     write(env, sshd, """\
       validation:
         timeout: 1
@@ -346,3 +347,35 @@ def test_validation_node_not_answering_ssh_is_a_failed_attempt(sqlite_launcher_e
     assert set(seen) <= {old.path}
     state = Rollout.of(fresh(store, new))
     assert state.withdrawn_by == "validation" and "did not answer SSH" in state.reason
+
+
+def test_stock_nodes_failing_their_recheck_count_against_the_candidate(sqlite_launcher_env,
+                                                                       tmp_path):
+    """``recheck``: ready stock nodes of the rolling candidate are scanned again before they
+    are handed out; here none answers (nothing listens on their port), so each is deleted
+    instead of served, counted, and the candidate is withdrawn by the fallback rule."""
+    env = sqlite_launcher_env
+    port = free_port()                            # nothing listens there
+    env.write(CONFIG.format(rollout="""\
+      steps: [50, 100]
+      step-min-launches: 1000
+      recheck: true
+      recheck-timeout: 1
+      fallback:
+        margin: 0.3
+        min-launches: 4
+""", port=port, retries=3, failing="{}").replace("  - name: jammy\n",
+                                                 "  - name: jammy\n    min-ready: 4\n", 1))
+    store = env.store()
+    old = upload(env, store, 1)
+    new = upload(env, store, 2)
+    env.start_launcher()
+    wait_until(lambda: str(fresh(store, new).state) == "deleting", timeout=60,
+               message="the candidate to be withdrawn")
+    state = Rollout.of(fresh(store, new))
+    assert state.withdrawn_by == "fallback" and state.count("recheck_failures") >= 1
+    # its stock goes; the stock left and refilled is the previous upload's
+    wait_until(lambda: not [n for n in store.list_nodes() if n.image_id == new.path
+                            and str(n.state) == "ready"], message="the candidate's stock to go")
+    wait_until(lambda: len([n for n in store.list_nodes() if n.image_id == old.path
+                            and str(n.state) == "ready"]) >= 4, message="stock of the previous")

@@ -266,3 +266,13 @@ def test_validation_requests_nobody_follows_are_swept_after_a_grace():
     reqs = [req("100-1"), req("100-2"), req("100-3", t=990.0), req("100-4", requestor="zuul")]
     assert ro.orphan_validation_requests(reqs, [up(1), followed], "nodepool-rollout",
                                          1000.0) == ["100-2"]
+
+
+def test_only_unchecked_ready_stock_of_the_candidate_is_rechecked():
+    from nodepool.model import Node
+    nodes = [Node(state="ready", image_id="/c", id="1"),
+             Node(state="ready", image_id="/c", id="2", allocated_to="r"),
+             Node(state="ready", image_id="/c", id="3"),
+             Node(state="building", image_id="/c", id="4"),
+             Node(state="ready", image_id="/old", id="5")]
+    assert [n.id for n in ro.nodes_to_recheck(nodes, "/c", {"3"})] == ["1"]
