@@ -108,6 +108,7 @@ class Launcher:
         self.cleanup = Cleanup(self.store, self.providers, lambda: self.config,
                                lambda: set(self.requests.held), self.lock_gc_interval,
                                self.request_lock_max_age)
+        self.cleanup.on_returned = self.rollout.returned
         self.min_ready = MinReady(
             self.store, lambda nid, rid, why: return_to_pool(self.store, nid, rid, why))
         self.observer = Observer(

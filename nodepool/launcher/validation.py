@@ -85,16 +85,25 @@ class RolloutManager:
         data = getattr(request, "requestor_data", None)
         wanted = data.get(VALIDATION_KEY) if isinstance(data, dict) else None
         upload = ro.choose_upload(status, policy, self.launches, wanted)
-        if upload is not None and policy is not None:
+        if upload is not None:
             self._add(upload.path, "launches")
         return upload
 
     def record(self, node, kind):
         """A launch attempt of ``node`` ended (``kind``: ready or a failure counter)."""
-        if parse_upload_path(node.image_id) is not None:
-            self._add(node.image_id, kind)
+        self._add(node.image_id, kind)
+
+    def returned(self, node):
+        """Cleanup gave ``node`` back to the pool: its requestor returned it without using it
+        (Zuul unlocks such nodes and deletes its request).  Counted against its upload."""
+        self._add(node.image_id, "returned_unused")
 
     def _add(self, path, kind, count=1):
+        """Count an outcome of an upload of a pair under rollout (others' records are left
+        as Nodepool writes them)."""
+        key = parse_upload_path(path)
+        if key is None or policy_for(self.config(), key[0], key[2]) is None:
+            return
         with self._lock:
             self._pending[path][kind] += count
 

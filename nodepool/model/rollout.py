@@ -34,8 +34,9 @@ SKIPPED = "skipped"
 
 # outcome counters (per upload; summed by every launcher)
 OUTCOMES = ("launches", "ready", "launch_failures", "boot_timeouts", "keyscan_failures",
-            "recheck_failures")
-BAD_OUTCOMES = ("launch_failures", "boot_timeouts", "keyscan_failures", "recheck_failures")
+            "recheck_failures", "returned_unused")
+BAD_OUTCOMES = ("launch_failures", "boot_timeouts", "keyscan_failures", "recheck_failures",
+                "returned_unused")
 
 
 @dataclass

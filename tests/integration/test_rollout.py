@@ -379,3 +379,26 @@ def test_stock_nodes_failing_their_recheck_count_against_the_candidate(sqlite_la
                             and str(n.state) == "ready"], message="the candidate's stock to go")
     wait_until(lambda: len([n for n in store.list_nodes() if n.image_id == old.path
                             and str(n.state) == "ready"]) >= 4, message="stock of the previous")
+
+
+def test_nodes_given_back_unused_count_against_their_upload(sqlite_launcher_env, sshd):
+    """A requestor that gives nodes back without using them (Zuul unlocks them and deletes
+    its request) adds ``returned_unused`` to the upload they booted from."""
+    env = sqlite_launcher_env
+    write(env, sshd, """\
+      steps: [100]
+      step-min-launches: 1000
+""")
+    store = env.store()
+    upload(env, store, 1)
+    new = upload(env, store, 2)
+    env.start_launcher()
+    client = env.client()
+    wait_until(lambda: phase(store, new) == ROLLING, message="the rollout to start")
+    nodes = client.accept(client.wait(client.submit(["jammy"]).id, timeout=30))
+    assert nodes[0].image_id == new.path                  # 100% of launches at this step
+    for node in nodes:                                     # given back without use
+        node.lock.release()
+    wait_until(lambda: Rollout.of(fresh(store, new)).count("returned_unused") == 1,
+               message="the unused node counted")
+    assert store.get_node(nodes[0].id).allocated_to is None    # back in stock
