@@ -126,13 +126,22 @@ class RolloutManager:
         uploads = self.store.list_uploads()
         live = {r.id for r in requests}
         rolled = set(pairs)
-        self._retire(ro.nodes_to_retire(nodes, ro.unservable_paths(
-            uploads, lambda image, provider: (image, provider) in rolled)))
-        self._recheck(config, uploads, pairs, nodes)
-        for request_id in ro.orphan_validation_requests(requests, uploads,
-                                                        VALIDATION_REQUESTOR, now):
-            log.info("validation request %s is no longer followed: deleting it", request_id)
-            quietly_delete_request(self.store, request_id)
+        try:
+            self._retire(ro.nodes_to_retire(nodes, ro.unservable_paths(
+                uploads, lambda image, provider: (image, provider) in rolled)),
+                "its upload was withdrawn or is not validated")
+            self._recheck(config, uploads, pairs, nodes)
+            withdrawn = [u for u in uploads if Rollout.of(u).phase == WITHDRAWN]
+            if withdrawn:
+                for key in unremembered_withdrawals(withdrawn, self.store.list_builds()):
+                    remember_withdrawal(self.store, *key)
+            for request_id in ro.orphan_validation_requests(requests, uploads,
+                                                            VALIDATION_REQUESTOR, now):
+                log.info("validation request %s is no longer followed: deleting it",
+                         request_id)
+                quietly_delete_request(self.store, request_id)
+        except Exception:
+            log.exception("rollout of stock nodes and validation requests failed (will retry)")
         for image, provider in pairs:
             try:
                 self._run_pair(config, uploads, image, provider, now, live)
@@ -159,7 +168,7 @@ class RolloutManager:
                 continue
             log.warning("node %s (%s) failed its re-check: %s", node_id, node.image_id, reason)
             self._add(node.image_id, "recheck_failures")
-            self._retire([node_id])
+            self._retire([node_id], "it failed its re-check")
         live = {n.id for n in nodes}
         self._rechecked &= live
         for image, provider in pairs:
@@ -172,9 +181,9 @@ class RolloutManager:
                                             self._rechecked | set(self._rechecks)):
                 self._rechecks[node.id] = self._pool().submit(recheck_node, node, check)
 
-    def _retire(self, node_ids):
-        """Delete ready, unallocated nodes of withdrawn or unvalidated uploads (under their
-        lock, re-checked): they must never be handed to a request."""
+    def _retire(self, node_ids, why):
+        """Delete ready, unallocated nodes (under their lock, re-checked) that must never be
+        handed to a request: ``why`` says why."""
         for node_id in node_ids:
             try:
                 with self.store.lock_node(node_id, identifier=self.launcher_name):
@@ -183,8 +192,8 @@ class RolloutManager:
                         continue
                     node.set_state(NodeState.USED)
                     self.store.update_node(node, check_version=True)
-                    log.info("node %s booted from %s is not handed out (upload withdrawn or "
-                             "not validated): deleting it", node_id, node.image_id)
+                    log.info("node %s booted from %s is not handed out (%s): deleting it",
+                             node_id, node.image_id, why)
             except LockError:
                 continue                      # in use by someone: looked at again next pass
             except StoreError as exc:
@@ -238,7 +247,9 @@ class RolloutManager:
                          "now current" if event == "current" else
                          f"step {action.to_step + 1}: {policy.steps[action.to_step]}% of launches")
         elif isinstance(action, ro.Withdraw):
-            self.withdraw(action.upload, action.by, action.reason, now)
+            # still a rolling candidate (not promoted by an operator meanwhile)
+            self.withdraw(action.upload, action.by, action.reason, now,
+                          only_if=lambda s: s.phase == ro.ROLLING)
         elif isinstance(action, ro.StartValidation):
             self._start_validation(config, action.upload, policy, now)
         elif isinstance(action, ro.ResetValidation):
@@ -264,10 +275,12 @@ class RolloutManager:
 
     # -- withdrawal ------------------------------------------------------------------------------
 
-    def withdraw(self, upload, by, reason, now=None):
+    def withdraw(self, upload, by, reason, now=None, only_if=None):
         """Take the upload out of service the way ``nodepool image-delete`` does (the builder
         deletes its cloud image and never uploads that build there again), with the reason."""
-        withdraw_upload(self.store, upload, by, reason, self.clock() if now is None else now)
+        if not withdraw_upload(self.store, upload, by, reason,
+                               self.clock() if now is None else now, only_if):
+            return
         metrics.ROLLOUT_EVENTS.labels(upload.image, upload.provider, f"withdrawn-{by}").inc()
         log.warning("upload %s of %s on %s withdrawn (%s): %s", upload.id, upload.image,
                     upload.provider, by, reason)
@@ -388,7 +401,8 @@ class RolloutManager:
         elif verdict and verdict[0]:
             metrics.ROLLOUT_EVENTS.labels(upload.image, upload.provider,
                                           "validation-failed").inc()
-            self.withdraw(upload, "validation", verdict[0], now)
+            self.withdraw(upload, "validation", verdict[0], now,
+                          only_if=lambda s: s.phase == ro.VALIDATING)
         else:
             log.warning("upload %s of %s on %s: validation attempt %s: %s", upload.id,
                         upload.image, upload.provider,
@@ -413,38 +427,62 @@ def quietly_delete_request(store, request_id):
                   request_id, exc)
 
 
-def withdraw_upload(store, upload, by, reason, now):
-    """Mark the upload ``deleting`` with its rollout phase ``withdrawn`` and the reason, and
+def withdraw_upload(store, upload, by, reason, now, only_if=None):
+    """Mark the upload ``deleting`` with its rollout phase ``withdrawn`` and the reason, then
     remember in its build that it was withdrawn from this provider (with the reason), so the
-    builder never uploads that build there again.  Shared by the launcher and the CLI."""
-    from ..builder.planner import WITHDRAWN_KEY, withdrawn_providers
-
-    def mark_build(build):
-        reasons = dict(build.extra.get(WITHDRAWN_REASONS_KEY) or {})
-        if upload.provider in withdrawn_providers(build) and upload.provider in reasons:
-            return False
-        build.extra[WITHDRAWN_KEY] = sorted(withdrawn_providers(build) | {upload.provider})
-        reasons[upload.provider] = f"{by}: {reason}"
-        build.extra[WITHDRAWN_REASONS_KEY] = reasons
-    compare_and_set(lambda: store.get_build(upload.image, upload.build_id), store.update_build,
-                    mark_build)
-
+    builder never uploads that build there again.  ``only_if(Rollout)`` re-checks the fresh
+    record first (a decision made from a snapshot must still hold: an operator may have
+    promoted it meanwhile).  Returns True when the upload is withdrawn.  Shared by the
+    launcher and the CLI."""
     def mark_upload(record):
-        if str(getattr(record.state, "value", record.state)) not in (
-                UploadState.READY.value, UploadState.DELETING.value):
+        if str(getattr(record.state, "value", record.state)) != UploadState.READY.value:
             return False
         state = Rollout.of(record)
-        if state.phase == WITHDRAWN:
+        if only_if is not None and not only_if(state):
             return False
         state.phase = WITHDRAWN
         state.withdrawn_by = by
         state.reason = reason
         state.note(now, f"withdrawn by {by}: {reason}")
         state.store(record)
-        if record.state != UploadState.DELETING:
-            record.set_state(UploadState.DELETING)
-    compare_and_set(lambda: store.get_upload(upload.image, upload.build_id, upload.provider,
-                                             upload.id), store.update_upload, mark_upload)
+        record.set_state(UploadState.DELETING)
+    done = compare_and_set(lambda: store.get_upload(upload.image, upload.build_id,
+                                                    upload.provider, upload.id),
+                           store.update_upload, mark_upload)
+    if done is None:
+        return False
+    remember_withdrawal(store, upload.image, upload.build_id, upload.provider,
+                        f"{by}: {reason}")
+    return True
+
+
+def remember_withdrawal(store, image, build_id, provider, reason):
+    """Record in the build that it was withdrawn from ``provider`` (idempotent)."""
+    from ..builder.planner import WITHDRAWN_KEY, withdrawn_providers
+
+    def mark_build(build):
+        reasons = dict(build.extra.get(WITHDRAWN_REASONS_KEY) or {})
+        if provider in withdrawn_providers(build) and provider in reasons:
+            return False
+        build.extra[WITHDRAWN_KEY] = sorted(withdrawn_providers(build) | {provider})
+        reasons.setdefault(provider, reason)
+        build.extra[WITHDRAWN_REASONS_KEY] = reasons
+    compare_and_set(lambda: store.get_build(image, build_id), store.update_build, mark_build)
+
+
+def unremembered_withdrawals(uploads, builds):
+    """Withdrawn uploads whose build does not record the withdrawal yet (its write failed
+    after the upload's): ``(image, build_id, provider, reason)``."""
+    from ..builder.planner import withdrawn_providers
+    by_key = {(b.image, b.id): b for b in builds}
+    out = []
+    for u in uploads:
+        state = Rollout.of(u)
+        build = by_key.get((u.image, u.build_id))
+        if (state.phase == WITHDRAWN and build is not None
+                and u.provider not in withdrawn_providers(build)):
+            out.append((u.image, u.build_id, u.provider, f"{state.withdrawn_by}: {state.reason}"))
+    return out
 
 
 # -- the check on the validation node (runs on a thread of its own) -------------------------------

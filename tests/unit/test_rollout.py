@@ -276,3 +276,16 @@ def test_only_unchecked_ready_stock_of_the_candidate_is_rechecked():
              Node(state="building", image_id="/c", id="4"),
              Node(state="ready", image_id="/old", id="5")]
     assert [n.id for n in ro.nodes_to_recheck(nodes, "/c", {"3"})] == ["1"]
+
+
+def test_withdrawals_not_yet_recorded_in_their_build_are_found():
+    from nodepool.launcher.validation import unremembered_withdrawals
+    from nodepool.model import ImageBuild
+    gone = up(2, roll(phase="withdrawn", withdrawn_by="fallback", reason="bad"),
+              state="deleting")
+    build = ImageBuild(image="img", state="ready")
+    build.id = "b2"
+    assert unremembered_withdrawals([gone, up(1)], [build]) == [
+        ("img", "b2", "p", "fallback: bad")]
+    build.extra["withdrawn_from"] = ["p"]
+    assert unremembered_withdrawals([gone], [build]) == []
