@@ -125,6 +125,8 @@ def cmd_image_promote(ctx, args):
             return False
         state.phase = CURRENT
         state.held = False
+        if state.validation.get("state") not in (None, "passed"):
+            state.validation = dict(state.validation, state="skipped", request=None)
         state.note(now, "promoted by an operator")
     _change(ctx, upload, promote)
     ctx.print(f"upload {upload.id} of {args.image} build {upload.build_id} is now current on "

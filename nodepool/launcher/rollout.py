@@ -320,7 +320,8 @@ def orphan_validation_requests(requests, uploads, requestor, now, grace=CLAIM_TI
     """Ids of validation requests (by ``requestor``) no upload's validation refers to any more,
     older than ``grace`` seconds: their validation was given up or its result recorded, and
     their node must go back (and, being from an unvalidated upload, be deleted)."""
-    wanted = {Rollout.of(u).validation.get("request") for u in uploads}
+    wanted = {Rollout.of(u).validation.get("request") for u in uploads
+              if Rollout.of(u).phase == VALIDATING}
 
     def born(r):
         return next((t for t in (r.created_time, r.state_time) if t is not None), now)

@@ -135,10 +135,15 @@ class RolloutManager:
             if withdrawn:
                 for key in unremembered_withdrawals(withdrawn, self.store.list_builds()):
                     remember_withdrawal(self.store, *key)
+            by_id = {r.id: r for r in requests}
             for request_id in ro.orphan_validation_requests(requests, uploads,
                                                             VALIDATION_REQUESTOR, now):
-                log.info("validation request %s is no longer followed: deleting it",
-                         request_id)
+                log.info("validation request %s is no longer followed: deleting it and its "
+                         "node", request_id)
+                # its node is not stock: it goes with the request (and is not counted as
+                # given back unused)
+                self._retire(by_id[request_id].nodes, "its validation was given up",
+                             allocated_to=request_id)
                 quietly_delete_request(self.store, request_id)
         except Exception:
             log.exception("rollout of stock nodes and validation requests failed (will retry)")
@@ -181,14 +186,15 @@ class RolloutManager:
                                             self._rechecked | set(self._rechecks)):
                 self._rechecks[node.id] = self._pool().submit(recheck_node, node, check)
 
-    def _retire(self, node_ids, why):
-        """Delete ready, unallocated nodes (under their lock, re-checked) that must never be
-        handed to a request: ``why`` says why."""
+    def _retire(self, node_ids, why, allocated_to=None):
+        """Delete ready nodes (under their lock, re-checked) that must never be handed to a
+        request: unallocated ones, or those allocated to ``allocated_to``.  ``why`` says why."""
         for node_id in node_ids:
             try:
                 with self.store.lock_node(node_id, identifier=self.launcher_name):
                     node = self.store.get_node(node_id)
-                    if (node is None or node.state != NodeState.READY or node.allocated_to):
+                    if (node is None or node.state != NodeState.READY
+                            or node.allocated_to != allocated_to):
                         continue
                     node.set_state(NodeState.USED)
                     self.store.update_node(node, check_version=True)

@@ -266,6 +266,10 @@ def test_validation_requests_nobody_follows_are_swept_after_a_grace():
     reqs = [req("100-1"), req("100-2"), req("100-3", t=990.0), req("100-4", requestor="zuul")]
     assert ro.orphan_validation_requests(reqs, [up(1), followed], "nodepool-rollout",
                                          1000.0) == ["100-2"]
+    # once the upload was promoted (or withdrawn) nobody follows its request any more
+    promoted = up(2, roll(phase=CURRENT, validation={"state": RUNNING, "request": "100-1"}))
+    assert ro.orphan_validation_requests(reqs, [up(1), promoted], "nodepool-rollout",
+                                         1000.0) == ["100-1", "100-2"]
 
 
 def test_only_unchecked_ready_stock_of_the_candidate_is_rechecked():
