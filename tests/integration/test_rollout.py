@@ -402,3 +402,47 @@ def test_nodes_given_back_unused_count_against_their_upload(sqlite_launcher_env,
     wait_until(lambda: Rollout.of(fresh(store, new)).count("returned_unused") == 1,
                message="the unused node counted")
     assert store.get_node(nodes[0].id).allocated_to is None    # back in stock
+
+
+def test_store_errors_keep_counts_and_put_validation_off(sqlite_launcher_env):
+    """The rollout side of a launcher against a real store that fails at the worst moments:
+    outcome counts that could not be written are kept and written by the next pass; a
+    validation whose node request cannot be submitted is tried again after its backoff,
+    without counting against the upload."""
+    from fixtures.interleave import InterleavedStore
+    from nodepool.errors import StoreError
+    from nodepool.launcher.validation import RolloutManager
+    env = sqlite_launcher_env
+    write(env, types.SimpleNamespace(port=free_port()), """\
+      validation:
+        retry-delay: 5
+""")
+    store = env.store()
+    upload(env, store, 1)
+    new = upload(env, store, 2)
+    flaky = InterleavedStore(store)
+
+    def fail(*_):
+        raise StoreError("the store is down")
+    manager = RolloutManager(flaky, lambda: env.config, "test-launcher")
+    try:
+        manager.record(Node(image_id=new.path), "launch_failures")
+        flaky.before("update_upload", fail)
+        manager.flush()
+        assert Rollout.of(fresh(store, new)).count("launch_failures") == 0
+        manager.flush()
+        assert Rollout.of(fresh(store, new)).count("launch_failures") == 1
+        manager.run([], [], now=100.0, force=True)            # the candidate starts validating
+        assert phase(store, new) == VALIDATING
+        flaky.before("submit_request", fail)
+        manager.run([], [], now=101.0, force=True)            # claimed; the request fails
+        val = Rollout.of(fresh(store, new)).validation
+        assert val["state"] == "pending" and val["attempts"] == 0
+        assert val["next_try"] == 106.0 and "not submitted" in val["reason"]
+        manager.run([], [], now=102.0, force=True)            # still backing off
+        assert Rollout.of(fresh(store, new)).validation["state"] == "pending"
+        manager.run([], [], now=107.0, force=True)
+        val = Rollout.of(fresh(store, new)).validation
+        assert val["state"] == "running" and store.get_request(val["request"]) is not None
+    finally:
+        manager.stop()
