@@ -13,6 +13,7 @@ import pytest
 
 from fixtures.launcher import wait_until
 from fixtures.sshd import SshServer, free_port, sshd_available
+from nodepool import metrics
 from nodepool.client import RequestFailed
 from nodepool.drivers.base import ImageUploadSpec
 from nodepool.launcher import validation
@@ -233,6 +234,7 @@ def test_image_failing_launches_is_withdrawn_automatically(launcher_env, sshd, t
     assert set(results) <= {old.path, None}
     assert failed * 100 <= 25 * len(results) + 100
     assert Rollout.of(fresh(store, old)).phase is None      # never touched
+    assert metrics.ROLLOUT_EVENTS.labels("ubuntu", "sim", "withdrawn-fallback")._value.get() >= 1
     for _ in range(5):
         assert boot_once(client) == old.path
     # the operator sees which upload serves and why the other one went
