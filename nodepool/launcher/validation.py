@@ -9,8 +9,10 @@
 * every ``INTERVAL`` seconds applies ``rollout.plan_pair`` to each (image, provider) pair it
   serves: starts a candidate's rollout, advances its steps, withdraws it when it does worse;
 * runs validations: claims one in the upload record, asks for a node booted from the candidate
-  (an ordinary node request whose ``requestor_data`` names the upload), checks that node over SSH on a
-  thread of its own (never the loop), and records the result.
+  (an ordinary node request whose ``requestor_data`` names the upload), checks that node over
+  SSH on a thread of its own (never the loop), and records the result;
+* deletes ready stock that must not serve (withdrawn or unvalidated uploads), re-checks the
+  candidate's stock over SSH when asked to, and counts nodes given back unused.
 
 Failure rules: every store write is a compare-and-set re-decided on a fresh record; an error
 with one pair is logged and that pair is tried again next pass.  A validation that cannot run
