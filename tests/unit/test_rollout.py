@@ -293,3 +293,18 @@ def test_withdrawals_not_yet_recorded_in_their_build_are_found():
         ("img", "b2", "p", "fallback: bad")]
     build.extra["withdrawn_from"] = ["p"]
     assert unremembered_withdrawals([gone], [build]) == []
+
+
+def test_dashboard_shows_the_serving_upload_as_current_under_rollout():
+    from nodepool.config.model import Config, DiskImage, Provider, ProviderDiskImage
+    from nodepool.web.dashboard import image_table
+    config = Config()
+    config.diskimages["img"] = DiskImage(name="img", rollout=POLICY)
+    config.providers["p"] = Provider(name="p", driver="simulated",
+                                     diskimages={"img": ProviderDiskImage("img")})
+    a, b, c = up(1), up(2, roll(phase=CURRENT)), up(3, roll(phase=VALIDATING))
+    row = image_table([a, b, c], 2000.0, config)[0]
+    assert row["current"]["build"] == "b2" and row["previous"]["build"] == "b1"
+    assert row["candidate"]["build"] == "b3"
+    plain = image_table([a, b, c], 2000.0)[0]              # no rollout: newest is current
+    assert plain["current"]["build"] == "b3" and "candidate" not in plain
