@@ -56,6 +56,10 @@ IMAGE_BUILDS = Counter(
 IMAGE_BUILD_SECONDS = Histogram(
     "nodepool_image_build_seconds", "Duration of diskimage builds", ["image"],
     buckets=_IMAGE_BUCKETS)
+ROLLOUT_EVENTS = Counter(
+    "nodepool_image_rollout_events", "Image rollout events per upload pair (event: validated, "
+    "validation-failed, step, current, withdrawn-validation, withdrawn-fallback)",
+    ["image", "provider", "event"])
 IMAGE_UPLOADS = Counter(
     "nodepool_image_uploads", "Image uploads by outcome", ["image", "provider", "result"])
 IMAGE_UPLOAD_SECONDS = Histogram(

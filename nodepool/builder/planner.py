@@ -14,6 +14,8 @@ from typing import Optional
 
 from ..model.images import (newest_ready_build, parse_build_file_name, provider_image_format,
                             ready_builds)
+from ..config.rollout import policy_for
+from ..model.rollout import pair_status
 from ..model.states import BuildState, UploadState
 from ..store.base import image_build_lock_path, upload_lock_path
 
@@ -182,9 +184,15 @@ def kept_uploads(config, builds, uploads):
                 and (u.image, u.provider) in pairs):
             by_pair.setdefault((u.image, u.provider), []).append(u)
     kept = set()
-    for pair_uploads in by_pair.values():
+    for (image, provider), pair_uploads in by_pair.items():
         pair_uploads.sort(key=lambda u: (u.state_time or 0, u.id or ""), reverse=True)
         kept |= {_upload_key(u) for u in pair_uploads[:KEEP_UPLOADS]}
+        if policy_for(config, image, provider) is not None:
+            # under rollout the upload that serves may be older than the two newest (newer
+            # candidates are still validating or rolling out): it stays while it serves
+            current = pair_status(pair_uploads, image, provider, True).current
+            if current is not None:
+                kept.add(_upload_key(current))
     return kept
 
 

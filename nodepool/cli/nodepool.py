@@ -25,7 +25,8 @@ from .common import (CLI_LOCK_IDENTIFIER, COMMANDS, LOCK_TIMEOUT, CliError, Comm
 
 # Modules that register more subcommands when they exist (e.g. the client's ``request``).
 EXTRA_COMMAND_MODULES = ("nodepool.cli.request", "nodepool.cli.openstack_commands",
-                         "nodepool.cli.image_data", "nodepool.cli.wait_times")
+                         "nodepool.cli.image_data", "nodepool.cli.wait_times",
+                         "nodepool.cli.rollout")
 
 DELETE_NOW_POLL_MAX = 2.0
 
@@ -329,8 +330,14 @@ def _validation_outcome(result, path):
     arg("--legacy", action="store_true",
         help="print the 2014 columns (ID, Provider, Image, Hostname, Version, Image ID, "
              "Server ID, State, Age (hours))"),
+    arg("--rollout", action="store_true",
+        help="print which upload serves, its rollout step, validation, outcomes and why an "
+             "upload was withdrawn (docs/rollout.md)"),
 ])
 def cmd_image_list(ctx, args):
+    if args.rollout:
+        from . import rollout
+        return rollout.show(ctx, args)
     return _show(ctx, args, "image-list", legacy=args.legacy)
 
 

@@ -21,6 +21,7 @@ from .. import drivers
 from ..errors import ConfigError
 from ..model.quota import Limits
 from . import schema
+from .rollout import build_policy
 from .model import (BuilderSettings, CloudImage, Config, DiskImage, EmbeddedStore, Label,
                     LauncherSettings, Pool, PoolLabel, Provider, ProviderDiskImage, TenantLimit,
                     WebApp, ZooKeeperServer, ZooKeeperTLS)
@@ -34,7 +35,7 @@ DISKIMAGE_DEFAULTS = {
     "elements": [], "release": None, "env-vars": {}, "formats": [], "rebuild-age": 86400,
     "build-timeout": 28800, "pause": False, "dib-cmd": "disk-image-create", "username": "zuul",
     "python-path": "auto", "shell-type": None, "abstract": False, "delete-after-upload": False,
-    "keep-formats": [], "metadata": {},
+    "keep-formats": [], "metadata": {}, "rollout": None,
 }
 
 TENANT_RESOURCE_NAMES = {"max-servers": "instances", "max-cores": "cores", "max-ram": "ram",
@@ -508,8 +509,26 @@ class _Builder:
                 python_path=d["python-path"], shell_type=d["shell-type"],
                 parent=d.get("parent"), abstract=d["abstract"],
                 delete_after_upload=d["delete-after-upload"], keep_formats=d["keep-formats"],
-                metadata=d["metadata"])
+                metadata=d["metadata"],
+                rollout=self.rollout(*self._rollout_key(entries, name), d.get("rollout")))
         return out
+
+    @staticmethod
+    def _rollout_key(entries, name):
+        """Where a diskimage's problems with ``rollout`` are reported, and whether they are:
+        an inherited policy is reported once, at the entry that writes it."""
+        index, entry = next(((i, e) for i, e in enumerate(entries) if e["name"] == name),
+                            (0, {}))
+        return f"diskimages[{index}].rollout", "rollout" in entry
+
+    def rollout(self, key, report, data):
+        """The ``RolloutPolicy`` of a ``rollout`` mapping (None when absent)."""
+        if data is None:
+            return None
+        policy, problems = build_policy(data, os.path.dirname(os.path.abspath(self.path)))
+        for sub, message in problems if report else ():
+            self.problem(f"{key}.{sub}", message)
+        return policy
 
     def tenant_limits(self, entries):
         out = {}
@@ -570,7 +589,8 @@ class _Builder:
             prov.diskimages[name] = ProviderDiskImage(
                 name=name, pause=entry["pause"], connection_type=entry["connection-type"],
                 connection_port=_connection_port(entry),
-                options=_options(entry, own["diskimage"], schema.COMMON_KEYS["diskimage"]))
+                options=_options(entry, own["diskimage"], schema.COMMON_KEYS["diskimage"]),
+                rollout=self.rollout(f"{key}.rollout", True, entry.get("rollout")))
 
         for index, entry in enumerate(raw.get("cloud-images") or []):
             name = entry["name"]

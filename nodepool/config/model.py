@@ -41,6 +41,7 @@ class DiskImage:
     delete_after_upload: bool = False
     keep_formats: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    rollout: Any = None               # config.rollout.RolloutPolicy, or None (docs/rollout.md)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class ProviderDiskImage:
     connection_type: str = "ssh"
     connection_port: int = 22
     options: dict = field(default_factory=dict)
+    rollout: Any = None               # overrides the diskimage's RolloutPolicy
 
 
 @dataclass

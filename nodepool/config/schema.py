@@ -104,6 +104,12 @@ def Str(value):
     return value
 
 
+def Rollout(value):
+    """A diskimage's ``rollout`` mapping (validation, steps, fallback: config/rollout.py)."""
+    from .rollout import ROLLOUT
+    return ROLLOUT(value)
+
+
 def AnyMapping(value):
     """A mapping whose content is free-form (node-attributes, metadata)."""
     if not isinstance(value, dict):
@@ -248,6 +254,7 @@ DISKIMAGE = {
     v.Optional("delete-after-upload"): Bool,
     v.Optional("keep-formats"): [Str],
     v.Optional("metadata"): AnyMapping,
+    v.Optional("rollout"): Rollout,          # our own: docs/rollout.md
 }
 
 POOL_LABEL = {
@@ -274,6 +281,7 @@ PROVIDER_DISKIMAGE = {
     v.Optional("pause", default=False): Bool,
     v.Optional("connection-type", default="ssh"): Str,
     v.Optional("connection-port"): Int(1, 65535),    # default 22, 5986 for winrm
+    v.Optional("rollout"): Rollout,          # our own: overrides the diskimage's
 }
 
 CLOUD_IMAGE = {

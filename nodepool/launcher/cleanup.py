@@ -141,7 +141,8 @@ def unmanaged_usage(instances, ours):
 # -- applying the decisions -----------------------------------------------------------------------
 
 def return_to_pool(store, node_id, request_id, reason, only_if_request_gone=False):
-    """Return a ready node allocated to ``request_id`` to the pool (under its lock)."""
+    """Return a ready node allocated to ``request_id`` to the pool (under its lock); True when
+    it did."""
     try:
         with store.lock_node(node_id):
             node = store.get_node(node_id)
@@ -152,8 +153,10 @@ def return_to_pool(store, node_id, request_id, reason, only_if_request_gone=Fals
             log.info("node %s returned to the pool: %s", node_id, reason)
             node.allocated_to = None
             store.update_node(node, check_version=True)
+            return True
     except LockError:
         pass
+    return False
 
 
 class Cleanup:
@@ -169,6 +172,7 @@ class Cleanup:
         self.request_lock_max_age = request_lock_max_age
         self._last_lock_gc = 0.0
         self.fanout = Fanout()                  # independent deletes of a pass, side by side
+        self.on_returned = lambda node: None    # a node given back unused (image rollout)
 
     def run(self, nodes, requests, locked_nodes, locked_requests, now):
         config = self.config()
@@ -189,8 +193,9 @@ class Cleanup:
                     self.delete_node(action.node_id, action.reason, seen=node)
                 elif isinstance(action, Deallocate):
                     node = by_id[action.node_id]
-                    return_to_pool(self.store, node.id, node.allocated_to, action.reason,
-                                   only_if_request_gone=True)
+                    if return_to_pool(self.store, node.id, node.allocated_to, action.reason,
+                                      only_if_request_gone=True):
+                        self.on_returned(node)
                 elif isinstance(action, ResetLostRequest) and action.request_id not in held:
                     self.reset_lost(action.request_id)
             except Exception:

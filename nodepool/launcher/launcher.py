@@ -38,6 +38,7 @@ from .minready import MinReady
 from .observer import Observer
 from .providers import ProviderSet, quietly
 from .requests import RequestHandler
+from .validation import RolloutManager
 
 log = logging.getLogger("nodepool.launcher")
 
@@ -71,6 +72,7 @@ class Launcher:
         self.requests = None
         self.cleanup = None
         self.min_ready = None
+        self.rollout = None
         self.observer = None
         self.launcher_component = None
         self.paused_pools = set()
@@ -96,15 +98,19 @@ class Launcher:
         self.launcher_component = self.store.register_component(Component(
             kind="launcher", hostname=self.hostname, state="running",
             version_string=_version()))
+        self.rollout = RolloutManager(self.store, lambda: self.config, self.launcher_name)
         self.providers = ProviderSet(
             self.store, self.hostname, self.launcher_name, _version(),
-            dict(tick=self.worker_tick, leak_interval=self.leak_interval), self._wake)
+            dict(tick=self.worker_tick, leak_interval=self.leak_interval,
+                 on_outcome=self.rollout.record), self._wake)
         self.requests = RequestHandler(self.store, self.providers, lambda: self.config,
                                        self.launcher_name)
         self.index = self.requests.index
+        self.requests.choose_upload = self.rollout.choose
         self.cleanup = Cleanup(self.store, self.providers, lambda: self.config,
                                lambda: set(self.requests.held), self.lock_gc_interval,
                                self.request_lock_max_age)
+        self.cleanup.on_returned = self.rollout.returned
         self.min_ready = MinReady(
             self.store, lambda nid, rid, why: return_to_pool(self.store, nid, rid, why))
         self.fanout = Fanout.for_store(self.store)
@@ -157,6 +163,8 @@ class Launcher:
             self.providers.stop()
         if self.webapp:
             self.webapp.stop()
+        if self.rollout is not None:
+            self.rollout.stop()
         if self.observer is not None:
             self.observer.stop()
         if self.store is not None:
@@ -275,6 +283,8 @@ class Launcher:
                               components,
                               [c.pool_id for c in self.providers.components.values()],
                               time.time())
+        # image rollout: outcome counters, steps, validations (every few seconds)
+        self.rollout.run(requests, index.by_id.values())
 
     # -- config and providers ----------------------------------------------------------------------
 

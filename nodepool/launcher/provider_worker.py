@@ -27,6 +27,7 @@ from ..model.records import Node
 from ..model.states import NodeState
 from . import cleanup
 from .nodescan import NodeScan
+from .rollout import outcome_kind
 
 DELETE_TIMEOUT = 600
 QUOTA_CACHE_SECONDS = 300
@@ -125,6 +126,8 @@ class LaunchJob(_Job):
 
     def _fail_attempt(self, exc):
         self.worker._count_launch(self.pool, self.node, exc, self.phase)
+        self.worker.on_outcome(self.node, outcome_kind(exc, self.phase,
+                                                       self.scan.state if self.scan else None))
         extid = self._extid()
         self._log_console(extid)
         if self.attempt < self.provider.launch_retries:
@@ -316,6 +319,7 @@ class LaunchJob(_Job):
         _count("LAUNCHES", self.provider.name, self.pool.name, self.node.type[0], "ready")
         _observe("LAUNCH_SECONDS", elapsed, self.provider.name, self.node.type[0])
         stats.launch(self.provider.name, self.node.az, self.node.requestor, "ready", elapsed)
+        self.worker.on_outcome(self.node, "ready")
         self.final = (NodeState.READY, None)
         self._write_final()
 
@@ -439,8 +443,10 @@ class ProviderWorker:
     """Owns one provider's adapter and advances its state machines from one thread."""
 
     def __init__(self, provider, store, launcher_name, tick=0.05, leak_interval=60,
-                 instance_interval=INSTANCE_LIST_SECONDS, on_change=None):
+                 instance_interval=INSTANCE_LIST_SECONDS, on_change=None, on_outcome=None):
         self.provider = provider
+        # (node, outcome kind) -> None: per-upload outcomes for image rollout (rollout.py)
+        self.on_outcome = on_outcome or (lambda node, kind: None)
         self.store = store
         self.launcher_name = launcher_name
         self.on_change = on_change or (lambda: None)   # wakes the launcher loop

@@ -62,6 +62,10 @@ class RequestHandler:
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
         self._strays = set()                   # node records we created but could not lock
         self.on_fulfil = None                  # (request, provider, warm, seconds) -> None
+        # (uploads, image, provider, request) -> the upload a launch boots (the launcher's
+        # image rollout replaces it: validation.RolloutManager.choose)
+        self.choose_upload = lambda uploads, image, provider, request: newest_ready_upload(
+            uploads, image, provider)
 
     def note_launches(self):
         """Call before reading the pass's snapshot: a launch that ends between that read and
@@ -307,9 +311,9 @@ class RequestHandler:
         config = self.config()
         image_ext_id, image_id, access = None, None, None
         if plabel.diskimage:
-            upload = newest_ready_upload(self.store.list_uploads(image=plabel.diskimage,
-                                                           provider=prov.name),
-                                   plabel.diskimage, prov.name)
+            upload = self.choose_upload(self.store.list_uploads(image=plabel.diskimage,
+                                                                provider=prov.name),
+                                        plabel.diskimage, prov.name, req)
             if upload is not None:
                 image_ext_id, image_id = upload.external_id, upload.path
             dimg = config.diskimages.get(plabel.diskimage)

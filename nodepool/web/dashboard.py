@@ -7,6 +7,8 @@ static files) and ``/dashboard.json`` (the data, see ``dashboard_data``).
 import os
 
 from .. import waits
+from ..config.rollout import policy_for
+from ..model.rollout import pair_status
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "application/javascript; charset=utf-8",
@@ -69,8 +71,10 @@ def waiting_requests(requests, now):
     return out
 
 
-def image_table(uploads, now):
-    """Per (image, provider): the current and previous ready upload, with ages."""
+def image_table(uploads, now, config=None):
+    """Per (image, provider): the current and previous ready upload, with ages.  Under an
+    image rollout (docs/rollout.md) the current upload is the one that serves, which may be
+    older than a candidate being validated or rolled out (the row's ``candidate``)."""
     by_key = {}
     for up in uploads:
         by_key.setdefault((up.image, up.provider), []).append(up)
@@ -85,11 +89,18 @@ def image_table(uploads, now):
             return {"build": u.build_id, "upload": u.id, "name": u.external_name,
                     "external_id": str(u.external_id) if u.external_id is not None else None,
                     "age": _age(now, u.state_time)}
-        rows.append({"image": image, "provider": provider,
-                     "current": brief(ready[0] if ready else None),
-                     "previous": brief(ready[1] if len(ready) > 1 else None),
-                     "uploading": sum(1 for u in ups if _state(u) == "uploading"),
-                     "failed": sum(1 for u in ups if _state(u) == "failed")})
+        current, candidate = ready[0] if ready else None, None
+        if config is not None and policy_for(config, image, provider) is not None:
+            status = pair_status(ready, image, provider, True)
+            current, candidate = status.current, status.candidate
+        older = [] if current is None else ready[ready.index(current) + 1:]
+        row = {"image": image, "provider": provider, "current": brief(current),
+               "previous": brief(older[0] if older else None),
+               "uploading": sum(1 for u in ups if _state(u) == "uploading"),
+               "failed": sum(1 for u in ups if _state(u) == "failed")}
+        if candidate is not None:
+            row["candidate"] = brief(candidate)
+        rows.append(row)
     return rows
 
 
@@ -106,7 +117,7 @@ def dashboard_data(store, config, now, window=WINDOW):
         "launchers": sorted(c.hostname or "" for c in launchers),
         "nodes": node_table(nodes, config),
         "requests": waiting_requests(requests, now),
-        "images": image_table(uploads, now),
+        "images": image_table(uploads, now, config),
         "waits": waits.summarize(recent, now, window),
         "series": {"all": waits.series(recent, now, window, SERIES_BUCKETS),
                    **{label: waits.series(recent, now, window, SERIES_BUCKETS, label)

@@ -658,3 +658,40 @@ def test_upload_marked_deleting_while_uploading_is_not_made_ready(env, raced):
     assert env.cloud_image_ids("sim-a") == []       # the worker removed what it made
     builder.janitor_pass()
     assert store.list_uploads(provider="sim-a") == []
+
+
+def test_rollout_retention_and_withdrawal_with_the_real_builder(env):
+    """Under a rollout policy the builder keeps the upload that serves although two newer ones
+    exist, deletes a withdrawn upload's cloud image and never uploads that build there again;
+    the reason stays visible after the upload record is gone."""
+    from nodepool.cli.rollout import rollout_rows
+    from nodepool.config import load_config
+    from nodepool.launcher.validation import withdraw_upload
+    from nodepool.model.rollout import ROLLING, Rollout
+    env.write_config(images={"ubuntu": {"rollout": {"steps": [50, 100]}}})
+    builder = env.builder()
+    store = env.open_store()
+    b1, b2 = build_and_upload(builder, store), build_and_upload(builder, store)
+    for up in store.list_uploads(build_id=b2.id):       # what a launcher records
+        state = Rollout.of(up)
+        state.phase = ROLLING
+        state.store(up)
+        store.update_upload(up)
+    b3 = build_and_upload(builder, store)
+    builder.janitor_pass()
+    # b1 still serves on both providers (b2 rolls out, b3 is newer): nothing was deleted
+    assert [b.id for b in store.list_builds("ubuntu")] == [b1.id, b2.id, b3.id]
+    for prov in ("sim-a", "sim-b"):
+        assert sorted(u.build_id for u in store.list_uploads("ubuntu", provider=prov)) == \
+            sorted([b1.id, b2.id, b3.id])
+    # the launcher withdraws b3 on sim-a: the builder deletes its image and does not re-upload
+    bad = next(u for u in store.list_uploads(build_id=b3.id) if u.provider == "sim-a")
+    withdraw_upload(store, bad, "validation", "command exited 1", time.time())
+    builder.janitor_pass()
+    assert store.get_upload("ubuntu", b3.id, "sim-a", bad.id) is None
+    assert bad.external_id not in env.cloud_image_ids("sim-a")
+    assert builder.upload_once() == 0
+    rows = rollout_rows(load_config(str(env.config_path)), store.list_uploads(),
+                        store.list_builds())
+    gone = [r for r in rows if r["id"] == b3.id and r["provider"] == "sim-a"]
+    assert gone and gone[0]["reason"] == "validation: command exited 1"

@@ -338,3 +338,25 @@ def test_upload_withdrawn_by_an_operator_is_not_made_again():
     bad.extra[WITHDRAWN_KEY] = ["p1"]
     needed = uploads_needed(config, [bad], [])
     assert [(u.build_id, u.provider) for u in needed] == [("b2", "p2")]
+
+
+def test_rollout_retention_keeps_the_serving_upload_while_newer_ones_roll_out():
+    """Under rollout the current upload may be older than the two newest: it is kept (and its
+    build with it) until a newer upload becomes current."""
+    from nodepool.config.rollout import RolloutPolicy
+    from nodepool.model.rollout import CURRENT, ROLLING, VALIDATING, Rollout
+    config = make_config(providers={"cloud-a": ["ubuntu"]}, rollout=RolloutPolicy())
+    builds = [build("ubuntu", f"b{n}", t=float(n)) for n in range(1, 5)]
+    uploads = [upload("ubuntu", f"b{n}", "cloud-a", "0000000001", t=float(n))
+               for n in range(1, 5)]
+    Rollout(phase=CURRENT).store(uploads[0])
+    Rollout(phase=ROLLING).store(uploads[2])
+    Rollout(phase=VALIDATING).store(uploads[3])
+    doomed = {(a.build_id) for a in planner.plan_retention(config, builds, uploads)
+              if isinstance(a, DeleteUpload)}
+    assert doomed == {"b2"}                      # superseded; b1 serves, b3/b4 are the newest
+    assert "b1" not in {a.build_id for a in planner.plan_retention(config, builds, uploads)}
+    # without a policy the old rule applies: the two newest stay, b1 goes
+    plain = make_config(providers={"cloud-a": ["ubuntu"]})
+    assert {a.build_id for a in planner.plan_retention(plain, builds, uploads)
+            if isinstance(a, DeleteUpload)} == {"b1", "b2"}

@@ -809,3 +809,71 @@ def test_daemon_intervals_must_be_positive_numbers_under_known_keys(tmp_path):
     assert_problem(problems, "launcher.cleanup-intervl", "unknown key")
     assert_problem(problems, "builder.cleanup-interval", "expected a number")
     assert_problem(problems, "builder.upload-interval", "must be > 0")
+
+
+ROLLOUT_CONFIG = """\
+labels:
+  - name: jammy
+diskimages:
+  - name: base
+    abstract: true
+    rollout:
+      validation:
+        command: test -x /usr/bin/python3
+        key-file: keys/validate
+      steps: [10, 50, 100]
+      step-min-launches: 20
+      fallback:
+        margin: 0.3
+  - name: ubuntu
+    parent: base
+providers:
+  - name: sim
+    driver: simulated
+    diskimages:
+      - name: ubuntu
+        rollout:
+          steps: [100]
+    pools:
+      - name: main
+        labels:
+          - name: jammy
+            diskimage: ubuntu
+  - name: other
+    driver: simulated
+    diskimages:
+      - name: ubuntu
+    pools: []
+"""
+
+
+def test_rollout_policy_is_inherited_and_overridden_per_provider(tmp_path):
+    from nodepool.config.rollout import policy_for
+    config = load_config(write(tmp_path, ROLLOUT_CONFIG))
+    other = policy_for(config, "ubuntu", "other")
+    assert other.steps == (10, 50, 100) and other.step_min_launches == 20
+    assert other.fallback_margin == 0.3 and other.fallback_min_launches == 10
+    assert other.validation.key_file == str(tmp_path / "keys" / "validate")
+    assert other.validation.attempts == 2 and other.validation.timeout == 600
+    own = policy_for(config, "ubuntu", "sim")
+    assert own.steps == (100,) and own.validation is None
+    assert policy_for(config, "ubuntu", "nowhere") is not None     # the diskimage's
+
+
+def test_rollout_problems_name_the_key(tmp_path):
+    body = (ROLLOUT_CONFIG.replace("        key-file: keys/validate\n", "")
+            .replace("steps: [10, 50, 100]", "steps: [50, 10]")
+            .replace("margin: 0.3", "margin: 3")
+            .replace("          steps: [100]", "          stepz: [100]"))
+    problems = problems_of(tmp_path, body)
+    assert_problem(problems, "diskimages[0].rollout.fallback.margin", "between 0 and 1")
+    assert_problem(problems, "providers[0].diskimages[0].rollout.stepz",
+                   "did you mean 'steps'")
+    body = ROLLOUT_CONFIG.replace("        key-file: keys/validate\n", "").replace(
+        "steps: [10, 50, 100]", "steps: [50, 10]")
+    problems = problems_of(tmp_path, body)
+    assert_problem(problems, "diskimages[0].rollout.validation.key-file", "required with")
+    assert_problem(problems, "diskimages[0].rollout.steps", "increasing")
+    assert_problem(problems, "diskimages[0].rollout.steps", "last step must be 100")
+    # the child inheriting the policy does not repeat its parent's problems
+    assert not [k for k, _ in problems if k.startswith("diskimages[1]")], problems

@@ -30,6 +30,12 @@ class SimulatedDriver(Driver):
                                                               v.Range(min=0, max=1)),
             v.Optional("boot-failure-rate", default=0.0): v.All(v.Coerce(float),
                                                                  v.Range(min=0, max=1)),
+            # uploaded image id -> boot failure rate of instances booted from it (a bad image)
+            v.Optional("boot-failure-images", default={}): {
+                str: v.All(v.Coerce(float), v.Range(min=0, max=1))},
+            # the address every instance answers on (e.g. a loopback sshd, so that SSH checks
+            # reach a real server); default: the simulated cloud's own addresses
+            v.Optional("interface-ip"): str,
             v.Optional("upload-time", default=0.0): v.All(v.Coerce(float), v.Range(min=0)),
             # the account's limits, as the cloud enforces them (absent: unlimited)
             v.Optional("quota", default={}): {

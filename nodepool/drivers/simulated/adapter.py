@@ -125,6 +125,8 @@ class SimulatedAdapter(Adapter):
         self.api_error_rate = float(opts.get("api-error-rate", 0.0))
         self.upload_time = float(opts.get("upload-time", 0.0))
         self.count_api_calls = bool(opts.get("count-api-calls", False))
+        self.failing_images = dict(opts.get("boot-failure-images") or {})
+        self.interface_ip = opts.get("interface-ip")
         boot_time = float(opts.get("boot-time", 1.0))
         delete_time = float(opts.get("delete-time", 0.0))
         seed = opts.get("seed")
@@ -226,15 +228,18 @@ class SimulatedAdapter(Adapter):
         image_id, uploaded = self._resolve_image(spec)
         cost = self.quota_for_label(spec.label)
         az = spec.az or self.rng.choice(spec.pool.azs or DEFAULT_AZS)
+        rate = self.failing_images.get(image_id)
+        fails = None if rate is None else self.rng.random() < rate
         return self._api("create", self.cloud.create_instance, spec.hostname,
                          cores=cost["cores"], ram=cost["ram"], metadata=dict(spec.metadata),
-                         image_id=image_id, uploaded_image=uploaded, az=az)
+                         image_id=image_id, uploaded_image=uploaded, az=az, fails=fails)
 
     def _to_instance(self, inst):
         return Instance(
             external_id=inst.id, metadata=dict(inst.metadata),
             ready=inst.status == simcloud.ACTIVE, deleted=inst.status == simcloud.DELETING,
-            failed=inst.status == simcloud.ERROR, interface_ip=inst.public_ipv4,
+            failed=inst.status == simcloud.ERROR,
+            interface_ip=self.interface_ip or inst.public_ipv4,
             public_ipv4=inst.public_ipv4, private_ipv4=inst.private_ipv4,
             public_ipv6=inst.public_ipv6, cloud=CLOUD_NAME, region=inst.region, az=inst.az,
             host_id=inst.host_id, resources=inst.resources, host_keys=list(inst.host_keys))
