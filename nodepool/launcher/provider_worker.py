@@ -699,7 +699,9 @@ class ProviderWorker:
             except Exception as exc:
                 self.log.warning("provider %s: cannot list availability zones (keeping the last "
                                  "known): %s", self.provider.name, exc)
-        if now - self.instances_time > self.instance_interval:
+        # the listing only tells cloud usage not ours, which matters against cloud limits: a
+        # cloud without any (the leak scan lists for itself) is not listed every interval
+        if self.quota_limits and now - self.instances_time > self.instance_interval:
             self._list_instances(now)
 
     def _list_instances(self, now):

@@ -361,8 +361,11 @@ class RequestHandler:
         for node_id in list(self._strays):
             try:
                 node = self.store.get_node(node_id)
-                if node is not None and node.state == NodeState.INIT \
-                        and not self.store.is_node_locked(node_id):
+                if node is not None and node.state == NodeState.INIT:
+                    if self.store.is_node_locked(node_id):
+                        # e.g. by a contender of our own lock attempt whose answer was lost:
+                        # the store deletes that once connected; try again next pass
+                        continue
                     self.store.delete_node(node_id)
                 self._strays.discard(node_id)
             except Exception as exc:

@@ -973,7 +973,11 @@ class ZooKeeperStore(StateStore):
         except kze.SessionExpiredError:
             raise SessionLostError(f"ZooKeeper session expired while locking {path}") from None
         except kze.KazooException as e:
+            self._contender_may_exist(recipe)
             raise StoreError(f"lock {path}: {e!r}") from e
+        except StoreError:
+            self._contender_may_exist(recipe)
+            raise
         if not acquired:
             raise LockError(f"lock {path} is held by another session")
         if generation != self._generation:
@@ -1070,6 +1074,15 @@ class ZooKeeperStore(StateStore):
                                                    f"{recipe.path}/{contender}"))
                 self._session_events.put(_STALE_CONTENDERS)
 
+    def _contender_may_exist(self, recipe):
+        """A lock attempt whose answer was lost may have left our contender on the server: it
+        would hold the lock (or queue for it) for as long as our session lives, and the node
+        under it could never be cleaned up.  Its name starts with the attempt's own prefix:
+        any such child is deleted once we are connected."""
+        with self._stale_lock:
+            self._stale_contenders.append((self._generation, recipe.path, recipe.prefix))
+        self._session_events.put(_STALE_CONTENDERS)
+
     def _delete_stale_contenders(self):
         """Delete the contenders of locks released while the connection was broken (see
         ``_release``); those of a lost session went with it.  Kept for the next reconnect when
@@ -1077,16 +1090,24 @@ class ZooKeeperStore(StateStore):
         with self._stale_lock:
             stale, self._stale_contenders = self._stale_contenders, []
         left = []
-        for generation, path in stale:
+        for entry in stale:
+            generation, path = entry[0], entry[1]
             if generation != self._generation:
                 continue
             try:
+                if len(entry) == 3:       # a lock attempt's possible contender (by prefix)
+                    for child in self._children(path):
+                        if child.startswith(entry[2]):
+                            self._delete(f"{path}/{child}")
+                            log.info("deleted the contender %s/%s of a lock attempt whose "
+                                     "answer was lost", path, child)
+                    continue
                 self._wait(self._client.delete_async(path), f"delete {path}")
                 log.info("deleted the contender %s of a lock released during an outage", path)
             except kze.NoNodeError:
                 pass
             except StoreError:
-                left.append((generation, path))
+                left.append(entry)
         if left:
             with self._stale_lock:
                 self._stale_contenders.extend(left)

@@ -189,7 +189,9 @@ def test_image_failing_validation_never_serves_and_is_withdrawn(launcher_env, ss
     assert state.withdrawn_by == "validation"
     assert state.validation["attempts"] == 2
     assert "exited 1" in state.reason
-    build = store.get_build("ubuntu", new.build_id)
+    # the build is marked right after the upload (the builder then never uploads it there)
+    build = wait_until(lambda: (lambda b: b if b.extra.get("withdrawn_from") else None)(
+        store.get_build("ubuntu", new.build_id)), message="the build marked as withdrawn")
     assert build.extra["withdrawn_from"] == ["sim"]
     assert "validation" in build.extra["withdrawn_reasons"]["sim"]
     assert boot_once(client) == old.path

@@ -331,6 +331,33 @@ def test_lock_of_a_deleted_node_fails_and_never_recreates_it(store, make_store, 
     assert zk_raw.exists(f"/nodepool/nodes/{never_locked.id}") is None
 
 
+def test_lock_whose_answer_was_lost_leaves_no_contender(store, make_store, monkeypatch):
+    """The server took the lock, the answer never came: the attempt fails, and our contender,
+    which would otherwise keep the node locked for our session's life, is deleted."""
+    node = store.create_node(Node(type=["small"], provider="p"))
+    real_wait = store._wait
+
+    def answer_lost(result, what):
+        out = real_wait(result, what)
+        if what.startswith("create lock") or what.startswith("lock"):
+            raise StoreError(f"ZooKeeper connection lost during {what}")
+        return out
+    monkeypatch.setattr(store, "_wait", answer_lost)
+    with pytest.raises(StoreError):
+        store.lock_node(node.id)
+    monkeypatch.setattr(store, "_wait", real_wait)
+    other = make_store()
+    wait_for(lambda: _lockable(other, node.id), what="the node lockable again")
+
+
+def _lockable(store, node_id):
+    try:
+        store.lock_node(node_id).release()
+        return True
+    except LockError:
+        return False
+
+
 def test_empty_node_left_by_a_client_lock_is_removed_once_unlocked(store, zk_raw):
     """Zuul's (kazoo's) lock recipe re-creates a deleted node's znode, empty, with the lock's
     parents; the launcher's cleanup removes it when nobody holds the lock, as Nodepool does."""
