@@ -211,7 +211,8 @@ class SQLiteStore(StateStore):
                 raise
             conn.execute("COMMIT")
             if wake:
-                self._wakeups.poke()
+                self._wakeups.poke()          # other processes' watchers
+                self._notify_watchers()       # ours (our own wake-up name is skipped)
             return result
         except sqlite3.Error as exc:
             if conn.in_transaction:

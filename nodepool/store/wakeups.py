@@ -74,7 +74,7 @@ class Wakeups:
     # -- the committing side ---------------------------------------------------------------------
 
     def poke(self):
-        """Wake every watching process (after a commit).  Never raises."""
+        """Wake every other watching process (after a commit).  Never raises."""
         try:
             mtime = os.stat(self.dir).st_mtime_ns
         except OSError:
@@ -91,7 +91,10 @@ class Wakeups:
                 self._sender.setblocking(False)
             except OSError:
                 return
+        own = self._own[1].rsplit("/", 1)[-1] if self._own is not None else None
         for name in self._peers:
+            if name == own:
+                continue                        # this process's watchers are told directly
             try:
                 self._sender.sendto(b"!", b"\0" + name.encode())
             except BlockingIOError:
