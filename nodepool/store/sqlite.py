@@ -42,6 +42,8 @@ from .zk import paths as P
 log = logging.getLogger("nodepool.store.sqlite")
 
 SAFETY_POLL = 0.25      # seconds between looks for a commit nobody woke us for
+
+_IN_PROCESS = {}        # database path -> started stores of this process (told of commits directly)
 TOMBSTONES_KEPT = 100000   # generations of deleted-row ids kept for readers' caches
 
 COMPONENT_KINDS = ("launcher", "builder", "pool")
@@ -212,7 +214,8 @@ class SQLiteStore(StateStore):
             conn.execute("COMMIT")
             if wake:
                 self._wakeups.poke()          # other processes' watchers
-                self._notify_watchers()       # ours (our own wake-up name is skipped)
+                for store in list(_IN_PROCESS.get(self.path, ())):
+                    store._notify_watchers()  # this process's, every store object of the file
             return result
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -252,6 +255,7 @@ class SQLiteStore(StateStore):
             raise
         self._stop.clear()
         self._started = True
+        _IN_PROCESS.setdefault(self.path, weakref.WeakSet()).add(self)
         hb = threading.Thread(target=self._heartbeat_loop, name="store-heartbeat", daemon=True)
         hb.start()
         self._threads = [hb]
@@ -339,8 +343,9 @@ class SQLiteStore(StateStore):
         if not self._started:
             return
         self._started = False
+        _IN_PROCESS.get(self.path, set()).discard(self)
         self._stop.set()
-        self._wakeups.poke()           # our own watcher thread too: it returns at once
+        self._wakeups.wake_self()      # our watcher thread returns at once
         for t in self._threads + [self._poller]:
             if t is not None and t is not threading.current_thread():
                 t.join(5)

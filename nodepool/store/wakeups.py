@@ -19,6 +19,8 @@ import uuid
 
 log = logging.getLogger("nodepool.store.wakeups")
 
+_OURS = set()        # names this process listens on: its own commits are told in-process
+
 
 class Wakeups:
     def __init__(self, db_path):
@@ -49,6 +51,7 @@ class Wakeups:
             log.info("state store wake-ups unavailable (%s); watchers poll instead", exc)
             return None
         self._own = (sock, path)
+        _OURS.add(name)
         return sock
 
     @staticmethod
@@ -65,6 +68,7 @@ class Wakeups:
             return
         sock, path = self._own
         self._own = None
+        _OURS.discard(os.path.basename(path))
         sock.close()
         try:
             os.unlink(path)
@@ -74,7 +78,8 @@ class Wakeups:
     # -- the committing side ---------------------------------------------------------------------
 
     def poke(self):
-        """Wake every other watching process (after a commit).  Never raises."""
+        """Wake every other watching process (after a commit; the store tells its own process's
+        watchers directly).  Never raises."""
         try:
             mtime = os.stat(self.dir).st_mtime_ns
         except OSError:
@@ -91,9 +96,8 @@ class Wakeups:
                 self._sender.setblocking(False)
             except OSError:
                 return
-        own = self._own[1].rsplit("/", 1)[-1] if self._own is not None else None
         for name in self._peers:
-            if name == own:
+            if name in _OURS:
                 continue                        # this process's watchers are told directly
             try:
                 self._sender.sendto(b"!", b"\0" + name.encode())
@@ -105,6 +109,17 @@ class Wakeups:
                         os.unlink(os.path.join(self.dir, name))
                     except OSError:
                         pass
+
+    def wake_self(self):
+        """Wake our own listener (its thread is stopping)."""
+        own = self._own
+        if own is None:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.sendto(b"!", b"\0" + os.path.basename(own[1]).encode())
+        except OSError:
+            pass
 
     def stop(self):
         self.close()
