@@ -202,9 +202,11 @@ class SQLiteStore(StateStore):
 
     def _tx(self, fn, immediate=True, wake=True):
         """Run ``fn(conn)`` in one transaction; SQLite errors become one-line StoreErrors.
-        ``wake``: wake the other processes' watchers after the commit (not for heartbeats)."""
+        A commit that changed rows wakes every watcher of the file, in this process and others
+        (``wake=False``: nobody, for heartbeats)."""
         conn = self._conn()
         try:
+            changes = conn.total_changes
             conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
                 result = fn(conn)
@@ -212,7 +214,7 @@ class SQLiteStore(StateStore):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-            if wake:
+            if wake and conn.total_changes != changes:     # only commits that changed rows
                 self._wakeups.poke()          # other processes' watchers
                 for store in list(_IN_PROCESS.get(self.path, ())):
                     store._notify_watchers()  # this process's, every store object of the file
@@ -356,7 +358,7 @@ class SQLiteStore(StateStore):
             self._tx(lambda conn: self._drop_session(conn, sid))
         except StoreError as exc:
             log.warning("could not remove our session from %s: %s", self.path, exc)
-        self._notify_watchers()
+        self._notify_watchers()        # no longer told by commits: we left _IN_PROCESS
         self._close_connections()
         self._wakeups.stop()
 
@@ -428,8 +430,8 @@ class SQLiteStore(StateStore):
                     live, every = self._live_sessions()
                     if self._session not in every:
                         lost = True
-                    elif every - live and self._tx(self._reap):
-                        self._notify_watchers()
+                    elif every - live:
+                        self._tx(self._reap)
             except StoreError as exc:
                 log.warning("state store heartbeat failed: %s", exc)
                 continue
@@ -570,7 +572,6 @@ class SQLiteStore(StateStore):
                          (data, row[0] + 1, gen, record.id))
             return row[0] + 1
         record.version = self._tx(fn)
-        self._notify_watchers()
         return record
 
     def _refresh(self, table, cls):
@@ -648,7 +649,6 @@ class SQLiteStore(StateStore):
                          (node.id, json.dumps(node.to_dict()), 1, gen))
         self._tx(fn)
         node.version = 1
-        self._notify_watchers()
         return node
 
     def get_node(self, node_id):
@@ -669,7 +669,6 @@ class SQLiteStore(StateStore):
                 self._deleted(conn, "nodes", [str(node_id)])
             conn.execute("DELETE FROM locks WHERE path=?", (node_lock_path(node_id),))
         self._tx(fn)
-        self._notify_watchers()
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -693,7 +692,6 @@ class SQLiteStore(StateStore):
                           self._session if ephemeral else None))
         self._tx(fn)
         request.version = 1
-        self._notify_watchers()
         return request
 
     def get_request(self, request_id):
@@ -713,7 +711,6 @@ class SQLiteStore(StateStore):
             if conn.execute("DELETE FROM requests WHERE id=?", (request_id,)).rowcount:
                 self._deleted(conn, "requests", [request_id])
         self._tx(fn)
-        self._notify_watchers()
 
     # -- locks -------------------------------------------------------------------------------------
 
@@ -747,10 +744,7 @@ class SQLiteStore(StateStore):
             conn.execute("INSERT INTO locks VALUES (?,?,?,?)",
                          (path, sid, identifier, time.time()))
             return sid
-        got = self._tx(fn)
-        if got:
-            self._notify_watchers()
-        return got
+        return self._tx(fn)
 
     def _release(self, lock):
         try:
@@ -758,7 +752,7 @@ class SQLiteStore(StateStore):
                 "DELETE FROM locks WHERE path=? AND session=?", (lock.path, lock.token)))
         except StoreError as exc:
             log.warning("releasing %s failed: %s", lock.path, exc)
-        self._notify_watchers()
+            self._notify_watchers()
 
     def holds(self, lock):
         return not lock.released and lock.token == self._session
@@ -806,7 +800,6 @@ class SQLiteStore(StateStore):
                 raise ConflictError(f"build {build.image}-{build.id} already exists") from None
         self._tx(fn)
         build.version = 1
-        self._notify_watchers()
         return build
 
     def _build(self, image, bid, data, version):
@@ -841,7 +834,6 @@ class SQLiteStore(StateStore):
                          (data, row[0] + 1, build.image, build.id))
             return row[0] + 1
         build.version = self._tx(fn)
-        self._notify_watchers()
         return build
 
     def delete_build(self, image, build_id):
@@ -850,7 +842,6 @@ class SQLiteStore(StateStore):
             conn.execute("DELETE FROM upload_seq WHERE image=? AND build_id=?", (image, build_id))
             conn.execute("DELETE FROM builds WHERE image=? AND id=?", (image, build_id))
         self._tx(fn)
-        self._notify_watchers()
 
     def create_upload(self, upload):
         return self._insert_upload(upload, restore=False)
@@ -888,7 +879,6 @@ class SQLiteStore(StateStore):
                     from None
         self._tx(fn)
         upload.version = 1
-        self._notify_watchers()
         return upload
 
     def _upload(self, image, build_id, provider, uid, data, version):
@@ -927,14 +917,12 @@ class SQLiteStore(StateStore):
                          "provider=? AND id=?", (data, row[0] + 1, *key))
             return row[0] + 1
         upload.version = self._tx(fn)
-        self._notify_watchers()
         return upload
 
     def delete_upload(self, image, build_id, provider, upload_id):
         self._tx(lambda conn: conn.execute(
             "DELETE FROM uploads WHERE image=? AND build_id=? AND provider=? AND id=?",
             (image, build_id, provider, upload_id)))
-        self._notify_watchers()
 
     def list_image_names(self):
         rows = self._read("SELECT image FROM builds UNION SELECT image FROM image_flags")
@@ -947,7 +935,6 @@ class SQLiteStore(StateStore):
         else:
             sql, args = "DELETE FROM image_flags WHERE image=? AND flag=?", (image, flag)
         self._tx(lambda conn: conn.execute(sql, args))
-        self._notify_watchers()
 
     def _flag(self, image, flag):
         rows = self._read("SELECT created FROM image_flags WHERE image=? AND flag=?",
@@ -993,7 +980,6 @@ class SQLiteStore(StateStore):
             (component.id, component.kind, json.dumps(component.to_dict(), sort_keys=True), 1,
              self._session)))
         component.version = 1
-        self._notify_watchers()
 
     def update_component(self, component):
         data = json.dumps(component.to_dict(), sort_keys=True)
@@ -1015,14 +1001,12 @@ class SQLiteStore(StateStore):
                 raise
             self._insert_component(component)   # our session was replaced meanwhile
             return component
-        self._notify_watchers()
         return component
 
     def unregister_component(self, component):
         with self._components_lock:
             self._components.pop(component.id, None)
         self._tx(lambda conn: conn.execute("DELETE FROM components WHERE id=?", (component.id,)))
-        self._notify_watchers()
 
     def list_components(self, kind=None):
         if kind is None:
