@@ -74,15 +74,9 @@ def _release_unclaimed(key, parked):
             pass
 
 
-class PendingBacking:
-    """A backing node asked for and not delivered yet.  Launches that find no free slot on a
-    held node take slots of a pending one too, so parallel launches share one request."""
-
-    def __init__(self, request_id, label, slots):
-        self.request_id = request_id
-        self.label = label
-        self.slots = [None] * slots           # (metastatic node id, pool) or None
-        self.polled = time.monotonic()
+class _Slots:
+    """The slots of a backing node (held or still pending): ``slots[i]`` is (metastatic node
+    id, pool) or None."""
 
     def used(self):
         return sum(1 for s in self.slots if s is not None)
@@ -94,7 +88,18 @@ class PendingBacking:
         return None
 
 
-class BackingNode:
+class PendingBacking(_Slots):
+    """A backing node asked for and not delivered yet.  Launches that find no free slot on a
+    held node take slots of a pending one too, so parallel launches share one request."""
+
+    def __init__(self, request_id, label, slots):
+        self.request_id = request_id
+        self.label = label
+        self.slots = [None] * slots           # (metastatic node id, pool) or None
+        self.polled = time.monotonic()
+
+
+class BackingNode(_Slots):
     """One backing node this adapter holds: its lock and its slots."""
 
     def __init__(self, node, lock, label, slots, allocated):
@@ -108,15 +113,6 @@ class BackingNode:
     @property
     def id(self):
         return self.node.id
-
-    def used(self):
-        return sum(1 for s in self.slots if s is not None)
-
-    def free_slot(self):
-        for index, slot in enumerate(self.slots):
-            if slot is None:
-                return index
-        return None
 
 
 def external_id(backing_id, slot):
