@@ -406,6 +406,36 @@ class StoreContract:
         store.create_node(new_node())
         assert watcher.wait(WAIT)
 
+    def test_last_wake_after_own_write_sees_it(self, store):
+        """A loop that reads the store each time it wakes must see its own process's writes:
+        a wake-up that came before the written record was readable (ZooKeeper sends the watch
+        event before the write's answer) must be followed by another one."""
+        watcher = store.watch()
+        node = store.create_node(new_node())
+        seen = {}
+        stop = threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                if watcher.wait(0.05):
+                    for n in store.list_nodes(shared=True):
+                        if n.id == node.id:
+                            seen["state"] = n.state
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for state in [NodeState.BUILDING, NodeState.READY] * 6:
+                node.state = state
+                store.update_node(node)
+                deadline = time.monotonic() + WAIT
+                while seen.get("state") != state and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert seen.get("state") == state
+        finally:
+            stop.set()
+            thread.join()
+
     # -- images ------------------------------------------------------------------------------------
 
     def test_build_crud(self, store_factory):

@@ -466,6 +466,18 @@ class ZooKeeperStore(StateStore):
         for w in list(self._watchers):
             w.notify()
 
+    # Our own writes go into the cache when their answer arrives, but ZooKeeper sends the watch
+    # event of a write before its answer: the event may already have woken a loop that then read
+    # the old record.  So every write-through wakes the watchers once more.
+
+    def _put_own(self, kind, record, mzxid):
+        self._cache.put(kind, fresh_copy(record), mzxid)
+        self._notify_watchers()
+
+    def _drop_own(self, kind, record_id):
+        self._cache.drop(kind, record_id)
+        self._notify_watchers()
+
     # -- session handling --------------------------------------------------------------------------
 
     def _on_state(self, state):
@@ -800,7 +812,7 @@ class ZooKeeperStore(StateStore):
         path, stat = self._create(P.NODE_ROOT + "/", _encode(node), sequence=True)
         node.id = path.rsplit("/", 1)[1]
         node.version = stat.version
-        self._cache.put("node", fresh_copy(node), stat.mzxid)
+        self._put_own("node", node, stat.mzxid)
         return node
 
     def get_node(self, node_id):
@@ -844,7 +856,7 @@ class ZooKeeperStore(StateStore):
             raise
         record.version = stat.version
         if kind in ("node", "request"):
-            self._cache.put(kind, fresh_copy(record), stat.mzxid)
+            self._put_own(kind, record, stat.mzxid)
 
     def delete_node(self, node_id):
         path = P.node_path(node_id)
@@ -869,7 +881,7 @@ class ZooKeeperStore(StateStore):
                 if not isinstance(sys.exc_info()[1], (kze.NoNodeError, kze.BadVersionError)):
                     raise
         self._delete(path, recursive=True)
-        self._cache.drop("node", node_id)
+        self._drop_own("node", node_id)
 
     def _delete_locked_node(self, path, node_id, held):
         """Delete a node whose lock we hold in one transaction (our contender, the lock
@@ -898,7 +910,7 @@ class ZooKeeperStore(StateStore):
         if self._caching:
             self._released_contenders.add(recipe.node)
         self._track_lock(held.path, recipe.node, add=False)
-        self._cache.drop("node", node_id)
+        self._drop_own("node", node_id)
         return True
 
     # -- node requests -----------------------------------------------------------------------------
@@ -915,7 +927,7 @@ class ZooKeeperStore(StateStore):
                                   ephemeral=ephemeral, sequence=True)
         request.id = path.rsplit("/", 1)[1]
         request.version = stat.version
-        self._cache.put("request", fresh_copy(request), stat.mzxid)
+        self._put_own("request", request, stat.mzxid)
         return request
 
     def get_request(self, request_id):
@@ -935,7 +947,7 @@ class ZooKeeperStore(StateStore):
 
     def delete_request(self, request_id):
         self._delete(P.request_path(request_id))
-        self._cache.drop("request", request_id)
+        self._drop_own("request", request_id)
 
     # -- locks -------------------------------------------------------------------------------------
 
