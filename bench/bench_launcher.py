@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper for --store zookeeper "
                     "(default: start one from Debian's zookeeper package for the run)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--log", metavar="FILE", default=None,
+                    help="keep the launcher's log (default: removed with the run's files)")
     ap.add_argument("--py-spy", metavar="FILE", default=None,
                     help="record the launcher (all threads) with py-spy during the load phase "
                          "into FILE (collapsed stacks, for flamegraph tools)")
@@ -165,7 +167,7 @@ def main():
                            f"    chroot: {chroot}\n"
                            f"embedded-store:\n  path: {tmp}/unused.sqlite")
         config = os.path.join(tmp, "nodepool.yaml")
-        log = open(os.path.join(tmp, "launcher.log"), "w")
+        log = open(args.log or os.path.join(tmp, "launcher.log"), "w")
 
         # 1. start -> min-ready 2 satisfied
         write_config(config, 2, 100, args.boot_time, store_lines)

@@ -406,6 +406,23 @@ class StoreContract:
         store.create_node(new_node())
         assert watcher.wait(WAIT)
 
+    def test_sync_nodes_sees_every_earlier_write(self, store_factory):
+        """After ``sync_nodes`` the listing has every node write another store committed
+        before the call: creates, changes and deletes, with no wait."""
+        a, b = store_factory(), store_factory()
+        a.list_nodes()                       # a's cache (if it keeps one) is running
+        for i in range(20):
+            node = b.create_node(new_node())
+            a.sync_nodes()
+            assert node.id in {n.id for n in a.list_nodes()}
+            node.state = NodeState.USED
+            b.update_node(node)
+            a.sync_nodes()
+            assert {n.id: n.state for n in a.list_nodes()}[node.id] == NodeState.USED
+            b.delete_node(node.id)
+            a.sync_nodes()
+            assert node.id not in {n.id for n in a.list_nodes()}
+
     def test_last_wake_after_own_write_sees_it(self, store):
         """A loop that reads the store each time it wakes must see its own process's writes:
         a wake-up that came before the written record was readable (ZooKeeper sends the watch

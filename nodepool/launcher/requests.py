@@ -107,13 +107,13 @@ class RequestHandler:
                 paused.add(held.pool_key)
         return paused
 
-    def _apply_route(self, action, room=None):
+    def _apply_route(self, action):
         if isinstance(action, planner.Decline):
             self._decline(action)
         elif isinstance(action, planner.FailRequest):
             self._fail_declined(action)
         elif isinstance(action, planner.Accept):
-            self._accept(action, room)
+            self._accept(action)
 
     def _accept_launching(self, pool_key, accepts, now):
         """Accepts that launch, one pool at a time: the pool lock is tried once and the pool's
@@ -137,8 +137,12 @@ class RequestHandler:
                 log.warning("pool %s: room not counted (%s); its requests wait a pass",
                             pool_key, exc)
                 return
-            for action in accepts:
-                self._isolated(action.request_id, now, self._apply_route, action, room)
+            # the room goes to the accepts in priority order, here; their store work (locks,
+            # records, launches) then runs side by side.  Room granted to an accept that
+            # does not go through is simply unused until the next pass counts again.
+            granted = [action for action in accepts if room.take(action.launch)]
+            self.fanout.run(lambda a: self._isolated(a.request_id, now, self._accept, a, True),
+                            granted)
 
     def _isolated(self, request_id, now, fn, *args):
         """Run ``fn`` for one request; an error is that request's alone."""
@@ -206,9 +210,9 @@ class RequestHandler:
             log.info("request %s declined by %s: %s", req.id, pool_id, reason)
         self.store.update_request(req, check_version=True)
 
-    def _accept(self, action, room=None):
-        """Take a request: lock it, assign its ready nodes, and (``room`` given: under the pool
-        lock) launch the rest if they fit."""
+    def _accept(self, action, room_granted=False):
+        """Take a request: lock it, assign its ready nodes, and launch the rest (only with
+        ``room_granted``: the pool's room was counted for them under the pool lock)."""
         view = self.views[action.pool_key]
         pool = view.pool
         worker = self.providers.workers[pool.provider]
@@ -246,7 +250,7 @@ class RequestHandler:
                     raise _Retry() from None
                 assigned[node_id] = node
             if action.launch:
-                if room is None or not room.take(action.launch):
+                if not room_granted:
                     raise _Retry()
                 req.set_state(RequestState.PENDING)
                 self.store.update_request(req, check_version=True)
@@ -446,7 +450,7 @@ class RequestHandler:
             if action.reason.kind is Why.BACKOFF:
                 held.open_slots = True
         elif isinstance(action, lc.Fulfil):
-            self._fulfil(held, action.node_ids)
+            self._fulfil(held, action.node_ids, by_id)
         elif isinstance(action, lc.GiveBack):
             self._give_back(held, action.reason)
         elif isinstance(action, lc.LetGo):
@@ -480,11 +484,16 @@ class RequestHandler:
         held.request = req
         return True
 
-    def _fulfil(self, held, node_ids):
+    def _fulfil(self, held, node_ids, by_id):
         req = held.request.copy()   # a failed write leaves our copy as it was
         req.nodes = list(node_ids)
         req.set_state(RequestState.FULFILLED)
-        if not self._write_request(held, req):
+        if req.requestor == planner.MIN_READY_REQUESTOR:
+            # stock: nobody waits for it, so it is finished here, under the locks we hold,
+            # instead of being written fulfilled and finished by a later pass (which takes
+            # both locks and reads both records again)
+            self._stock(held, node_ids, by_id)
+        elif not self._write_request(held, req):
             return
         provider, pool_name = held.pool_key.split("/", 1)
         for label in set(req.node_types):
@@ -497,6 +506,30 @@ class RequestHandler:
             self.on_fulfil(req, provider, held.launched == 0, waited)
         log.info("request %s fulfilled by %s with node(s) %s", req.id, held.pool_key,
                  ",".join(req.nodes))
+
+    def _stock(self, held, node_ids, by_id):
+        """A min-ready request's ready nodes become unallocated stock, then the request is
+        deleted, all under the locks we hold (released by the caller).  A failure in between
+        leaves a request that is fulfilled again next pass, never a slot launched anew."""
+        for node_id in node_ids:
+            self._deallocate(node_id, held.request_id, by_id.get(node_id))
+        self.store.delete_request(held.request_id)
+
+    def _deallocate(self, node_id, request_id, seen=None):
+        """Clear a ready node's allocation to ``request_id`` (its lock is ours).  ``seen``: the
+        pass's record, written compare-and-set instead of read again (read if it changed)."""
+        node = seen.copy() if seen is not None else self.store.get_node(node_id)
+        while node is not None and node.state == NodeState.READY \
+                and node.allocated_to == request_id:
+            node.allocated_to = None
+            try:
+                self.store.update_node(node, check_version=True)
+                return
+            except ConflictError:
+                if seen is None:
+                    raise
+                seen = None
+                node = self.store.get_node(node_id)
 
     def _give_back(self, held, reason):
         req = held.request.copy()   # a failed write leaves our copy as it was
@@ -545,11 +578,7 @@ class RequestHandler:
     def _return_node(self, node_id, request_id, lock):
         """A ready node assigned to a request goes back to the pool; its lock is released."""
         try:
-            node = self.store.get_node(node_id)
-            if node is not None and node.state == NodeState.READY \
-                    and node.allocated_to == request_id:
-                node.allocated_to = None
-                self.store.update_node(node, check_version=True)
+            self._deallocate(node_id, request_id)
         finally:
             lock.release()
 

@@ -669,6 +669,16 @@ class ZooKeeperStore(StateStore):
                         finally:
                             if item[1] is not None:
                                 item[1].set()
+                    elif item[0] == "barrier":
+                        # everything queued before it is applied once its fetches are in
+                        try:
+                            self._fetch_many(fetch)
+                        except Exception as e:
+                            item[1].error = e
+                            raise
+                        finally:
+                            fetch = {}
+                            item[1].set()
                     elif item[0] == "refetch":
                         kind, record_id = P.classify(item[1])
                         if kind in ("node", "request") and self._caching:
@@ -1128,17 +1138,24 @@ class ZooKeeperStore(StateStore):
         return bool(self._contenders(path))
 
     def sync_nodes(self):
-        """Catch the node cache up with the server: list the node znodes (after a ``sync``)
-        and fetch the ones the watch has not delivered yet."""
+        """Catch the node cache up with the server in one round trip, without listing.
+
+        After a ``sync`` answers, the server has sent us the watch event of every change
+        committed before it (a session gets its events before any later answer), and the
+        watch callback queued each of them as it was read.  A marker queued now is reached by
+        the cache thread once all of them are applied and their records fetched."""
         self._ensure_caches()
         self._wait_connected()
         self._wait(self._client.sync_async(P.NODE_ROOT), f"sync {P.NODE_ROOT}")
-        present = set(self._children(P.NODE_ROOT))
-        known = self._cache.ids("node")
-        for node_id in present - known:
-            self._fetch_into_cache("node", node_id)
-        for node_id in known - present:
-            self._cache.drop("node", node_id)
+        caught_up = threading.Event()
+        caught_up.error = None
+        self._events.put(("barrier", caught_up))
+        if not caught_up.wait(self.timeout):
+            raise StoreError(f"ZooKeeper at {self._describe()}: the node cache did not catch "
+                             f"up within {self.timeout:.0f}s")
+        if caught_up.error is not None:
+            raise StoreError(f"ZooKeeper at {self._describe()}: the node cache could not catch "
+                             f"up: {caught_up.error}")
 
     def locked_node_ids(self):
         self._ensure_caches()

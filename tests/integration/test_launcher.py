@@ -72,6 +72,10 @@ def test_min_ready_nodes_become_ready(launcher_env):
         assert node.launcher and node.resources["cores"] == 1
     # never more than min-ready waiting
     assert len(ready_unallocated(store)) == 2
+    # the stock requests end with their nodes: deleted, and the nodes' locks let go
+    wait_until(lambda: not store.list_requests(), message="min-ready requests finished")
+    wait_until(lambda: not any(store.is_node_locked(n.id) for n in nodes),
+               message="stock nodes unlocked")
     instances = cloud_instances(launcher_env)
     assert {i.external_id for i in instances} == {n.external_id for n in nodes}
     assert all(i.metadata[META_PROVIDER] == "sim" and i.metadata[META_POOL] == "main"

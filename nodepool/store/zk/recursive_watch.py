@@ -11,7 +11,7 @@ from collections import defaultdict, namedtuple
 from kazoo.client import KazooClient
 from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.serialization import Watch, int_struct, write_string
-from kazoo.protocol.states import EVENT_TYPE_MAP, Callback, WatchedEvent
+from kazoo.protocol.states import EVENT_TYPE_MAP, WatchedEvent
 
 ADD_WATCH_OPCODE = 106
 MODE_PERSISTENT = 0
@@ -54,9 +54,18 @@ class _RecursiveWatchConnection(ConnectionHandler):
             if callbacks:
                 ev = WatchedEvent(EVENT_TYPE_MAP[event.type], client._state,
                                   client.unchroot(event.path))
+                # called here, on the connection's thread, in order with the answers read
+                # from the socket: no hop through kazoo's callback thread per event, and an
+                # event is handed on before any answer the server sent after it
                 for cb in callbacks:
-                    client.handler.dispatch_callback(Callback("watch", cb, (ev,)))
-        super()._read_watch_event(buffer, offset)
+                    try:
+                        cb(ev)
+                    except Exception:
+                        self.logger.exception("recursive watch callback failed for %s", ev)
+        # one-shot watches (kazoo's own) are rare next to the recursive ones: only look them
+        # up, with a second parse, when one is set on this path
+        if event.path in client._data_watchers or event.path in client._child_watchers:
+            super()._read_watch_event(buffer, offset)
 
 
 class RecursiveWatchClient(KazooClient):
@@ -72,7 +81,8 @@ class RecursiveWatchClient(KazooClient):
     def add_recursive_watch(self, path, callback):
         """Ask the server for a persistent recursive watch on ``path``; ``callback(WatchedEvent)``
         runs for every created/changed/deleted znode at or below it, until the session ends.
-        Call again after every reconnect."""
+        It runs on the connection's thread, so it must only hand the event on (a queue), never
+        block or call ZooKeeper.  Call again after every reconnect."""
         full = self.chroot + path if self.chroot else path
         full = full.rstrip("/") or "/"
         self._recursive_watchers[full].add(callback)
