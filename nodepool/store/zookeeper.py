@@ -34,9 +34,11 @@ from .base import ChangeWatcher, Lock, StateStore
 from .cached import CachedRecord, ChangeLog, fresh_copy
 from .zk import paths as P
 from .zk.handler import PollThreadingHandler
+from .zk.multiread import multi_read_async
 from .zk.recursive_watch import RecursiveWatchClient
 
-EVENT_BATCH = 500        # watch events applied per batch (their fetches pipelined)
+EVENT_BATCH = 500        # watch events applied per batch (their fetches read together)
+MULTI_READ_BATCH = 200   # reads per multiRead request (records of a few KB: answers < 1 MB)
 
 log = logging.getLogger("nodepool.store.zookeeper")
 # a session-loop event: delete the contenders of locks released during an outage
@@ -699,22 +701,17 @@ class ZooKeeperStore(StateStore):
                 self._notify_watchers()
 
     def _fetch_many(self, wanted):
-        """Read the records ``wanted`` (``(kind, id)`` keys) into the cache, all requests
-        sent before the first answer is awaited."""
+        """Read the records ``wanted`` (``(kind, id)`` keys) into the cache, together."""
         if not wanted:
             return
-        self._wait_connected()
-        sent = []
-        for kind, record_id in wanted:
-            path = P.node_path(record_id) if kind == "node" else P.request_path(record_id)
-            sent.append((kind, record_id, path, self._client.get_async(path)))
-        for kind, record_id, path, result in sent:
-            try:
-                data, stat = self._wait(result, f"get {path}")
-            except kze.NoNodeError:
+        keys = list(wanted)
+        paths = [P.node_path(record_id) if kind == "node" else P.request_path(record_id)
+                 for kind, record_id in keys]
+        for (kind, record_id), (data, stat) in zip(keys, self._get_many(paths)):
+            if stat is None:
                 self._cache.drop(kind, record_id)
-                continue
-            self._into_cache(kind, record_id, data, stat)
+            else:
+                self._into_cache(kind, record_id, data, stat)
 
     def _apply_event(self, event_type, path, fetch=None):
         kind, record_id = P.classify(path)
@@ -975,10 +972,21 @@ class ZooKeeperStore(StateStore):
             recipe.assured_path = True      # skip the exists/create round trip
         try:
             try:
-                acquired = None if recipe.assured_path else self._acquire_new_lock(
-                    recipe, in_record)
+                acquired = None
+                if recipe.assured_path or in_record:
+                    # the directory exists (we used it before, or it is a node's: made with
+                    # the node's first lock): first try it in one round trip
+                    acquired = self._try_acquire_pipelined(recipe)
+                if acquired is None and not recipe.assured_path:
+                    acquired = self._acquire_new_lock(recipe, in_record)
                 if acquired is None:
-                    acquired = recipe.acquire(blocking=blocking, timeout=timeout)
+                    acquired = self._try_acquire_pipelined(recipe)
+                    if acquired is None:
+                        raise kze.NoNodeError(path)
+                if not acquired and blocking:
+                    # held by someone: queue for it the recipe's way (a new contender)
+                    recipe.create_tried = False
+                    acquired = recipe.acquire(blocking=True, timeout=timeout)
             except kze.NoNodeError:
                 self._assured_lock_paths.discard(path)
                 if in_record:
@@ -1016,6 +1024,47 @@ class ZooKeeperStore(StateStore):
             self._held[path] = lock
         self._track_lock(path, recipe.node, add=True)
         return lock
+
+    def _try_acquire_pipelined(self, recipe):
+        """Try a lock without waiting, in one round trip: our contender's create and the
+        listing of the lock directory are sent together (the server applies a session's
+        requests in order, so the listing has our contender in it).  kazoo's recipe waits for
+        the create before it lists.  The contender names and the rule (the lowest sequence
+        number holds it) are the recipe's, so other clients of the lock see no difference.
+        True or False; None when the directory does not exist."""
+        recipe.create_tried = True
+        created = self._client.create_async(recipe.create_path, recipe.data, ephemeral=True,
+                                            sequence=True)
+        listed = self._client.get_children_async(recipe.path)
+        try:
+            path = self._wait(created, f"create {recipe.create_path}")
+        except kze.NoNodeError:
+            return None
+        recipe.node = path.rsplit("/", 1)[1]
+        children = self._wait(listed, f"get_children {recipe.path}")
+        ours = recipe.node[len(recipe.prefix):]
+        for child in children:
+            match = recipe._contenders_re.search(child)
+            if match is not None and match.group(1) < ours:
+                self._give_back_contender(recipe)
+                return False
+        recipe.assured_path = True
+        recipe.is_acquired = True
+        return True
+
+    def _give_back_contender(self, recipe):
+        """Delete the contender of a lock we did not get (one we cannot delete now is
+        deleted on reconnect, like any stale contender)."""
+        contender = f"{recipe.path}/{recipe.node}"
+        recipe.node = None
+        try:
+            self._wait(self._client.delete_async(contender), f"delete {contender}")
+        except kze.NoNodeError:
+            pass
+        except (StoreError, kze.KazooException):
+            with self._stale_lock:
+                self._stale_contenders.append((self._generation, contender))
+            self._session_events.put(_STALE_CONTENDERS)
 
     def _acquire_new_lock(self, recipe, in_record=False):
         """A lock whose directory does not exist yet (every new request's lock): create the
@@ -1253,28 +1302,41 @@ class ZooKeeperStore(StateStore):
         return [b for _, b in sorted(found, key=lambda item: item[0])]
 
     def _children_many(self, paths):
-        """``{path: children}`` for every path (missing: []), asked all at once: a walk of
-        the image tree waits one round trip per level, not one per znode."""
-        self._wait_connected()
-        pending = [(path, self._client.get_children_async(path)) for path in paths]
+        """``{path: children}`` for every path (missing: []), read together: a walk of the
+        image tree waits one round trip per level, not one per znode."""
         out = {}
-        for path, result in pending:
-            try:
-                out[path] = self._wait(result, f"get_children {path}")
-            except kze.NoNodeError:
-                out[path] = []
+        for path, answer in zip(paths, self._read_many([("children", p) for p in paths])):
+            if isinstance(answer, kze.NoNodeError):
+                answer = []
+            elif isinstance(answer, Exception):
+                raise StoreError(f"ZooKeeper at {self._describe()}: get_children {path}: "
+                                 f"{answer!r}")
+            out[path] = answer
         return out
 
     def _get_many(self, paths):
-        """``[(data, stat)]`` for every path in order, (None, None) where missing; pipelined."""
-        self._wait_connected()
-        pending = [(path, self._client.get_async(path)) for path in paths]
+        """``[(data, stat)]`` for every path in order, (None, None) where missing."""
         out = []
-        for path, result in pending:
-            try:
-                out.append(self._wait(result, f"get {path}"))
-            except kze.NoNodeError:
-                out.append((None, None))
+        for path, answer in zip(paths, self._read_many([("get", p) for p in paths])):
+            if isinstance(answer, kze.NoNodeError):
+                answer = (None, None)
+            elif isinstance(answer, Exception):
+                raise StoreError(f"ZooKeeper at {self._describe()}: get {path}: {answer!r}")
+            out.append(answer)
+        return out
+
+    def _read_many(self, reads):
+        """Answers to ``reads`` (``("get"|"children", path)``) in order, each a result or its
+        exception: ``multiRead`` requests of ``MULTI_READ_BATCH`` reads, all sent before the
+        first answer is awaited."""
+        if not reads:
+            return []
+        self._wait_connected()
+        sent = [multi_read_async(self._client, reads[i:i + MULTI_READ_BATCH])
+                for i in range(0, len(reads), MULTI_READ_BATCH)]
+        out = []
+        for result in sent:
+            out.extend(self._wait(result, f"multiRead of {len(reads)} znodes"))
         return out
 
     def update_build(self, build, check_version=False):

@@ -314,6 +314,49 @@ def test_locks_interoperate_with_kazoo_recipe(store, zk_raw):
     assert KazooLock(zk_raw, path).acquire(blocking=False)
 
 
+def test_lock_attempts_leave_no_contender_and_blocking_queues(store, zk_raw):
+    """A lock tried in one round trip (create and listing sent together) follows the recipe's
+    rule: held elsewhere means not ours, and our contender is gone again; a blocking attempt
+    queues behind the holder and gets it when the holder lets go."""
+    node = store.create_node(Node(state=NodeState.READY))
+    path = node_lock_path(node.id)
+    raw_lock = KazooLock(zk_raw, path, "zuul")
+    assert raw_lock.acquire(blocking=False)
+    for _ in range(3):
+        with pytest.raises(LockError):
+            store.lock_node(node.id)
+    assert len(zk_raw.get_children(path)) == 1         # only the holder's contender
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault(
+        "lock", store.lock(path, blocking=True, timeout=10)))
+    waiter.start()
+    wait_for(lambda: len(zk_raw.get_children(path)) == 2, what="our contender queued")
+    raw_lock.release()
+    waiter.join(15)
+    assert got["lock"] is not None and store.holds(got["lock"])
+    assert not KazooLock(zk_raw, path).acquire(blocking=False)
+    got["lock"].release()
+    assert zk_raw.get_children(path) == []
+
+
+def test_many_reads_in_few_requests(store, zk_raw):
+    """Reads of many znodes (a walk, a cache catching up) go as multiRead requests: gets,
+    listings and missing znodes mixed, across several requests, answered in order."""
+    from nodepool.store.zookeeper import MULTI_READ_BATCH
+    nodes = [store.create_node(Node(state=NodeState.READY, provider=f"p{i}"))
+             for i in range(MULTI_READ_BATCH + 7)]
+    paths = [f"/nodepool/nodes/{n.id}" for n in nodes]
+    paths.insert(5, "/nodepool/nodes/9999999999")
+    got = store._get_many(paths)
+    assert got[5] == (None, None)
+    del got[5]
+    assert [json.loads(data)["provider"] for data, _ in got] == [n.provider for n in nodes]
+    assert all(stat.version == 0 for _, stat in got)
+    listed = store._children_many(["/nodepool/nodes", "/nodepool/missing"])
+    assert set(listed["/nodepool/nodes"]) == {n.id for n in nodes}
+    assert listed["/nodepool/missing"] == []
+
+
 def test_lock_of_a_deleted_node_fails_and_never_recreates_it(store, make_store, zk_raw):
     """Another launcher deletes the node between our listing and our lock: the lock fails
     and the node's znode is not brought back (empty) by creating the lock's parents."""
