@@ -54,6 +54,7 @@ class RequestHandler:
         self.pool_backoff = Backoff(base=2.0, cap=120.0)    # (pool key, label)
         self.request_backoff = Backoff(base=1.0, cap=60.0)  # request id whose handling raised
         self.views = {}                        # pool key -> PoolView of the current pass
+        self._seen_requests = {}               # request id -> record, the current pass's
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
         self.index = NodeIndex()               # the store's nodes, followed by what changed
@@ -80,6 +81,7 @@ class RequestHandler:
         ``index``: the pass's ``NodeIndex``."""
         self.views = {v.key: v for v in views}
         self.components = components
+        self._seen_requests = {r.id: r for r in requests}
         skip = set(self.held) | self.request_backoff.blocked(now)
         snap = planner.Snapshot(
             requests=requests, nodes=(), pools=views, registered_pools=components,
@@ -222,7 +224,10 @@ class RequestHandler:
             return
         held = None
         try:
-            req = self.store.get_request(action.request_id)
+            # the pass's record stands in for a read, as for nodes: every write of the request
+            # is compare-and-set on its version, so one changed since is let go, not overwritten
+            seen = self._seen_requests.get(action.request_id)
+            req = seen.copy() if seen is not None else self.store.get_request(action.request_id)
             if req is None or req.state != RequestState.REQUESTED \
                     or view.pool_id in req.declined_by:
                 rlock.release()
@@ -271,8 +276,9 @@ class RequestHandler:
         except BaseException as exc:
             if held is None or held.request_id not in self.held:
                 self._undo_accept(held, rlock, action.request_id)
-            if isinstance(exc, (_Retry, NotFoundError)):
-                return      # the pool filled / a node was taken / the requestor left
+            if isinstance(exc, (_Retry, NotFoundError, ConflictError)):
+                return      # the pool filled / a node was taken / the requestor left / the
+                            # request changed since the pass's snapshot: next pass decides
             raise
         if not action.launch:
             # a request served from ready nodes is fulfilled in this same pass

@@ -895,14 +895,22 @@ class ZooKeeperStore(StateStore):
         directory, the node) instead of a read, a write and a recursive walk of six calls.
         The record was marked ``deleted`` by an earlier write unless the cache says otherwise;
         False when the fast path does not apply (then the caller takes the general one)."""
-        recipe, generation = held.token
         cached = self._cache.peek("node", node_id)
-        if (generation != self._generation or not recipe.node
-                or cached is None or cached.state != NodeState.DELETED):
+        if cached is None or cached.state != NodeState.DELETED \
+                or not self._delete_with_lock(path, held):
             return False
-        contender = f"{recipe.path}/{recipe.node}"
+        self._drop_own("node", node_id)
+        return True
+
+    def _delete_with_lock(self, path, held):
+        """Delete ``path`` together with the lock on it we hold (our contender and the lock's
+        directory), in one transaction.  False when that cannot be done (another contender
+        queued, a child we do not know of, a lost session or connection): nothing changed."""
+        recipe, generation = held.token
+        if generation != self._generation or not recipe.node:
+            return False
         txn = self._client.transaction()
-        txn.delete(contender)
+        txn.delete(f"{recipe.path}/{recipe.node}")
         txn.delete(recipe.path)
         txn.delete(path)
         try:
@@ -911,13 +919,12 @@ class ZooKeeperStore(StateStore):
         except StoreError:
             return False
         if any(isinstance(r, Exception) for r in results):
-            return False        # another contender, or a child we do not know of
+            return False
         held.released = True
         recipe.is_acquired = False
         if self._caching:
             self._released_contenders.add(recipe.node)
         self._track_lock(held.path, recipe.node, add=False)
-        self._drop_own("node", node_id)
         return True
 
     # -- node requests -----------------------------------------------------------------------------
@@ -953,7 +960,19 @@ class ZooKeeperStore(StateStore):
         self._update("request", P.request_path(request.id), request, check_version)
 
     def delete_request(self, request_id):
-        self._delete(P.request_path(request_id))
+        path = P.request_path(request_id)
+        lock_dir = f"{P.REQUEST_LOCK_ROOT}/{request_id}"
+        with self._held_lock:
+            held = self._held.get(lock_dir)
+        # under our lock (a launcher finishing a request): the lock and its directory go in
+        # the same transaction, so no empty lock directory is left for the lock collector
+        if held is not None and self._delete_with_lock(path, held):
+            with self._held_lock:
+                if self._held.get(lock_dir) is held:
+                    del self._held[lock_dir]
+            self._assured_lock_paths.discard(lock_dir)
+        else:
+            self._delete(path)
         self._drop_own("request", request_id)
 
     # -- locks -------------------------------------------------------------------------------------
@@ -1215,17 +1234,17 @@ class ZooKeeperStore(StateStore):
         return self._cache.locked_ids("request")
 
     def remove_stale_request_locks(self, older_than):
-        # pipelined (a long-running site may have many thousands of these): stat every lock
-        # directory, then check the old, empty ones' requests, then delete those left
+        # read together (a long-running site may have many thousands of these): stat every
+        # lock directory, then check the old, empty ones' requests, then delete those left
         self._wait_connected()
         cutoff_ms = (time.time() - older_than) * 1000
         ids = self._children(P.REQUEST_LOCK_ROOT)
-        stats = [(i, self._client.exists_async(f"{P.REQUEST_LOCK_ROOT}/{i}")) for i in ids]
-        old = [(i, stat) for i, stat in ((i, self._wait(r, "exists lock dir")) for i, r in stats)
+        got = self._get_many([f"{P.REQUEST_LOCK_ROOT}/{i}" for i in ids])
+        old = [(i, stat) for i, (_, stat) in zip(ids, got)
                if stat is not None and not stat.numChildren and stat.mtime < cutoff_ms]
-        requests = [(i, stat, self._client.exists_async(P.request_path(i))) for i, stat in old]
+        gone = self._get_many([P.request_path(i) for i, _ in old])
         deletes = [(i, self._client.delete_async(f"{P.REQUEST_LOCK_ROOT}/{i}", stat.version))
-                   for i, stat, r in requests if self._wait(r, "exists request") is None]
+                   for (i, stat), (_, request_stat) in zip(old, gone) if request_stat is None]
         removed = 0
         for request_id, result in deletes:
             try:

@@ -97,9 +97,9 @@ def ended(client, request_id, timeout=30):
 
 # -- 2 and the done-criterion: a store error at any call of the accept/launch/fulfil/delete paths
 
-# (``get_node`` is not among them: these paths write the pass's records compare-and-set and
-# read a node only when that write loses, which this scenario never makes happen)
-FAULT_SITES = ["lock_request", "get_request", "update_request", "lock_node", "update_node",
+# (``get_node`` and ``get_request`` are not among them: these paths write the pass's records
+# compare-and-set and read one only when that write loses, which this scenario never causes)
+FAULT_SITES = ["lock_request", "update_request", "lock_node", "update_node",
                "create_node", "delete_node", "lock", "sync_nodes", "node_changes",
                "delete_request", "submit_request"]
 

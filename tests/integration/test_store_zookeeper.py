@@ -339,6 +339,35 @@ def test_lock_attempts_leave_no_contender_and_blocking_queues(store, zk_raw):
     assert zk_raw.get_children(path) == []
 
 
+def test_request_deleted_under_our_lock_takes_the_lock_directory(store, make_store, zk_raw):
+    """A request deleted by the holder of its lock goes with its lock directory (no empty
+    directory for the lock collector); with another contender queued, only the request goes
+    and the lock is released as usual."""
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    lock = store.lock_request(req.id)
+    store.delete_request(req.id)
+    assert zk_raw.exists(f"/nodepool/requests/{req.id}") is None
+    assert zk_raw.exists(f"/nodepool/requests-lock/{req.id}") is None
+    lock.release()                                    # already gone with the request
+    assert store.get_request(req.id) is None
+
+    other = make_store()
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    lock = store.lock_request(req.id)
+    queued = {}
+    waiter = threading.Thread(target=lambda: queued.setdefault(
+        "lock", other.lock_request(req.id, blocking=True, timeout=10)))
+    waiter.start()
+    wait_for(lambda: len(zk_raw.get_children(f"/nodepool/requests-lock/{req.id}")) == 2,
+             what="a second contender")
+    store.delete_request(req.id)
+    assert zk_raw.exists(f"/nodepool/requests/{req.id}") is None
+    lock.release()
+    waiter.join(15)
+    assert other.holds(queued["lock"])
+    queued["lock"].release()
+
+
 def test_many_reads_in_few_requests(store, zk_raw):
     """Reads of many znodes (a walk, a cache catching up) go as multiRead requests: gets,
     listings and missing znodes mixed, across several requests, answered in order."""
