@@ -5,7 +5,9 @@ min-ready N, boot time 0.1 s, the launcher as its own process.
 For each N (default 200, 1000, 3000) and store it prints:
   fill_s            launcher start -> N ready nodes
   fill_cpu_s        launcher CPU for that, and per node launched (ms)
-  idle_cpu_pct      launcher CPU over 10 s with nothing to do, in % of one core
+  idle_cpu_pct      launcher CPU with nothing to do, in % of one core, over --idle-seconds
+                    (default 60: one whole cycle of the periodic work, the 60 s leak scan
+                    and lock collection included, which a 10 s window hits or misses)
   list_s            ``nodepool list`` (a fresh process) wall time
   ready_ms          ready-node request latency over 30 sequential requests (median / max)
   zk_packets_per_request  (ZooKeeper) packets the server received per ready-node request,
@@ -63,7 +65,7 @@ def spy_off(spy):
         spy.wait(30)
 
 
-def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None):
+def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60):
     tmp = os.path.join(tmp, f"{store_kind}-{n}")      # its own simulated cloud, too
     os.makedirs(tmp)
     if store_kind == "sqlite":
@@ -97,8 +99,8 @@ def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None):
         spy = spy_on(proc.pid, os.path.join(spy_dir, f"idle-{store_kind}-{n}.raw")) \
             if spy_dir else None
         c0 = cpu_seconds(proc.pid)
-        time.sleep(10)
-        out["idle_cpu_pct"] = round(100 * (cpu_seconds(proc.pid) - c0) / 10, 2)
+        time.sleep(idle_seconds)
+        out["idle_cpu_pct"] = round(100 * (cpu_seconds(proc.pid) - c0) / idle_seconds, 2)
         spy_off(spy)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "nodepool.cli.nodepool", "-c", config, "list"],
@@ -149,6 +151,7 @@ def main():
     ap.add_argument("--store", default="sqlite", choices=["sqlite", "zookeeper", "both"])
     ap.add_argument("--zk", default=None, help="host:port of a ZooKeeper (default: start one)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--py-spy", metavar="DIR", default=None,
                     help="record the launcher with py-spy while idle and while serving the "
                          "ready-node requests, into DIR/{idle,ready}-STORE-N.raw")
@@ -167,7 +170,8 @@ def main():
             zk_hosts = zk_server.hosts
         for kind in kinds:
             for n in sizes:
-                print(run_one(n, kind, tmp, zk_hosts, args.profile, args.py_spy), flush=True)
+                print(run_one(n, kind, tmp, zk_hosts, args.profile, args.py_spy,
+                              args.idle_seconds), flush=True)
     finally:
         if zk_server is not None:
             zk_server.stop()
