@@ -1218,9 +1218,11 @@ class ZooKeeperStore(StateStore):
         caught_up = threading.Event()
         caught_up.error = None
         self._events.put(("barrier", caught_up))
-        if not caught_up.wait(self.timeout):
-            raise StoreError(f"ZooKeeper at {self._describe()}: the node cache did not catch "
-                             f"up within {self.timeout:.0f}s")
+        deadline = time.monotonic() + self.timeout
+        while not caught_up.wait(0.1):
+            if self._stopping or time.monotonic() > deadline:
+                raise StoreError(f"ZooKeeper at {self._describe()}: the node cache did not "
+                                 f"catch up within {self.timeout:.0f}s")
         if caught_up.error is not None:
             raise StoreError(f"ZooKeeper at {self._describe()}: the node cache could not catch "
                              f"up: {caught_up.error}")
