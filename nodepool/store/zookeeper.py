@@ -1081,9 +1081,7 @@ class ZooKeeperStore(StateStore):
         except kze.NoNodeError:
             pass
         except (StoreError, kze.KazooException):
-            with self._stale_lock:
-                self._stale_contenders.append((self._generation, contender))
-            self._session_events.put(_STALE_CONTENDERS)
+            self._delete_on_reconnect((self._generation, contender))
 
     def _acquire_new_lock(self, recipe, in_record=False):
         """A lock whose directory does not exist yet (every new request's lock): create the
@@ -1140,9 +1138,7 @@ class ZooKeeperStore(StateStore):
                 # connected again, or every later acquire (ours too) would queue behind it
                 log.warning("releasing lock %s: %s (its contender is deleted on reconnect)",
                             lock.path, e)
-                with self._stale_lock:
-                    self._stale_contenders.append((generation, f"{recipe.path}/{contender}"))
-                self._session_events.put(_STALE_CONTENDERS)
+                self._delete_on_reconnect((generation, f"{recipe.path}/{contender}"))
             else:
                 log.warning("releasing lock %s: %s (it ends with the session)", lock.path, e)
         self._track_lock(lock.path, contender, add=False)
@@ -1159,18 +1155,20 @@ class ZooKeeperStore(StateStore):
             if contender:
                 log.warning("releasing lock %s: %s (its contender is deleted on reconnect)",
                             path, e)
-                with self._stale_lock:
-                    self._stale_contenders.append((self._generation,
-                                                   f"{recipe.path}/{contender}"))
-                self._session_events.put(_STALE_CONTENDERS)
+                self._delete_on_reconnect((self._generation, f"{recipe.path}/{contender}"))
 
     def _contender_may_exist(self, recipe):
         """A lock attempt whose answer was lost may have left our contender on the server: it
         would hold the lock (or queue for it) for as long as our session lives, and the node
         under it could never be cleaned up.  Its name starts with the attempt's own prefix:
         any such child is deleted once we are connected."""
+        self._delete_on_reconnect((self._generation, recipe.path, recipe.prefix))
+
+    def _delete_on_reconnect(self, entry):
+        """Queue a contender of ours for deletion once we are connected: ``(generation, path)``
+        or, for an attempt whose answer was lost, ``(generation, lock directory, prefix)``."""
         with self._stale_lock:
-            self._stale_contenders.append((self._generation, recipe.path, recipe.prefix))
+            self._stale_contenders.append(entry)
         self._session_events.put(_STALE_CONTENDERS)
 
     def _delete_stale_contenders(self):
