@@ -1323,24 +1323,22 @@ class ZooKeeperStore(StateStore):
     def _children_many(self, paths):
         """``{path: children}`` for every path (missing: []), read together: a walk of the
         image tree waits one round trip per level, not one per znode."""
-        out = {}
-        for path, answer in zip(paths, self._read_many([("children", p) for p in paths])):
-            if isinstance(answer, kze.NoNodeError):
-                answer = []
-            elif isinstance(answer, Exception):
-                raise StoreError(f"ZooKeeper at {self._describe()}: get_children {path}: "
-                                 f"{answer!r}")
-            out[path] = answer
-        return out
+        return {path: names if names is not None else []
+                for path, names in zip(paths, self._answers("children", paths))}
 
     def _get_many(self, paths):
         """``[(data, stat)]`` for every path in order, (None, None) where missing."""
+        return [got if got is not None else (None, None) for got in self._answers("get", paths)]
+
+    def _answers(self, kind, paths):
+        """The ``kind`` read (``"get"`` or ``"children"``) of every path, in order: None where
+        the znode is missing; any other failed read raises ``StoreError``."""
         out = []
-        for path, answer in zip(paths, self._read_many([("get", p) for p in paths])):
+        for path, answer in zip(paths, self._read_many([(kind, p) for p in paths])):
             if isinstance(answer, kze.NoNodeError):
-                answer = (None, None)
+                answer = None
             elif isinstance(answer, Exception):
-                raise StoreError(f"ZooKeeper at {self._describe()}: get {path}: {answer!r}")
+                raise StoreError(f"ZooKeeper at {self._describe()}: {kind} {path}: {answer!r}")
             out.append(answer)
         return out
 
