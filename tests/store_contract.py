@@ -266,6 +266,42 @@ class StoreContract:
             a.update_request(mine, check_version=True)
         assert b.get_request(req.id).state == RequestState.PENDING
 
+    def test_update_together_writes_all_or_nothing(self, store_factory):
+        a, b = store_factory(), store_factory()
+        node = a.create_node(new_node())
+        req = a.submit_request(NodeRequest(node_types=["small"]))
+        # all: each record written, versions bumped, seen by another session and its cache
+        n, r = a.get_node(node.id), a.get_request(req.id)
+        versions = (n.version, r.version)
+        n.allocated_to = req.id
+        r.state, r.nodes = RequestState.FULFILLED, [node.id]
+        a.update_together(nodes=[n], requests=[r])
+        assert (n.version, r.version) != versions
+        assert b.get_node(node.id).allocated_to == req.id
+        assert b.get_request(req.id).state == RequestState.FULFILLED
+        eventually(lambda: any(x.id == node.id and x.allocated_to == req.id
+                               for x in b.list_nodes()), what="b's listing of the write")
+        # nothing: one stale record fails the write of the others
+        stale_node, fresh_req = a.get_node(node.id), a.get_request(req.id)
+        theirs = b.get_node(node.id)
+        theirs.comment = "theirs"
+        b.update_node(theirs, check_version=True)
+        stale_node.allocated_to = None
+        fresh_req.state = RequestState.FAILED
+        with pytest.raises(ConflictError):
+            a.update_together(nodes=[stale_node], requests=[fresh_req])
+        assert b.get_request(req.id).state == RequestState.FULFILLED
+        assert a.get_node(node.id).allocated_to == req.id
+        # a record gone is NotFoundError, and the others are left as they were
+        fresh_node = a.get_node(node.id)
+        b.delete_request(req.id)
+        fresh_node.comment = "mine"
+        with pytest.raises(NotFoundError):
+            a.update_together(nodes=[fresh_node], requests=[fresh_req])
+        assert b.get_node(node.id).comment == "theirs"
+        eventually(lambda: any(x.id == node.id and x.comment == "theirs"
+                               for x in a.list_nodes()), what="a's cache after the failure")
+
     def test_list_requests_in_handling_order(self, store_factory):
         a, b = store_factory(), store_factory()
         low = a.submit_request(NodeRequest(node_types=["x"]), priority="300")

@@ -219,3 +219,6 @@ class Held:
     open_slots: bool = False              # last pass: slots waiting for room or a backoff
     az: Optional[str] = None
     launched: int = 0                     # nodes launched for it (0 at fulfilment: a warm hit)
+    # ready nodes assigned to it whose allocation is written together with the fulfilment
+    # (node id -> the assigned copy): a warm hit is one write, and one round trip
+    unwritten: dict = field(default_factory=dict)

@@ -249,16 +249,14 @@ class RequestHandler:
                 node.allocated_to = req.id
                 node.tenant_name = req.tenant_name
                 node.requestor = req.requestor
-                try:
-                    self.store.update_node(node, check_version=True)
-                except ConflictError:
-                    raise _Retry() from None
                 assigned[node_id] = node
             if action.launch:
                 if not room_granted:
                     raise _Retry()
                 req.set_state(RequestState.PENDING)
-                self.store.update_request(req, check_version=True)
+                # the assignments and the request's new state: one compare-and-set write (a
+                # node or the request changed since the snapshot: nothing is written)
+                self.store.update_together(nodes=assigned.values(), requests=[req])
                 self.held[req.id] = held
                 held.az = self._choose_az(assigned.values(), worker, pool)
                 # from here on the lifecycle owns it: a launch that fails to start leaves its
@@ -272,6 +270,7 @@ class RequestHandler:
                 log.info("request %s accepted by %s: %d ready node(s) assigned, %d launching",
                          req.id, pool.key, len(action.assign), len(action.launch))
             else:
+                held.unwritten = assigned     # written with the fulfilment, below
                 self.held[req.id] = held
         except BaseException as exc:
             if held is None or held.request_id not in self.held:
@@ -282,7 +281,13 @@ class RequestHandler:
             raise
         if not action.launch:
             # a request served from ready nodes is fulfilled in this same pass
-            self._advance(held, req, assigned)
+            try:
+                self._advance(held, req, assigned)
+            finally:
+                if held.unwritten and self.held.get(req.id) is held:
+                    # not fulfilled (an error, a record changed since the snapshot): nothing
+                    # of it was written; the request is routed again next pass
+                    self._forget(held)
 
     def _undo_accept(self, held, rlock, request_id):
         """Nothing was launched: give back the nodes assigned so far and the request lock."""
@@ -478,13 +483,21 @@ class RequestHandler:
             held.let_go = True
         self.held.pop(held.request_id, None)
 
-    def _write_request(self, held, req):
-        """Compare-and-set write of a held request; a lost race means it changed hands."""
+    def _write_request(self, held, req, nodes=()):
+        """Compare-and-set write of a held request (with ``nodes``: and of those nodes, as
+        one); a lost race means it changed hands."""
         try:
-            self.store.update_request(req, check_version=True)
-        except ConflictError:
-            log.warning("request %s was changed by someone else while we held it (did our "
-                        "session expire?): letting it go without writing", held.request_id)
+            if nodes:
+                self.store.update_together(nodes=nodes, requests=[req])
+            else:
+                self.store.update_request(req, check_version=True)
+        except ConflictError as exc:
+            if nodes:
+                log.info("request %s: a record changed since the pass's snapshot (%s): it is "
+                         "routed again", held.request_id, exc)
+            else:
+                log.warning("request %s was changed by someone else while we held it (did our "
+                            "session expire?): letting it go without writing", held.request_id)
             held.lost = True
             return False
         held.request = req
@@ -499,8 +512,10 @@ class RequestHandler:
             # instead of being written fulfilled and finished by a later pass (which takes
             # both locks and reads both records again)
             self._stock(held, node_ids, by_id)
-        elif not self._write_request(held, req):
+        elif not self._write_request(held, req, [held.unwritten[nid] for nid in node_ids
+                                                 if nid in held.unwritten]):
             return
+        held.unwritten = {}
         provider, pool_name = held.pool_key.split("/", 1)
         for label in set(req.node_types):
             self.pool_backoff.succeeded((held.pool_key, label))
@@ -518,7 +533,8 @@ class RequestHandler:
         deleted, all under the locks we hold (released by the caller).  A failure in between
         leaves a request that is fulfilled again next pass, never a slot launched anew."""
         for node_id in node_ids:
-            self._deallocate(node_id, held.request_id, by_id.get(node_id))
+            if node_id not in held.unwritten:     # an assignment never written: nothing to undo
+                self._deallocate(node_id, held.request_id, by_id.get(node_id))
         self.store.delete_request(held.request_id)
 
     def _deallocate(self, node_id, request_id, seen=None):

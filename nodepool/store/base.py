@@ -237,6 +237,14 @@ class StateStore(abc.ABC):
     def delete_request(self, request_id):
         """Remove the request.  Missing is not an error."""
 
+    @abc.abstractmethod
+    def update_together(self, nodes=(), requests=()):
+        """Compare-and-set writes of several nodes and requests as one: every record is
+        written, or (NotFoundError / ConflictError naming the first record that failed) none
+        is.  Bumps each record's ``version``.  A ready node assigned to a request and the
+        request fulfilled with it are one write: a requestor never sees one without the
+        other, and a networked store makes one round trip instead of one per record."""
+
     # -- locks -------------------------------------------------------------------------------------
 
     @abc.abstractmethod

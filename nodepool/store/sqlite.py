@@ -558,6 +558,11 @@ class SQLiteStore(StateStore):
             raise SessionLostError(f"state store {self.path} is not started")
 
     def _write_record(self, table, what, record, check_version):
+        record.version = self._tx(self._writer(table, what, record, check_version))
+        return record
+
+    def _writer(self, table, what, record, check_version):
+        """The write of one record inside a transaction: returns its new version."""
         data = json.dumps(record.to_dict())
 
         def fn(conn):
@@ -571,8 +576,14 @@ class SQLiteStore(StateStore):
             conn.execute(f"UPDATE {table} SET data=?, version=?, gen=? WHERE id=?",
                          (data, row[0] + 1, gen, record.id))
             return row[0] + 1
-        record.version = self._tx(fn)
-        return record
+        return fn
+
+    def update_together(self, nodes=(), requests=()):
+        records = [(n, self._writer("nodes", "node", n, True)) for n in nodes] + \
+                  [(r, self._writer("requests", "request", r, True)) for r in requests]
+        versions = self._tx(lambda conn: [write(conn) for _, write in records])
+        for (record, _), version in zip(records, versions):
+            record.version = version
 
     def _refresh(self, table, cls):
         """Bring the cache of ``table`` up to date (under ``_cache_lock``): only rows written

@@ -841,6 +841,41 @@ class ZooKeeperStore(StateStore):
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
 
+    def update_together(self, nodes=(), requests=()):
+        writes = [("node", P.node_path(n.id), n) for n in nodes] + \
+                 [("request", P.request_path(r.id), r) for r in requests]
+        if not writes:
+            return
+        txn = self._client.transaction()
+        for kind, path, record in writes:
+            txn.set_data(path, _encode(record), -1 if record.version is None else record.version)
+        for _, path, _ in writes:
+            self._own_set_begin(path)
+        try:
+            self._wait_connected()
+            results = self._wait(txn.commit_async(), f"write {len(writes)} records")
+        except BaseException:
+            for _, path, _ in writes:
+                self._own_set_failed(path)
+            raise
+        failed = next(((w, r) for w, r in zip(writes, results)
+                       if isinstance(r, Exception) and not isinstance(r, kze.RolledBackError)),
+                      None)
+        if failed is not None or len(results) != len(writes):
+            for _, path, _ in writes:
+                self._own_set_failed(path)
+            (kind, _, record), error = failed or (writes[0], None)
+            if isinstance(error, kze.NoNodeError):
+                raise NotFoundError(f"{kind} {record.id} does not exist (any more)")
+            if isinstance(error, kze.BadVersionError):
+                raise ConflictError(f"{kind} {record.id} changed since version "
+                                    f"{record.version}")
+            raise StoreError(f"ZooKeeper: writing {len(writes)} records together failed: "
+                             f"{error!r}")
+        for (kind, _, record), stat in zip(writes, results):
+            record.version = stat.version
+            self._put_own(kind, record, stat.mzxid)
+
     def _update(self, kind, path, record, check_version):
         version = record.version if check_version and record.version is not None else -1
         cached = kind in ("node", "request")

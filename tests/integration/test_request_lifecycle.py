@@ -99,7 +99,7 @@ def ended(client, request_id, timeout=30):
 
 # (``get_node`` and ``get_request`` are not among them: these paths write the pass's records
 # compare-and-set and read one only when that write loses, which this scenario never causes)
-FAULT_SITES = ["lock_request", "update_request", "lock_node", "update_node",
+FAULT_SITES = ["lock_request", "update_request", "update_together", "lock_node", "update_node",
                "create_node", "delete_node", "lock", "sync_nodes", "node_changes",
                "delete_request", "submit_request"]
 
@@ -121,8 +121,8 @@ def test_a_store_error_at_any_call_ends_every_request(sqlite_launcher_env, site,
         if done.state == RequestState.FULFILLED:
             served += client.accept(done)
     client.release(served)
-    # the provider keeps serving, and every returned node is deleted
-    more = client.request(["small", "small"], timeout=30)
+    # the provider keeps serving (from stock and launching), and every returned node is deleted
+    more = client.request(["small", "big"], timeout=30)
     client.release(more)
     wait_until(lambda: not [n for n in client.store.list_nodes()
                             if n.state in (NodeState.USED, NodeState.DELETING,
