@@ -362,6 +362,28 @@ class StoreContract:
                 a.lock(path)
         eventually(lambda: not a.is_locked(path), what="lock released by the with block")
 
+    def test_try_locks_takes_the_free_ones(self, store_factory):
+        a, b = store_factory(), store_factory()
+        node = a.create_node(new_node())
+        req = a.submit_request(NodeRequest(node_types=["small"]))
+        theirs = b.lock_node(node.id)
+        new_req = a.submit_request(NodeRequest(node_types=["small"]))   # no lock directory yet
+        locks = a.try_locks([request_lock_path(req.id), node_lock_path(node.id),
+                             request_lock_path(new_req.id), request_lock_path(req.id)])
+        assert [lock is not None for lock in locks] == [True, False, True, False]
+        assert a.holds(locks[0]) and a.holds(locks[2])
+        with pytest.raises(LockError):
+            b.lock_request(req.id)
+        theirs.release()
+        for lock in locks[0], locks[2]:
+            lock.release()
+        # every lock released is free for others
+        again = b.try_locks([request_lock_path(req.id), request_lock_path(new_req.id),
+                             node_lock_path(node.id)])
+        assert all(again)
+        for lock in again:
+            lock.release()
+
     def test_lock_is_not_reentrant(self, store):
         lock = store.lock(request_lock_path("100-0000000001"))
         with pytest.raises(LockError):

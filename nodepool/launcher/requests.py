@@ -27,6 +27,7 @@ from ..errors import ConflictError, LockError, NodepoolError, NotFoundError, Sto
 from ..model.images import newest_ready_upload
 from ..model.records import Node
 from ..model.states import NodeState, RequestState
+from ..store.base import node_lock_path, request_lock_path
 from .. import metrics
 from . import lifecycle as lc
 from . import planner
@@ -218,11 +219,18 @@ class RequestHandler:
         view = self.views[action.pool_key]
         pool = view.pool
         worker = self.providers.workers[pool.provider]
-        try:
-            rlock = self.store.lock_request(action.request_id)
-        except LockError:
+        # the request's lock and its ready nodes' are tried together (one round trip)
+        locks = self.store.try_locks([request_lock_path(action.request_id)] +
+                                     [node_lock_path(node_id) for _, node_id in action.assign])
+        rlock = locks[0]
+        if any(lock is None for lock in locks):
+            for lock in locks:      # another launcher has the request, or a node: next pass
+                if lock is not None:
+                    quietly(lock.release)
             return
+        node_locks = {node_id: lock for (_, node_id), lock in zip(action.assign, locks[1:])}
         held = None
+        sent = False        # whether a write was sent (its outcome may be unknown)
         try:
             # the pass's record stands in for a read, as for nodes: every write of the request
             # is compare-and-set on its version, so one changed since is let go, not overwritten
@@ -230,15 +238,10 @@ class RequestHandler:
             req = seen.copy() if seen is not None else self.store.get_request(action.request_id)
             if req is None or req.state != RequestState.REQUESTED \
                     or view.pool_id in req.declined_by:
-                rlock.release()
-                return
-            held = lc.Held(req.id, pool.key, view.pool_id, rlock, req)
+                raise _Retry()
+            held = lc.Held(req.id, pool.key, view.pool_id, rlock, req, node_locks)
             assigned = {}
             for label, node_id in action.assign:
-                try:
-                    held.node_locks[node_id] = self.store.lock_node(node_id)
-                except LockError:
-                    raise _Retry() from None
                 # the pass's record stands in for a read: the write is compare-and-set on
                 # its version, so a node changed since the snapshot is simply not taken
                 seen = self.index.by_id.get(node_id)
@@ -256,6 +259,7 @@ class RequestHandler:
                 req.set_state(RequestState.PENDING)
                 # the assignments and the request's new state: one compare-and-set write (a
                 # node or the request changed since the snapshot: nothing is written)
+                sent = True
                 self.store.update_together(nodes=assigned.values(), requests=[req])
                 self.held[req.id] = held
                 held.az = self._choose_az(assigned.values(), worker, pool)
@@ -274,7 +278,7 @@ class RequestHandler:
                 self.held[req.id] = held
         except BaseException as exc:
             if held is None or held.request_id not in self.held:
-                self._undo_accept(held, rlock, action.request_id)
+                self._undo_accept(node_locks, rlock, action.request_id, sent)
             if isinstance(exc, (_Retry, NotFoundError, ConflictError)):
                 return      # the pool filled / a node was taken / the requestor left / the
                             # request changed since the pass's snapshot: next pass decides
@@ -289,10 +293,14 @@ class RequestHandler:
                     # of it was written; the request is routed again next pass
                     self._forget(held)
 
-    def _undo_accept(self, held, rlock, request_id):
-        """Nothing was launched: give back the nodes assigned so far and the request lock."""
-        for node_id, lock in (held.node_locks.items() if held else ()):
-            self._return_node(node_id, request_id, lock)
+    def _undo_accept(self, node_locks, rlock, request_id, sent):
+        """Nothing was launched: give back the nodes and the request lock.  A write whose
+        outcome is unknown (``sent``) may have assigned the nodes: that is undone first."""
+        for node_id, lock in node_locks.items():
+            if sent:
+                self._return_node(node_id, request_id, lock)
+            else:
+                quietly(lock.release)
         quietly(rlock.release)
 
     def _room(self, view):

@@ -255,6 +255,50 @@ class StateStore(abc.ABC):
         ``blocking`` waits up to ``timeout`` seconds (forever if None).  Also raises LockError if
         we already hold it (locks are not re-entrant)."""
 
+    def try_locks(self, paths, identifier=None):
+        """Try several locks without waiting: per path, a ``Lock``, or None where it is held
+        (by another session, or already by us).  On any other error the locks taken are
+        released and the error is raised.  A networked store sends every first attempt before
+        it reads an answer (``_lock_start``/``_lock_finish``)."""
+        started, failed = [], None
+        for path in paths:
+            try:
+                started.append(self._lock_start(path, identifier))
+            except LockError:
+                started.append(None)
+            except Exception as exc:      # e.g. not connected: nothing more is sent
+                failed = exc
+                break
+        locks = []
+        for attempt in started:
+            lock = None
+            if attempt is not None:
+                try:
+                    lock = self._lock_finish(attempt, False, None)
+                except LockError:
+                    pass
+                except Exception as exc:  # the others' answers are still read (and released)
+                    failed = failed or exc
+            locks.append(lock)
+        if failed is not None:
+            for lock in locks:
+                if lock is not None:
+                    try:
+                        lock.release()
+                    except Exception:     # it ends with the session
+                        pass
+            raise failed
+        return locks
+
+    def _lock_start(self, path, identifier):
+        """Begin taking a lock (a store that can, sends its first attempt here)."""
+        return path, identifier
+
+    def _lock_finish(self, attempt, blocking, timeout):
+        """Finish what ``_lock_start`` began: the ``Lock``, or LockError as for ``lock``."""
+        path, identifier = attempt
+        return self.lock(path, blocking, timeout, identifier)
+
     @abc.abstractmethod
     def _release(self, lock):
         """Release a lock acquired by ``lock``.  Releasing a lock already lost is not an error."""

@@ -740,22 +740,38 @@ class SQLiteStore(StateStore):
 
     def _try_lock(self, path, identifier):
         sid = self._session
+        return self._tx(lambda conn: self._take_lock(conn, path, identifier, sid))
+
+    def _take_lock(self, conn, path, identifier, sid):
+        """Inside a transaction: take the lock for session ``sid`` (returned) unless a live
+        session holds it (False); LockError if ``sid`` holds it already."""
+        row = conn.execute("SELECT session FROM locks WHERE path=?", (path,)).fetchone()
+        if row is not None:
+            if row[0] == sid:
+                raise LockError(f"lock {path} is already held by this session "
+                                f"(locks are not re-entrant)")
+            srow = conn.execute(f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?",
+                                (row[0],)).fetchone()
+            if srow is not None and self._alive(srow, self._clock()):
+                return False
+            conn.execute("DELETE FROM locks WHERE path=?", (path,))
+        conn.execute("INSERT INTO locks VALUES (?,?,?,?)", (path, sid, identifier, time.time()))
+        return sid
+
+    def try_locks(self, paths, identifier=None):
+        """One transaction for all of them."""
+        self._check_session()
+        sid = self._session
 
         def fn(conn):
-            row = conn.execute("SELECT session FROM locks WHERE path=?", (path,)).fetchone()
-            if row is not None:
-                if row[0] == sid:
-                    raise LockError(f"lock {path} is already held by this session "
-                                    f"(locks are not re-entrant)")
-                srow = conn.execute(f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id=?",
-                                    (row[0],)).fetchone()
-                if srow is not None and self._alive(srow, self._clock()):
-                    return False
-                conn.execute("DELETE FROM locks WHERE path=?", (path,))
-            conn.execute("INSERT INTO locks VALUES (?,?,?,?)",
-                         (path, sid, identifier, time.time()))
-            return sid
-        return self._tx(fn)
+            taken = []
+            for path in paths:
+                try:
+                    taken.append(self._take_lock(conn, path, identifier, sid))
+                except LockError:
+                    taken.append(False)
+            return taken
+        return [Lock(self, path, sid) if got else None for path, got in zip(paths, self._tx(fn))]
 
     def _release(self, lock):
         try:

@@ -123,6 +123,18 @@ def _diagnose(hosts, ssl_ctx):
     return "; ".join(reasons) or "no server given"
 
 
+class _LockAttempt:
+    """One lock being taken: its first attempt is sent before the answer is read."""
+
+    __slots__ = ("path", "identifier", "recipe", "in_record", "generation", "tried", "created",
+                 "error")
+
+    def __init__(self, path, identifier, recipe, in_record, generation):
+        self.path, self.identifier, self.recipe = path, identifier, recipe
+        self.in_record, self.generation = in_record, generation
+        self.tried = self.created = self.error = None
+
+
 class _RequestWatcher(ChangeWatcher):
     """Woken by a one-shot ZooKeeper watch on one request znode (what Zuul does), re-armed by
     each ``wait``: the re-arm is sent before the caller's next read on the same session, and
@@ -1013,28 +1025,50 @@ class ZooKeeperStore(StateStore):
     # -- locks -------------------------------------------------------------------------------------
 
     def lock(self, path, blocking=False, timeout=None, identifier=None):
+        return self._lock_finish(self._lock_start(path, identifier), blocking, timeout)
+
+    def _lock_start(self, path, identifier):
+        """Check and send the first attempt at a lock (answered in ``_lock_finish``): several
+        locks tried together (``try_locks``: a request's and its nodes') cost one round
+        trip."""
         with self._held_lock:
             if path in self._held:
                 raise LockError(f"lock {path} is already held by this session")
         self._wait_connected()
-        generation = self._generation
         # A node's lock lives inside the node's znode: creating the lock's parents would bring
         # a deleted node back as an empty znode, so a node lock is only taken in place.
         in_record = P.classify(path + "/x")[0] == "node-lock"
         recipe = KazooLock(self._client, path, identifier)
         if path in self._assured_lock_paths:
             recipe.assured_path = True      # skip the exists/create round trip
+        attempt = _LockAttempt(path, identifier, recipe, in_record, self._generation)
+        try:
+            if recipe.assured_path or in_record:
+                # the directory exists (we used it before, or it is a node's: made with the
+                # node's first lock): try it in one round trip
+                attempt.tried = self._send_try(recipe)
+            else:
+                attempt.created = self._send_new_lock(recipe)
+        except kze.KazooException as e:
+            attempt.error = e
+        return attempt
+
+    def _lock_finish(self, attempt, blocking, timeout):
+        path, recipe, in_record = attempt.path, attempt.recipe, attempt.in_record
         try:
             try:
+                if attempt.error is not None:
+                    raise attempt.error
                 acquired = None
-                if recipe.assured_path or in_record:
-                    # the directory exists (we used it before, or it is a node's: made with
-                    # the node's first lock): first try it in one round trip
-                    acquired = self._try_acquire_pipelined(recipe)
-                if acquired is None and not recipe.assured_path:
-                    acquired = self._acquire_new_lock(recipe, in_record)
+                if attempt.tried is not None:
+                    acquired = self._finish_try(recipe, attempt.tried)
+                    if acquired is None and not recipe.assured_path:
+                        acquired = self._finish_new_lock(
+                            recipe, self._send_new_lock(recipe), in_record)
+                else:
+                    acquired = self._finish_new_lock(recipe, attempt.created, in_record)
                 if acquired is None:
-                    acquired = self._try_acquire_pipelined(recipe)
+                    acquired = self._finish_try(recipe, self._send_try(recipe))
                     if acquired is None:
                         raise kze.NoNodeError(path)
                 if not acquired and blocking:
@@ -1047,7 +1081,7 @@ class ZooKeeperStore(StateStore):
                     raise LockError(f"lock {path}: its node does not exist (any more)") \
                         from None
                 # the lock's parent was removed since we last used it: ensure it again
-                recipe = KazooLock(self._client, path, identifier)
+                recipe = KazooLock(self._client, path, attempt.identifier)
                 acquired = recipe.acquire(blocking=blocking, timeout=timeout)
             self._assured_lock_paths.add(path)
             if len(self._assured_lock_paths) > 20000:
@@ -1064,13 +1098,13 @@ class ZooKeeperStore(StateStore):
             raise
         if not acquired:
             raise LockError(f"lock {path} is held by another session")
-        if generation != self._generation:
+        if attempt.generation != self._generation:
             # The session expired while we waited: kazoo's retry made a new contender in the new
             # session and got the lock there.  Our caller must hear of the loss, and _release
             # would not delete a contender of an older generation: give it back now.
             self._give_back(recipe, path)
             raise SessionLostError(f"ZooKeeper session expired while locking {path}")
-        lock = Lock(self, path, token=(recipe, generation))
+        lock = Lock(self, path, token=(recipe, attempt.generation))
         with self._held_lock:
             if path in self._held:   # another thread of ours won the race meanwhile
                 recipe.release()
@@ -1079,17 +1113,21 @@ class ZooKeeperStore(StateStore):
         self._track_lock(path, recipe.node, add=True)
         return lock
 
-    def _try_acquire_pipelined(self, recipe):
+    def _send_try(self, recipe):
         """Try a lock without waiting, in one round trip: our contender's create and the
         listing of the lock directory are sent together (the server applies a session's
         requests in order, so the listing has our contender in it).  kazoo's recipe waits for
         the create before it lists.  The contender names and the rule (the lowest sequence
-        number holds it) are the recipe's, so other clients of the lock see no difference.
-        True or False; None when the directory does not exist."""
+        number holds it) are the recipe's, so other clients of the lock see no difference."""
         recipe.create_tried = True
-        created = self._client.create_async(recipe.create_path, recipe.data, ephemeral=True,
-                                            sequence=True)
-        listed = self._client.get_children_async(recipe.path)
+        return (self._client.create_async(recipe.create_path, recipe.data, ephemeral=True,
+                                          sequence=True),
+                self._client.get_children_async(recipe.path))
+
+    def _finish_try(self, recipe, sent):
+        """The answer to ``_send_try``: True or False; None when the directory does not
+        exist."""
+        created, listed = sent
         try:
             path = self._wait(created, f"create {recipe.create_path}")
         except kze.NoNodeError:
@@ -1118,17 +1156,21 @@ class ZooKeeperStore(StateStore):
         except (StoreError, kze.KazooException):
             self._delete_on_reconnect((self._generation, contender))
 
-    def _acquire_new_lock(self, recipe, in_record=False):
+    def _send_new_lock(self, recipe):
         """A lock whose directory does not exist yet (every new request's lock): create the
         directory and our contender in one transaction.  Then we are its only contender, so we
-        hold it, in one round trip instead of four.  None when the directory exists (or, unless
-        ``in_record``, its parent does not): the caller takes the usual recipe path; with
-        ``in_record`` a missing parent raises NoNodeError and an existing directory is used as
-        it is (never re-created with its parents)."""
+        hold it, in one round trip instead of four."""
         txn = self._client.transaction()
         txn.create(recipe.path)
         txn.create(recipe.create_path, recipe.data, ephemeral=True, sequence=True)
-        results = self._wait(txn.commit_async(), f"create lock {recipe.path}")
+        return txn.commit_async()
+
+    def _finish_new_lock(self, recipe, sent, in_record=False):
+        """The answer to ``_send_new_lock``: True, or None when the directory exists (or,
+        unless ``in_record``, its parent does not): the caller takes the usual recipe path;
+        with ``in_record`` a missing parent raises NoNodeError and an existing directory is
+        used as it is (never re-created with its parents)."""
+        results = self._wait(sent, f"create lock {recipe.path}")
         if len(results) != 2 or not isinstance(results[1], str):
             if in_record:
                 if isinstance(results[0], kze.NoNodeError):
