@@ -275,8 +275,14 @@ class StoreContract:
         versions = (n.version, r.version)
         n.allocated_to = req.id
         r.state, r.nodes = RequestState.FULFILLED, [node.id]
-        a.update_together(nodes=[n], requests=[r])
+        locks = [a.lock_node(node.id), a.lock_request(req.id)]
+        a.update_together(nodes=[n], requests=[r], release=locks)
         assert (n.version, r.version) != versions
+        # the locks went with the write: free for others, and released for us
+        assert all(lock.released and not a.holds(lock) for lock in locks)
+        theirs = b.lock_node(node.id)
+        theirs.release()
+        locks[0].release()          # releasing again is a no-op
         assert b.get_node(node.id).allocated_to == req.id
         assert b.get_request(req.id).state == RequestState.FULFILLED
         eventually(lambda: any(x.id == node.id and x.allocated_to == req.id
@@ -288,8 +294,13 @@ class StoreContract:
         b.update_node(theirs, check_version=True)
         stale_node.allocated_to = None
         fresh_req.state = RequestState.FAILED
+        mine = a.lock_request(req.id)
         with pytest.raises(ConflictError):
-            a.update_together(nodes=[stale_node], requests=[fresh_req])
+            a.update_together(nodes=[stale_node], requests=[fresh_req], release=[mine])
+        assert a.holds(mine)        # a failed write releases nothing
+        with pytest.raises(LockError):
+            b.lock_request(req.id)
+        mine.release()
         assert b.get_request(req.id).state == RequestState.FULFILLED
         assert a.get_node(node.id).allocated_to == req.id
         # a record gone is NotFoundError, and the others are left as they were

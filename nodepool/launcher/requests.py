@@ -491,12 +491,12 @@ class RequestHandler:
             held.let_go = True
         self.held.pop(held.request_id, None)
 
-    def _write_request(self, held, req, nodes=()):
-        """Compare-and-set write of a held request (with ``nodes``: and of those nodes, as
-        one); a lost race means it changed hands."""
+    def _write_request(self, held, req, nodes=(), release=()):
+        """Compare-and-set write of a held request (with ``nodes``: and of those nodes, and
+        ``release``: letting those locks go, as one); a lost race means it changed hands."""
         try:
-            if nodes:
-                self.store.update_together(nodes=nodes, requests=[req])
+            if nodes or release:
+                self.store.update_together(nodes=nodes, requests=[req], release=release)
             else:
                 self.store.update_request(req, check_version=True)
         except ConflictError as exc:
@@ -520,8 +520,11 @@ class RequestHandler:
             # instead of being written fulfilled and finished by a later pass (which takes
             # both locks and reads both records again)
             self._stock(held, node_ids, by_id)
-        elif not self._write_request(held, req, [held.unwritten[nid] for nid in node_ids
-                                                 if nid in held.unwritten]):
+        elif not self._write_request(
+                held, req, [held.unwritten[nid] for nid in node_ids if nid in held.unwritten],
+                # the nodes are the requestor's now: our locks go in the same write, so the
+                # requestor taking them never queues behind us
+                release=list(held.node_locks.values()) + ([] if held.let_go else [held.lock])):
             return
         held.unwritten = {}
         provider, pool_name = held.pool_key.split("/", 1)

@@ -238,11 +238,13 @@ class StateStore(abc.ABC):
         """Remove the request.  Missing is not an error."""
 
     @abc.abstractmethod
-    def update_together(self, nodes=(), requests=()):
+    def update_together(self, nodes=(), requests=(), release=()):
         """Compare-and-set writes of several nodes and requests as one: every record is
         written, or (NotFoundError / ConflictError naming the first record that failed) none
-        is.  Bumps each record's ``version``.  A ready node assigned to a request and the
-        request fulfilled with it are one write: a requestor never sees one without the
+        is.  Bumps each record's ``version``.  ``release``: locks of ours released by the same
+        write when it succeeds (one the store cannot release so is left held: release it as
+        usual, which is a no-op for the others).  A request fulfilled with its ready nodes,
+        and the locks on them let go, are one write: a requestor never sees one without the
         other, and a networked store makes one round trip instead of one per record."""
 
     # -- locks -------------------------------------------------------------------------------------

@@ -578,12 +578,21 @@ class SQLiteStore(StateStore):
             return row[0] + 1
         return fn
 
-    def update_together(self, nodes=(), requests=()):
+    def update_together(self, nodes=(), requests=(), release=()):
         records = [(n, self._writer("nodes", "node", n, True)) for n in nodes] + \
                   [(r, self._writer("requests", "request", r, True)) for r in requests]
-        versions = self._tx(lambda conn: [write(conn) for _, write in records])
+        releasing = [lock for lock in release if not lock.released]
+
+        def fn(conn):
+            versions = [write(conn) for _, write in records]
+            conn.executemany("DELETE FROM locks WHERE path=? AND session=?",
+                             [(lock.path, lock.token) for lock in releasing])
+            return versions
+        versions = self._tx(fn)
         for (record, _), version in zip(records, versions):
             record.version = version
+        for lock in releasing:
+            lock.released = True
 
     def _refresh(self, table, cls):
         """Bring the cache of ``table`` up to date (under ``_cache_lock``): only rows written

@@ -853,14 +853,22 @@ class ZooKeeperStore(StateStore):
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
 
-    def update_together(self, nodes=(), requests=()):
+    def update_together(self, nodes=(), requests=(), release=()):
         writes = [("node", P.node_path(n.id), n) for n in nodes] + \
                  [("request", P.request_path(r.id), r) for r in requests]
-        if not writes:
+        # the contenders of locks of ours in this session (others are released as usual)
+        releasing = [(lock, f"{lock.token[0].path}/{lock.token[0].node}") for lock in release
+                     if not lock.released and lock.token[1] == self._generation
+                     and lock.token[0].node]
+        if len(writes) + len(releasing) < 2:
+            for kind, path, record in writes:     # a plain write: no transaction needed
+                self._update(kind, path, record, check_version=True)
             return
         txn = self._client.transaction()
         for kind, path, record in writes:
             txn.set_data(path, _encode(record), -1 if record.version is None else record.version)
+        for _, contender in releasing:
+            txn.delete(contender)
         for _, path, _ in writes:
             self._own_set_begin(path)
         try:
@@ -870,13 +878,18 @@ class ZooKeeperStore(StateStore):
             for _, path, _ in writes:
                 self._own_set_failed(path)
             raise
-        failed = next(((w, r) for w, r in zip(writes, results)
+        failed = next(((i, r) for i, r in enumerate(results)
                        if isinstance(r, Exception) and not isinstance(r, kze.RolledBackError)),
                       None)
-        if failed is not None or len(results) != len(writes):
+        if failed is not None or len(results) != len(writes) + len(releasing):
             for _, path, _ in writes:
                 self._own_set_failed(path)
-            (kind, _, record), error = failed or (writes[0], None)
+            index, error = failed or (0, None)
+            if index >= len(writes):
+                # one of our contenders is gone (deleted by hand?): write without releasing,
+                # the caller's releases deal with the locks as usual
+                return self.update_together(nodes, requests)
+            kind, _, record = writes[index]
             if isinstance(error, kze.NoNodeError):
                 raise NotFoundError(f"{kind} {record.id} does not exist (any more)")
             if isinstance(error, kze.BadVersionError):
@@ -887,6 +900,20 @@ class ZooKeeperStore(StateStore):
         for (kind, _, record), stat in zip(writes, results):
             record.version = stat.version
             self._put_own(kind, record, stat.mzxid)
+        for lock, _ in releasing:
+            with self._held_lock:
+                if self._held.get(lock.path) is lock:
+                    del self._held[lock.path]
+            self._released_with_write(lock)
+
+    def _released_with_write(self, lock):
+        """Book a lock of ours whose contender a transaction of ours deleted."""
+        recipe = lock.token[0]
+        lock.released = True
+        recipe.is_acquired = False
+        if self._caching:
+            self._released_contenders.add(recipe.node)
+        self._track_lock(lock.path, recipe.node, add=False)
 
     def _update(self, kind, path, record, check_version):
         version = record.version if check_version and record.version is not None else -1
@@ -967,11 +994,7 @@ class ZooKeeperStore(StateStore):
             return False
         if any(isinstance(r, Exception) for r in results):
             return False
-        held.released = True
-        recipe.is_acquired = False
-        if self._caching:
-            self._released_contenders.add(recipe.node)
-        self._track_lock(held.path, recipe.node, add=False)
+        self._released_with_write(held)
         return True
 
     # -- node requests -----------------------------------------------------------------------------

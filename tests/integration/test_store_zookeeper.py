@@ -225,6 +225,32 @@ def test_update_conflicts_and_missing(store, make_store):
     assert store.get_node(node.id) is None
 
 
+def test_write_with_release_is_one_transaction_and_survives_a_vanished_contender(
+        store, make_store, zk_raw):
+    node = store.create_node(Node(state=NodeState.READY, type=["small"]))
+    req = store.submit_request(NodeRequest(node_types=["small"]))
+    nlock, rlock = store.lock_node(node.id), store.lock_request(req.id)
+    assert len(zk_raw.get_children(f"/nodepool/nodes/{node.id}/lock")) == 1
+    n, r = store.get_node(node.id), store.get_request(req.id)
+    n.allocated_to, r.state = req.id, RequestState.FULFILLED
+    store.update_together(nodes=[n], requests=[r], release=[nlock, rlock])
+    assert zk_raw.get_children(f"/nodepool/nodes/{node.id}/lock") == []
+    assert zk_raw.get_children(f"/nodepool/requests-lock/{req.id}") == []
+    assert raw_json(zk_raw, f"/nodepool/requests/{req.id}")["state"] == "fulfilled"
+    # a contender deleted behind our back (by hand): the records are still written, and the
+    # lock is released as usual afterwards
+    nlock = store.lock_node(node.id)
+    for child in zk_raw.get_children(f"/nodepool/nodes/{node.id}/lock"):
+        zk_raw.delete(f"/nodepool/nodes/{node.id}/lock/{child}")
+    n = store.get_node(node.id)
+    n.comment = "written anyway"
+    store.update_together(nodes=[n], release=[nlock])
+    assert raw_json(zk_raw, f"/nodepool/nodes/{node.id}")["comment"] == "written anyway"
+    assert not nlock.released
+    nlock.release()
+    make_store().lock_node(node.id).release()
+
+
 def test_cache_follows_writes_of_another_store(store, make_store):
     other = make_store()
     watcher = store.watch()
