@@ -329,6 +329,9 @@ class ZooKeeperStore(StateStore):
         self._own_sets = {}
         self._own_sets_lock = threading.Lock()
         self._released_contenders = set()   # our released lock contenders, delete event pending
+        # nodes we created whose lock directory does not exist yet: their first lock makes it
+        # (one transaction) without first trying it
+        self._new_nodes = set()
         self._components_gen = 0            # bumped by every component change we hear of
         self._components_cache = {}         # kind -> (gen, [Component])
         self._empty_nodes = set()           # node znodes seen with no record (remove_empty_nodes)
@@ -831,6 +834,9 @@ class ZooKeeperStore(StateStore):
         path, stat = self._create(P.NODE_ROOT + "/", _encode(node), sequence=True)
         node.id = path.rsplit("/", 1)[1]
         node.version = stat.version
+        if len(self._new_nodes) > 10000:
+            self._new_nodes.clear()
+        self._new_nodes.add(node.id)
         self._put_own("node", node, stat.mzxid)
         return node
 
@@ -1060,13 +1066,17 @@ class ZooKeeperStore(StateStore):
         self._wait_connected()
         # A node's lock lives inside the node's znode: creating the lock's parents would bring
         # a deleted node back as an empty znode, so a node lock is only taken in place.
-        in_record = P.classify(path + "/x")[0] == "node-lock"
+        kind, record_id = P.classify(path + "/x")
+        in_record = kind == "node-lock"
         recipe = KazooLock(self._client, path, identifier)
         if path in self._assured_lock_paths:
             recipe.assured_path = True      # skip the exists/create round trip
         attempt = _LockAttempt(path, identifier, recipe, in_record, self._generation)
+        fresh = in_record and record_id in self._new_nodes
+        if fresh:
+            self._new_nodes.discard(record_id)
         try:
-            if recipe.assured_path or in_record:
+            if (recipe.assured_path or in_record) and not fresh:
                 # the directory exists (we used it before, or it is a node's: made with the
                 # node's first lock): try it in one round trip
                 attempt.tried = self._send_try(recipe)
