@@ -56,7 +56,7 @@ class NodepoolClient:
         watcher = self.store.watch_request(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            req = self.store.get_request(request_id)
+            req = self.store.read_request(request_id, watcher)
             if req is None:
                 raise NotFoundError(f"request {request_id} does not exist (any more)")
             if req.state in (RequestState.FULFILLED, RequestState.FAILED):

@@ -173,6 +173,13 @@ class StateStore(abc.ABC):
             watcher = self._any_change_watcher = self.watch()
         return watcher
 
+    def read_request(self, request_id, watcher):
+        """``get_request`` for a client waiting with ``watcher`` (from ``watch_request`` for
+        this request): where the store can, the read also re-arms the watcher for the next
+        change (one ZooKeeper call instead of a read and a watch).  Read with this after every
+        ``watcher.wait``."""
+        return self.get_request(request_id)
+
     # -- nodes -------------------------------------------------------------------------------------
 
     @abc.abstractmethod

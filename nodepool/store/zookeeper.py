@@ -146,6 +146,7 @@ class _RequestWatcher(ChangeWatcher):
         self._store = store
         self._path = path
         self._armed = False
+        self._reads = False
         self._arm_lock = threading.Lock()
         self._arm()
 
@@ -170,8 +171,30 @@ class _RequestWatcher(ChangeWatcher):
 
     def wait(self, timeout=None):
         fired = super().wait(timeout)
-        self._arm()
+        if not self._reads:
+            self._arm()
         return fired
+
+    def read(self):
+        """The request, read by a call that also sets the watch (one call instead of two).
+        From the first ``read`` on, ``wait`` leaves re-arming to the next ``read``."""
+        with self._arm_lock:
+            self._reads = True
+            self._armed = True
+        store = self._store
+        store._wait_connected()
+        try:
+            data, stat = store._wait(store._client.get_async(self._path, watch=self._fired),
+                                     f"get {self._path}")
+        except kze.NoNodeError:
+            with self._arm_lock:
+                self._armed = False     # no watch is set on a missing znode
+            return None
+        except BaseException:
+            with self._arm_lock:
+                self._armed = False
+            raise
+        return store._record_from("request", self._path.rsplit("/", 1)[1], data, stat)
 
 
 def _ID_ORDER(cached):
@@ -478,6 +501,12 @@ class ZooKeeperStore(StateStore):
 
     def watch_request(self, request_id):
         return _RequestWatcher(self, P.request_path(request_id))
+
+    def read_request(self, request_id, watcher):
+        if isinstance(watcher, _RequestWatcher) and watcher._store is self \
+                and watcher._path == P.request_path(request_id):
+            return watcher.read()
+        return self.get_request(request_id)
 
     def _notify_watchers(self):
         for w in list(self._watchers):

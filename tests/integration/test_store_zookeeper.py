@@ -184,8 +184,16 @@ def test_request_watch_follows_one_request_only(store, make_store):
     other.update_request(theirs)
     assert watcher.wait(WAIT)
     assert store.get_request(req.id).state == RequestState.FULFILLED
+    # reading through the watcher: the read itself re-arms it
+    assert store.read_request(req.id, watcher).state == RequestState.FULFILLED
+    theirs.state = RequestState.PENDING
+    other.update_request(theirs)
+    assert watcher.wait(WAIT)
+    assert not watcher.wait(0.3)            # nothing re-armed it since
+    assert store.read_request(req.id, watcher).state == RequestState.PENDING
     other.delete_request(req.id)
     assert watcher.wait(WAIT)
+    assert store.read_request(req.id, watcher) is None
     assert not store._watching
     other.delete_request(unrelated.id)
 
