@@ -303,6 +303,20 @@ class StoreContract:
         mine.release()
         assert b.get_request(req.id).state == RequestState.FULFILLED
         assert a.get_node(node.id).allocated_to == req.id
+        # a request deleted by the write, with our lock on it; a missing one is no error
+        extra = a.submit_request(NodeRequest(node_types=["small"]))
+        elock = a.lock_request(extra.id)
+        n = a.get_node(node.id)
+        n.comment = "stock"
+        a.update_together(nodes=[n], release=[elock],
+                          delete_requests=[extra.id, "100-9999999999"])
+        assert b.get_request(extra.id) is None and elock.released
+        assert b.get_node(node.id).comment == "stock"
+        eventually(lambda: extra.id not in [r.id for r in a.list_requests()],
+                   what="the deleted request gone from a's listing")
+        theirs = b.get_node(node.id)
+        theirs.comment = "theirs"
+        b.update_node(theirs, check_version=True)
         # a record gone is NotFoundError, and the others are left as they were
         fresh_node = a.get_node(node.id)
         b.delete_request(req.id)

@@ -540,21 +540,34 @@ class RequestHandler:
                  ",".join(req.nodes))
 
     def _stock(self, held, node_ids, by_id):
-        """A min-ready request's ready nodes become unallocated stock, then the request is
-        deleted, all under the locks we hold (released by the caller).  A failure in between
-        leaves a request that is fulfilled again next pass, never a slot launched anew."""
+        """A min-ready request's ready nodes become unallocated stock, the request is deleted
+        and our locks are let go: one write.  A failure leaves a request that is fulfilled
+        again next pass, never a slot launched anew."""
+        nodes = []
         for node_id in node_ids:
-            if node_id not in held.unwritten:     # an assignment never written: nothing to undo
-                self._deallocate(node_id, held.request_id, by_id.get(node_id))
-        self.store.delete_request(held.request_id)
+            if node_id in held.unwritten:     # an assignment never written: nothing to undo
+                continue
+            seen = by_id.get(node_id)
+            node = _unassigned(seen if seen is not None else self.store.get_node(node_id),
+                               held.request_id)
+            if node is not None:
+                nodes.append(node)
+        locks = list(held.node_locks.values()) + ([] if held.let_go else [held.lock])
+        try:
+            self.store.update_together(nodes=nodes, release=locks,
+                                       delete_requests=[held.request_id])
+        except ConflictError:
+            # a node changed since the pass's snapshot: one at a time, each read again
+            for node in nodes:
+                self._deallocate(node.id, held.request_id)
+            self.store.delete_request(held.request_id)
 
     def _deallocate(self, node_id, request_id, seen=None):
         """Clear a ready node's allocation to ``request_id`` (its lock is ours).  ``seen``: the
         pass's record, written compare-and-set instead of read again (read if it changed)."""
-        node = seen.copy() if seen is not None else self.store.get_node(node_id)
-        while node is not None and node.state == NodeState.READY \
-                and node.allocated_to == request_id:
-            node.allocated_to = None
+        node = _unassigned(seen if seen is not None else self.store.get_node(node_id),
+                           request_id)
+        while node is not None:
             try:
                 self.store.update_node(node, check_version=True)
                 return
@@ -562,7 +575,7 @@ class RequestHandler:
                 if seen is None:
                     raise
                 seen = None
-                node = self.store.get_node(node_id)
+                node = _unassigned(self.store.get_node(node_id), request_id)
 
     def _give_back(self, held, reason):
         req = held.request.copy()   # a failed write leaves our copy as it was
@@ -658,3 +671,12 @@ class RequestHandler:
                 quietly(lock.release)
             quietly(held.lock.release)
 
+
+def _unassigned(node, request_id):
+    """A copy of ready ``node`` no longer allocated to ``request_id``; None when there is
+    nothing to clear (gone, not ready, or not allocated to it)."""
+    if node is None or node.state != NodeState.READY or node.allocated_to != request_id:
+        return None
+    node = node.copy()
+    node.allocated_to = None
+    return node

@@ -245,14 +245,16 @@ class StateStore(abc.ABC):
         """Remove the request.  Missing is not an error."""
 
     @abc.abstractmethod
-    def update_together(self, nodes=(), requests=(), release=()):
+    def update_together(self, nodes=(), requests=(), release=(), delete_requests=()):
         """Compare-and-set writes of several nodes and requests as one: every record is
         written, or (NotFoundError / ConflictError naming the first record that failed) none
         is.  Bumps each record's ``version``.  ``release``: locks of ours released by the same
         write when it succeeds (one the store cannot release so is left held: release it as
-        usual, which is a no-op for the others).  A request fulfilled with its ready nodes,
-        and the locks on them let go, are one write: a requestor never sees one without the
-        other, and a networked store makes one round trip instead of one per record."""
+        usual, which is a no-op for the others).  ``delete_requests``: request ids deleted
+        after the writes (missing is not an error; a networked store may delete them just
+        after, not in, the write).  A request fulfilled with its ready nodes, and the locks on
+        them let go, are one write: a requestor never sees one without the other, and a
+        networked store makes one round trip instead of one per record."""
 
     # -- locks -------------------------------------------------------------------------------------
 

@@ -578,7 +578,7 @@ class SQLiteStore(StateStore):
             return row[0] + 1
         return fn
 
-    def update_together(self, nodes=(), requests=(), release=()):
+    def update_together(self, nodes=(), requests=(), release=(), delete_requests=()):
         records = [(n, self._writer("nodes", "node", n, True)) for n in nodes] + \
                   [(r, self._writer("requests", "request", r, True)) for r in requests]
         releasing = [lock for lock in release if not lock.released]
@@ -587,6 +587,8 @@ class SQLiteStore(StateStore):
             versions = [write(conn) for _, write in records]
             conn.executemany("DELETE FROM locks WHERE path=? AND session=?",
                              [(lock.path, lock.token) for lock in releasing])
+            for request_id in delete_requests:
+                self._delete_request_row(conn, request_id)
             return versions
         versions = self._tx(fn)
         for (record, _), version in zip(records, versions):
@@ -727,10 +729,11 @@ class SQLiteStore(StateStore):
         return self._write_record("requests", "request", request, check_version)
 
     def delete_request(self, request_id):
-        def fn(conn):
-            if conn.execute("DELETE FROM requests WHERE id=?", (request_id,)).rowcount:
-                self._deleted(conn, "requests", [request_id])
-        self._tx(fn)
+        self._tx(lambda conn: self._delete_request_row(conn, request_id))
+
+    def _delete_request_row(self, conn, request_id):
+        if conn.execute("DELETE FROM requests WHERE id=?", (request_id,)).rowcount:
+            self._deleted(conn, "requests", [request_id])
 
     # -- locks -------------------------------------------------------------------------------------
 

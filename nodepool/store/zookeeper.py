@@ -888,22 +888,28 @@ class ZooKeeperStore(StateStore):
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
 
-    def update_together(self, nodes=(), requests=(), release=()):
+    def update_together(self, nodes=(), requests=(), release=(), delete_requests=()):
         writes = [("node", P.node_path(n.id), n) for n in nodes] + \
                  [("request", P.request_path(r.id), r) for r in requests]
-        # the contenders of locks of ours in this session (others are released as usual)
-        releasing = [(lock, f"{lock.token[0].path}/{lock.token[0].node}") for lock in release
-                     if not lock.released and lock.token[1] == self._generation
-                     and lock.token[0].node]
-        if len(writes) + len(releasing) < 2:
+        # the contenders of locks of ours in this session (others are released as usual); a
+        # deleted request's lock directory goes after our contender in it
+        releasing = [lock for lock in release if self._ours_now(lock)]
+        lock_dirs = {f"{P.REQUEST_LOCK_ROOT}/{request_id}" for request_id in delete_requests}
+        if len(writes) + len(releasing) + len(delete_requests) < 2:
             for kind, path, record in writes:     # a plain write: no transaction needed
                 self._update(kind, path, record, check_version=True)
+            for request_id in delete_requests:
+                self.delete_request(request_id)
             return
         txn = self._client.transaction()
         for kind, path, record in writes:
             txn.set_data(path, _encode(record), -1 if record.version is None else record.version)
-        for _, contender in releasing:
-            txn.delete(contender)
+        for lock in releasing:
+            txn.delete(f"{lock.path}/{lock.token[0].node}")
+            if lock.path in lock_dirs:
+                txn.delete(lock.path)
+        for request_id in delete_requests:
+            txn.delete(P.request_path(request_id))
         for _, path, _ in writes:
             self._own_set_begin(path)
         try:
@@ -916,14 +922,17 @@ class ZooKeeperStore(StateStore):
         failed = next(((i, r) for i, r in enumerate(results)
                        if isinstance(r, Exception) and not isinstance(r, kze.RolledBackError)),
                       None)
-        if failed is not None or len(results) != len(writes) + len(releasing):
+        if failed is not None or len(results) != len(txn.operations):
             for _, path, _ in writes:
                 self._own_set_failed(path)
             index, error = failed or (0, None)
             if index >= len(writes):
-                # one of our contenders is gone (deleted by hand?): write without releasing,
-                # the caller's releases deal with the locks as usual
-                return self.update_together(nodes, requests)
+                # a contender of ours is gone (deleted by hand?), another session queued on a
+                # request's lock, a request went: the writes alone, then the rest as usual
+                self.update_together(nodes, requests)
+                for request_id in delete_requests:
+                    self.delete_request(request_id)
+                return
             kind, _, record = writes[index]
             if isinstance(error, kze.NoNodeError):
                 raise NotFoundError(f"{kind} {record.id} does not exist (any more)")
@@ -935,11 +944,20 @@ class ZooKeeperStore(StateStore):
         for (kind, _, record), stat in zip(writes, results):
             record.version = stat.version
             self._put_own(kind, record, stat.mzxid)
-        for lock, _ in releasing:
+        for lock in releasing:
             with self._held_lock:
                 if self._held.get(lock.path) is lock:
                     del self._held[lock.path]
             self._released_with_write(lock)
+            if lock.path in lock_dirs:
+                self._assured_lock_paths.discard(lock.path)
+        for request_id in delete_requests:
+            self._drop_own("request", request_id)
+
+    def _ours_now(self, lock):
+        """A lock of ours, held in this session, whose contender we know."""
+        return (not lock.released and lock.token[1] == self._generation
+                and bool(lock.token[0].node))
 
     def _released_with_write(self, lock):
         """Book a lock of ours whose contender a transaction of ours deleted."""

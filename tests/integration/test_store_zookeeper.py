@@ -245,6 +245,16 @@ def test_write_with_release_is_one_transaction_and_survives_a_vanished_contender
     assert zk_raw.get_children(f"/nodepool/nodes/{node.id}/lock") == []
     assert zk_raw.get_children(f"/nodepool/requests-lock/{req.id}") == []
     assert raw_json(zk_raw, f"/nodepool/requests/{req.id}")["state"] == "fulfilled"
+    # a request deleted in the same transaction takes our lock's directory with it
+    stock = store.submit_request(NodeRequest(node_types=["small"]))
+    slock, nlock = store.lock_request(stock.id), store.lock_node(node.id)
+    n = store.get_node(node.id)
+    n.allocated_to = None
+    store.update_together(nodes=[n], release=[slock, nlock], delete_requests=[stock.id])
+    assert slock.released and nlock.released
+    assert zk_raw.exists(f"/nodepool/requests/{stock.id}") is None
+    assert zk_raw.exists(f"/nodepool/requests-lock/{stock.id}") is None
+    assert zk_raw.get_children(f"/nodepool/nodes/{node.id}/lock") == []
     # a contender deleted behind our back (by hand): the records are still written, and the
     # lock is released as usual afterwards
     nlock = store.lock_node(node.id)
