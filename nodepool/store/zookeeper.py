@@ -320,6 +320,7 @@ class ZooKeeperStore(StateStore):
         self._components_gen = 0            # bumped by every component change we hear of
         self._components_cache = {}         # kind -> (gen, [Component])
         self._empty_nodes = set()           # node znodes seen with no record (remove_empty_nodes)
+        self._lock_dir_mtimes = {}          # request lock dir -> mtime (remove_stale_request_locks)
         # (generation, contender path) of released locks whose delete failed on a broken
         # connection: if the session survives, the contender would hold the lock for good
         self._stale_contenders = []
@@ -1234,12 +1235,20 @@ class ZooKeeperStore(StateStore):
         return self._cache.locked_ids("request")
 
     def remove_stale_request_locks(self, older_than):
-        # read together (a long-running site may have many thousands of these): stat every
-        # lock directory, then check the old, empty ones' requests, then delete those left
+        # read together (a long-running site may have many thousands of these): stat the
+        # lock directories that may be old enough, then check the old, empty ones' requests,
+        # then delete those left.  Nothing writes a lock directory's data, so the mtime read
+        # once stays true: a directory known to be younger than the cutoff is not read again
+        # until it may be old enough (one deleted and created again is only younger still).
         self._wait_connected()
         cutoff_ms = (time.time() - older_than) * 1000
         ids = self._children(P.REQUEST_LOCK_ROOT)
+        known = self._lock_dir_mtimes
+        ids = [i for i in ids if known.get(i, cutoff_ms - 1) < cutoff_ms]
         got = self._get_many([f"{P.REQUEST_LOCK_ROOT}/{i}" for i in ids])
+        mtimes = {i: m for i, m in known.items() if m >= cutoff_ms}
+        mtimes.update((i, stat.mtime) for i, (_, stat) in zip(ids, got) if stat is not None)
+        self._lock_dir_mtimes = mtimes
         old = [(i, stat) for i, (_, stat) in zip(ids, got)
                if stat is not None and not stat.numChildren and stat.mtime < cutoff_ms]
         gone = self._get_many([P.request_path(i) for i, _ in old])
