@@ -143,7 +143,7 @@ class SimulatedAdapter(Adapter):
         self._view = {}
         self._view_taken_at = float("-inf")      # monotonic start of the cached listing
         self._view_tried_at = float("-inf")      # monotonic start of the last listing attempt
-        self._converted = {}      # id -> (CloudInstance attributes, Instance) of the last listing
+        self._converted = {}      # id -> (CloudInstance, Instance) of the last listing
 
     @property
     def cloud(self):
@@ -197,7 +197,8 @@ class SimulatedAdapter(Adapter):
             if started - self._view_tried_at >= wait:
                 self._view_tried_at = started
                 try:
-                    self._store_view(started, self._api("list", self.cloud.list_instances))
+                    self._store_view(started, self._api("list", self.cloud.list_instances,
+                                                        shared=True))     # only read
                 except TransientCloudError as exc:
                     self.list_errors += 1
                     log.warning("provider %s: instance listing failed, keeping the last one: "
@@ -255,16 +256,17 @@ class SimulatedAdapter(Adapter):
 
     def list_instances(self):
         started = time.monotonic()
-        instances = self._api("list", self.cloud.list_instances)
+        instances = self._api("list", self.cloud.list_instances, shared=True)
         with self._view_lock:
             self._store_view(started, instances)
         # the leak scan lists a fleet that mostly did not change since its last listing: an
-        # instance the cloud describes exactly as last time is converted once, then copied
+        # instance the cloud hands out as the same object as last time (it did not change) is
+        # converted once, then copied
         known, converted, out = self._converted, {}, []
         for inst in instances:
             seen = known.get(inst.id)
-            if seen is None or seen[0] != inst.__dict__:
-                seen = (dict(inst.__dict__), self._to_instance(inst))
+            if seen is None or seen[0] is not inst:
+                seen = (inst, self._to_instance(inst))
             converted[inst.id] = seen
             out.append(_instance_copy(seen[1]))
         self._converted = converted
