@@ -56,18 +56,25 @@ class _Record:
         return fields
 
     @classmethod
-    def _field_defaults(cls):
-        """``(attribute, JSON key, default, factory)`` of every field, worked out once per
-        class (``from_dict`` fills a record from it without the generated ``__init__``)."""
-        table = cls.__dict__.get("_FIELD_DEFAULTS")
+    def _reading_table(cls):
+        """``(JSON key -> attribute, defaults, factories)`` of the stored fields, worked out
+        once per class: ``from_dict`` fills a record from it without the generated
+        ``__init__``.  ``defaults`` holds the plain defaults of every field (``id``,
+        ``version`` and ``extra`` are set by ``from_dict``), ``factories`` the
+        ``(attribute, factory)`` of the others (lists, dicts)."""
+        table = cls.__dict__.get("_READING_TABLE")
         if table is None:
-            keys = dict(cls._stored_fields())
-            table = tuple(
-                (f.name, keys.get(f.name),
-                 None if f.default is dataclasses.MISSING else f.default,
-                 None if f.default_factory is dataclasses.MISSING else f.default_factory)
-                for f in dataclasses.fields(cls))
-            cls._FIELD_DEFAULTS = table
+            defaults, factories = {}, []
+            for f in dataclasses.fields(cls):
+                if f.name in ("id", "version", "extra"):
+                    continue
+                if f.default_factory is not dataclasses.MISSING:
+                    factories.append((f.name, f.default_factory))
+                else:
+                    defaults[f.name] = None if f.default is dataclasses.MISSING else f.default
+            table = ({key: name for name, key in cls._stored_fields()}, defaults,
+                     tuple(factories))
+            cls._READING_TABLE = table
         return table
 
     @classmethod
@@ -75,17 +82,27 @@ class _Record:
         """The record ``data`` (a stored JSON object) describes; keys we do not know go to
         ``extra``.  Does what ``cls(**fields)`` does (defaults, then ``_normalise``) without the
         keyword call, which was most of reading ten thousand nodes."""
-        data = dict(data or {})
-        pop = data.pop
-        attrs = {}
-        for name, key, default, factory in cls._field_defaults():
-            if key is not None and key in data:
-                attrs[name] = pop(key)
-            else:
-                attrs[name] = factory() if factory is not None else default
+        names, defaults, factories = cls._reading_table()
+        data = data or {}
+        attrs = defaults.copy()
+        if cls._json_key is _Record._json_key:      # JSON keys are the attribute names
+            unknown = data.keys() - names.keys()
+            attrs.update(data)
+            extra = {key: attrs.pop(key) for key in data if key in unknown} if unknown else {}
+        else:
+            extra = {}
+            for key, value in data.items():
+                name = names.get(key)
+                if name is None:
+                    extra[key] = value
+                else:
+                    attrs[name] = value
+        for name, factory in factories:
+            if name not in attrs:
+                attrs[name] = factory()
         attrs["id"] = id
         attrs["version"] = version
-        attrs["extra"] = data
+        attrs["extra"] = extra
         rec = object.__new__(cls)
         rec.__dict__.update(attrs)
         rec._normalise()
