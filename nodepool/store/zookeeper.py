@@ -9,8 +9,6 @@ Locks are kazoo ``Lock`` recipes at Nodepool's paths.  Calls never wait longer t
 timeout for a ZooKeeper answer: a suspended connection raises ``StoreError`` rather than hang or
 pretend a write succeeded.
 """
-import contextlib
-import gc
 import json
 import logging
 import os
@@ -32,6 +30,7 @@ from nodepool.errors import (ConflictError, LockError, NotFoundError, SessionLos
 from nodepool.model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 from nodepool.model.states import NodeState
 
+from ..gcpause import collector_paused
 from .base import ChangeWatcher, Lock, StateStore
 from .cached import CachedRecord, ChangeLog, fresh_copy
 from .zk import paths as P
@@ -76,20 +75,6 @@ def _decode(data, what):
         log.warning("ignoring %s: JSON is not an object", what)
         return None
     return value
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """No cyclic garbage collection while a walk makes its records: ten thousand long-lived
-    records in a row had the collector scan the growing heap again and again (a fifth of the
-    walk's CPU) for garbage there is none of.  Reference counting frees as usual."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 def _check_tls_files(tls):
@@ -812,31 +797,35 @@ class ZooKeeperStore(StateStore):
         """Read both trees again (at start and after a reconnect: events may have been missed)."""
         with self._own_sets_lock:
             self._own_sets.clear()
-        for kind, root in (("node", P.NODE_ROOT), ("request", P.REQUEST_ROOT)):
-            ids = self._children(root)
-            # only the lock directories of the records listed: a lock directory outlives its
-            # request by hours (thousands of them), and a record created after this listing
-            # comes with its contenders as watch events, queued behind this walk
-            lock_dirs = {i: (f"{root}/{i}/lock" if kind == "node"
-                             else f"{P.REQUEST_LOCK_ROOT}/{i}") for i in ids}
-            got = self._get_many([f"{root}/{i}" for i in ids])
-            listed = self._children_many(list(lock_dirs.values()))
-            records = {}
-            with _collector_paused():
-                for record_id, (data, stat) in zip(ids, got):
-                    if stat is None:
-                        continue
-                    record = self._record_from(kind, record_id, data, stat)
-                    if record is not None:
-                        records[record_id] = (record, stat.mzxid)
-                    elif kind == "node" and not data:
-                        self._empty_nodes.add(record_id)
-            lockers = {}
-            for record_id, lock_dir in lock_dirs.items():
-                names = {c for c in listed[lock_dir] if P.is_lock_contender(c)}
-                if names:
-                    lockers[record_id] = names
-            self._cache.replace(kind, records, lockers)
+        with collector_paused():        # ten thousand records made in a row
+            for kind, root in (("node", P.NODE_ROOT), ("request", P.REQUEST_ROOT)):
+                self._walk_tree(kind, root)
+
+    def _walk_tree(self, kind, root):
+        """Read one tree (nodes or requests) and its lock contenders into the cache."""
+        ids = self._children(root)
+        # only the lock directories of the records listed: a lock directory outlives its
+        # request by hours (thousands of them), and a record created after this listing
+        # comes with its contenders as watch events, queued behind this walk
+        lock_dirs = {i: (f"{root}/{i}/lock" if kind == "node"
+                         else f"{P.REQUEST_LOCK_ROOT}/{i}") for i in ids}
+        got = self._get_many([f"{root}/{i}" for i in ids])
+        listed = self._children_many(list(lock_dirs.values()))
+        records = {}
+        for record_id, (data, stat) in zip(ids, got):
+            if stat is None:
+                continue
+            record = self._record_from(kind, record_id, data, stat)
+            if record is not None:
+                records[record_id] = (record, stat.mzxid)
+            elif kind == "node" and not data:
+                self._empty_nodes.add(record_id)
+        lockers = {}
+        for record_id, lock_dir in lock_dirs.items():
+            names = {c for c in listed[lock_dir] if P.is_lock_contender(c)}
+            if names:
+                lockers[record_id] = names
+        self._cache.replace(kind, records, lockers)
 
     # -- nodes -------------------------------------------------------------------------------------
 
