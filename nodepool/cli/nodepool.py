@@ -16,6 +16,7 @@ import traceback
 
 from .. import __version__
 from ..errors import ConfigError, LockError, NodepoolError
+from ..gcpause import collector_paused
 from ..model.states import BuildState, NodeState, UploadState
 from ..builder.planner import WITHDRAWN_KEY, withdrawn_providers
 from ..store.base import compare_and_set
@@ -34,14 +35,17 @@ DELETE_NOW_POLL_MAX = 2.0
 # -- helpers --------------------------------------------------------------------------------------
 
 def _show(ctx, args, name, **options):
-    """Print the listing ``name`` as a text table, or JSON with ``--json``."""
+    """Print the listing ``name`` as a text table, or JSON with ``--json``.  (One burst of
+    objects that all live until the table is printed: no cyclic collection meanwhile.)"""
     now = ctx.clock()
     config = ctx.config
-    listing, rows = tables.read_listing(name, ctx.store, now, config=config, **options)
-    if getattr(args, "json", False):
-        ctx.print(tables.render_json(listing, rows))
-    else:
-        ctx.print(tables.render_text(listing, rows, now))
+    with collector_paused():
+        listing, rows = tables.read_listing(name, ctx.store, now, config=config, **options)
+        if getattr(args, "json", False):
+            text = tables.render_json(listing, rows)
+        else:
+            text = tables.render_text(listing, rows, now)
+    ctx.print(text)
     return 0
 
 

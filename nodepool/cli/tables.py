@@ -171,6 +171,10 @@ def format_port(port):
     return str(port)
 
 
+# kinds whose cell for a string value is that string (``format_cell``'s last line)
+_STRINGS_AS_IS = frozenset({"text", "list", "age"})
+
+
 def format_cell(column, value, now):
     """Render one JSON value as a text cell."""
     kind = column.kind
@@ -365,7 +369,11 @@ def render_text(listing, rows, now, fields=None):
     """A left-aligned prettytable of ``rows`` (only ``fields`` columns, if given)."""
     columns = listing.select(fields)
     headings = [c.heading for c in columns]
-    cells = [[str(format_cell(c, row.get(c.key), now)) for c in columns] for row in rows]
+    # a string in a column of these kinds is its own cell: no call per cell for those
+    as_is = [c.kind in _STRINGS_AS_IS for c in columns]
+    keys = [c.key for c in columns]
+    cells = [[v if type(v) is str and plain else str(format_cell(c, v, now))
+              for c, plain, v in zip(columns, as_is, map(row.get, keys))] for row in rows]
     if len(cells) >= PLAIN_TABLE_ROWS:
         text = plain_table(headings, cells)
         if text is not None:
@@ -387,11 +395,9 @@ def plain_table(headings, rows):
         return None
     widths = [max(map(len, column)) for column in zip(headings, *rows)]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    out = [rule, line(headings), rule]
-    out.extend(line(r) for r in rows)
+    line = ("| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |").format   # ljust each cell
+    out = [rule, line(*headings), rule]
+    out.extend(line(*r) for r in rows)
     out.append(rule)
     return "\n".join(out)
 

@@ -13,8 +13,6 @@ import contextlib
 import threading
 import time
 
-from .. import metrics
-
 
 class RateLimiter:
     def __init__(self, name, rate, clock=time.monotonic, sleep=time.sleep):
@@ -57,8 +55,11 @@ class RateLimiter:
 
 
 def count_api_call(provider, operation):
-    """Add one to ``nodepool_api_calls_total``; metrics must never break a cloud call."""
+    """Add one to ``nodepool_api_calls_total``; metrics must never break a cloud call.
+    (``metrics`` is imported here, not with the module: loading a configuration imports the
+    drivers, and ``nodepool list`` has no use for prometheus_client.)"""
     try:
+        from .. import metrics
         metrics.API_CALLS.labels(provider, operation).inc()
     except Exception:
         pass

@@ -272,7 +272,8 @@ class Launcher:
         mono = time.monotonic()
         if mono - self._last_cleanup >= self.cleanup_interval:
             self._last_cleanup = mono
-            self.cleanup.run(index.nodes(), requests, locked_nodes,
+            aged = {name for name, label in self.config.labels.items() if label.max_ready_age}
+            self.cleanup.run(index.cleanup_candidates(aged), requests, locked_nodes,
                              self.store.locked_request_ids(), time.time())
         else:
             self.cleanup.delete_used(index, locked_nodes)

@@ -19,6 +19,8 @@ class NodeIndex:
         self.by_id = {}                # node id -> record (shared, read-only)
         self.used = set()              # ids of nodes returned as used
         self.failed = set()            # ids of nodes whose launch failed (failure_reason)
+        self.free_ready = set()        # ids of ready nodes allocated to nobody
+        self._busy = set()             # ids of every other node
         self._external = defaultdict(Counter)   # provider -> external ids of its records
         self.external_version = Counter()       # provider -> bumped when those ids change
         self.changes = ChangeLog()     # for readers of this index (the fleet tallies)
@@ -43,6 +45,19 @@ class NodeIndex:
         """Every record, ordered by id (for the periodic full passes: cleanup, gauges)."""
         return sorted(self.by_id.values(), key=_node_id)
 
+    def cleanup_candidates(self, aged_labels=()):
+        """The records a cleanup pass must look at, ordered by id: every node but the ready,
+        unallocated ones, which cleanup leaves alone unless their label has a max-ready-age
+        (``aged_labels``: those labels' free ready nodes are included).  With a large idle
+        fleet this is the few nodes in flux, not the whole fleet."""
+        ids = list(self._busy)
+        if aged_labels:
+            by_id = self.by_id
+            ids.extend(i for i in self.free_ready
+                       if by_id[i].type and by_id[i].type[0] in aged_labels)
+        ids.sort()
+        return [self.by_id[i] for i in ids]
+
     def external_ids(self, provider):
         """External ids (instance ids) the records of ``provider`` carry."""
         return self._external[provider]
@@ -61,10 +76,16 @@ class NodeIndex:
             return
         self.used.discard(node_id)
         self.failed.discard(node_id)
+        self.free_ready.discard(node_id)
+        self._busy.discard(node_id)
         if record is None:
             self.by_id.pop(node_id, None)
         else:
             self.by_id[node_id] = record
+            if record.state == NodeState.READY and not record.allocated_to:
+                self.free_ready.add(node_id)
+            else:
+                self._busy.add(node_id)
             if record.state == NodeState.USED:
                 self.used.add(node_id)
             if (record.extra or {}).get("failure_reason"):

@@ -30,6 +30,7 @@ from nodepool.errors import (ConflictError, LockError, NotFoundError, SessionLos
 from nodepool.model.records import Component, ImageBuild, ImageUpload, Node, NodeRequest
 from nodepool.model.states import NodeState
 
+from ..gcpause import collector_paused
 from .base import ChangeWatcher, Lock, StateStore
 from .cached import CachedRecord, ChangeLog, fresh_copy
 from .zk import paths as P
@@ -49,10 +50,22 @@ def _encode(record, sort_keys=False):
     return json.dumps(record.to_dict(), sort_keys=sort_keys).encode("utf-8")
 
 
+_SCAN_JSON = json.JSONDecoder().scan_once     # one JSON value at an offset (json's C scanner)
+
+
 def _decode(data, what):
     """JSON object from znode data; None when empty or not a JSON object (logged)."""
     if not data:
         return None
+    try:
+        # the common case without ``json.loads``' per-call work (ten thousand nodes): exactly
+        # one JSON object spanning the whole text; anything else takes the path below
+        text = data.decode("utf-8")
+        value, end = _SCAN_JSON(text, 0)
+        if end == len(text) and type(value) is dict:
+            return value
+    except (StopIteration, ValueError):     # UnicodeDecodeError is a ValueError
+        pass
     try:
         value = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -358,6 +371,7 @@ class ZooKeeperStore(StateStore):
         self._components_gen = 0            # bumped by every component change we hear of
         self._components_cache = {}         # kind -> (gen, [Component])
         self._empty_nodes = set()           # node znodes seen with no record (remove_empty_nodes)
+        self._lock_dir_mtimes = {}          # request lock dir -> mtime (remove_stale_request_locks)
         # (generation, contender path) of released locks whose delete failed on a broken
         # connection: if the session survives, the contender would hold the lock for good
         self._stale_contenders = []
@@ -827,30 +841,35 @@ class ZooKeeperStore(StateStore):
         """Read both trees again (at start and after a reconnect: events may have been missed)."""
         with self._own_sets_lock:
             self._own_sets.clear()
-        for kind, root in (("node", P.NODE_ROOT), ("request", P.REQUEST_ROOT)):
-            ids = self._children(root)
-            if kind == "node":
-                lock_dirs = {i: f"{root}/{i}/lock" for i in ids}
-            else:
-                lock_dirs = {i: f"{P.REQUEST_LOCK_ROOT}/{i}"
-                             for i in self._children(P.REQUEST_LOCK_ROOT)}
-            got = self._get_many([f"{root}/{i}" for i in ids])
-            listed = self._children_many(list(lock_dirs.values()))
-            records = {}
-            for record_id, (data, stat) in zip(ids, got):
-                if stat is None:
-                    continue
-                record = self._record_from(kind, record_id, data, stat)
-                if record is not None:
-                    records[record_id] = (record, stat.mzxid)
-                elif kind == "node" and not data:
-                    self._empty_nodes.add(record_id)
-            lockers = {}
-            for record_id, lock_dir in lock_dirs.items():
-                names = {c for c in listed[lock_dir] if P.is_lock_contender(c)}
-                if names:
-                    lockers[record_id] = names
-            self._cache.replace(kind, records, lockers)
+        with collector_paused():        # ten thousand records made in a row
+            for kind, root in (("node", P.NODE_ROOT), ("request", P.REQUEST_ROOT)):
+                self._walk_tree(kind, root)
+
+    def _walk_tree(self, kind, root):
+        """Read one tree (nodes or requests) and its lock contenders into the cache."""
+        ids = self._children(root)
+        # only the lock directories of the records listed: a lock directory outlives its
+        # request by hours (thousands of them), and a record created after this listing
+        # comes with its contenders as watch events, queued behind this walk
+        lock_dirs = {i: (f"{root}/{i}/lock" if kind == "node"
+                         else f"{P.REQUEST_LOCK_ROOT}/{i}") for i in ids}
+        got = self._get_many([f"{root}/{i}" for i in ids])
+        listed = self._children_many(list(lock_dirs.values()))
+        records = {}
+        for record_id, (data, stat) in zip(ids, got):
+            if stat is None:
+                continue
+            record = self._record_from(kind, record_id, data, stat)
+            if record is not None:
+                records[record_id] = (record, stat.mzxid)
+            elif kind == "node" and not data:
+                self._empty_nodes.add(record_id)
+        lockers = {}
+        for record_id, lock_dir in lock_dirs.items():
+            names = {c for c in listed[lock_dir] if P.is_lock_contender(c)}
+            if names:
+                lockers[record_id] = names
+        self._cache.replace(kind, records, lockers)
 
     # -- nodes -------------------------------------------------------------------------------------
 
@@ -1391,12 +1410,20 @@ class ZooKeeperStore(StateStore):
         return self._cache.locked_ids("request")
 
     def remove_stale_request_locks(self, older_than):
-        # read together (a long-running site may have many thousands of these): stat every
-        # lock directory, then check the old, empty ones' requests, then delete those left
+        # read together (a long-running site may have many thousands of these): stat the
+        # lock directories that may be old enough, then check the old, empty ones' requests,
+        # then delete those left.  Nothing writes a lock directory's data, so the mtime read
+        # once stays true: a directory known to be younger than the cutoff is not read again
+        # until it may be old enough (one deleted and created again is only younger still).
         self._wait_connected()
         cutoff_ms = (time.time() - older_than) * 1000
         ids = self._children(P.REQUEST_LOCK_ROOT)
+        known = self._lock_dir_mtimes
+        ids = [i for i in ids if known.get(i, cutoff_ms - 1) < cutoff_ms]
         got = self._get_many([f"{P.REQUEST_LOCK_ROOT}/{i}" for i in ids])
+        mtimes = {i: m for i, m in known.items() if m >= cutoff_ms}
+        mtimes.update((i, stat.mtime) for i, (_, stat) in zip(ids, got) if stat is not None)
+        self._lock_dir_mtimes = mtimes
         old = [(i, stat) for i, (_, stat) in zip(ids, got)
                if stat is not None and not stat.numChildren and stat.mtime < cutoff_ms]
         gone = self._get_many([P.request_path(i) for i, _ in old])

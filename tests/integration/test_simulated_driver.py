@@ -352,6 +352,36 @@ def test_foreign_instances_are_listed_with_their_cost(tmp_path):
     assert adapter.cloud.usage() == Resources.of(2, cores=3, ram=3072)
 
 
+def test_listings_follow_changes_and_hand_out_independent_copies(tmp_path):
+    """Repeated listings of an unchanged fleet reuse their parsing, yet every change shows
+    (status moving with the clock, metadata, deletes) and nothing a caller changes leaks into
+    the next listing."""
+    clock = FakeClock()
+    adapter = adapter_for(tmp_path, clock, delete_time=5)
+    booting = adapter.cloud.add_instance("a", metadata={META_PROVIDER: "sim"}, ready=False)
+    kept = adapter.cloud.add_instance("b", metadata={META_PROVIDER: "sim", META_NODE_ID: "1"})
+    first = {i.external_id: i for i in adapter.list_instances()}
+    assert not first[booting.id].ready and first[kept.id].ready
+    first[kept.id].metadata[META_NODE_ID] = "changed by a caller"
+    first[kept.id].host_keys.append("not the cloud's")
+    first[kept.id].resources["cores"] = 99
+    shared = {i.id: i for i in adapter.cloud.list_instances(shared=True)}
+    copies = {i.id: i for i in adapter.cloud.list_instances()}
+    copies[kept.id].metadata["x"] = "y"
+    assert adapter.cloud.list_instances(shared=True)[1] is shared[kept.id]
+    assert shared[kept.id].metadata == {META_PROVIDER: "sim", META_NODE_ID: "1"}
+    clock.now += 3600                                 # "a" finishes booting
+    adapter.cloud.update_instance(kept.id, metadata={META_PROVIDER: "sim", META_NODE_ID: "2"})
+    second = {i.external_id: i for i in adapter.list_instances()}
+    assert second[booting.id].ready
+    assert second[kept.id].node_id == "2" and len(second[kept.id].host_keys) == 1
+    assert second[kept.id].resources == Resources.of(instances=1, cores=1, ram=1024)
+    adapter.cloud.delete_instance(booting.id)
+    third = {i.external_id: i for i in adapter.list_instances()}
+    assert third[booting.id].deleted and third[kept.id] == second[kept.id]
+    assert third[kept.id] is not second[kept.id]
+
+
 def test_console_log(tmp_path):
     adapter = adapter_for(tmp_path, boot_time=0)
     inst = run_to_end(adapter.create_state_machine(spec_for(adapter)))

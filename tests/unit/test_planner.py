@@ -453,3 +453,29 @@ def test_fleet_carried_between_passes_equals_a_fresh_count(passes):
         assert {k: [n.id for n in ns] for k, ns in fleet.free.items() if ns} == \
             {k: [n.id for n in ns] for k, ns in fresh.free.items() if ns}
         assert +fleet.ready == minready.ready_counts(nodes)
+
+
+_STATES = ["ready", "in-use", "used", "hold", "init", "building", "deleting", "failed"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_STATES), st.sampled_from(["small", "aged"]),
+                          st.sampled_from([None, "100-1", "100-gone"]),
+                          st.floats(min_value=0, max_value=2000)),
+                max_size=25),
+       st.booleans())
+def test_cleanup_candidates_give_the_plan_of_the_whole_fleet(specs, aged_label):
+    """A cleanup pass over the index's candidates decides exactly what one over every node
+    would, whatever the states, allocations and max-ready-ages."""
+    nodes = [node(f"{i:04d}", label=label, state=state, allocated_to=alloc, state_time=t)
+             for i, (state, label, alloc, t) in enumerate(specs)]
+    labels = {"small": Label("small"),
+              "aged": Label("aged", max_ready_age=500 if aged_label else 0)}
+    index = NodeIndex().refresh(_ListStore(nodes))
+    aged = {name for name, lbl in labels.items() if lbl.max_ready_age}
+    candidates = index.cleanup_candidates(aged)
+    assert [n.id for n in candidates] == sorted(n.id for n in candidates)
+    requests = [req("100-1", ["small"])]
+    assert cleanup(candidates, requests, labels=labels) == cleanup(nodes, requests, labels=labels)
+    if not aged:
+        assert all(n.state != "ready" or n.allocated_to for n in candidates)

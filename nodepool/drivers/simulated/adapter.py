@@ -143,6 +143,7 @@ class SimulatedAdapter(Adapter):
         self._view = {}
         self._view_taken_at = float("-inf")      # monotonic start of the cached listing
         self._view_tried_at = float("-inf")      # monotonic start of the last listing attempt
+        self._converted = {}      # id -> (CloudInstance, Instance) of the last listing
 
     @property
     def cloud(self):
@@ -196,7 +197,8 @@ class SimulatedAdapter(Adapter):
             if started - self._view_tried_at >= wait:
                 self._view_tried_at = started
                 try:
-                    self._store_view(started, self._api("list", self.cloud.list_instances))
+                    self._store_view(started, self._api("list", self.cloud.list_instances,
+                                                        shared=True))     # only read
                 except TransientCloudError as exc:
                     self.list_errors += 1
                     log.warning("provider %s: instance listing failed, keeping the last one: "
@@ -254,10 +256,21 @@ class SimulatedAdapter(Adapter):
 
     def list_instances(self):
         started = time.monotonic()
-        instances = self._api("list", self.cloud.list_instances)
+        instances = self._api("list", self.cloud.list_instances, shared=True)
         with self._view_lock:
             self._store_view(started, instances)
-        return [self._to_instance(inst) for inst in instances]
+        # the leak scan lists a fleet that mostly did not change since its last listing: an
+        # instance the cloud hands out as the same object as last time (it did not change) is
+        # converted once, then copied
+        known, converted, out = self._converted, {}, []
+        for inst in instances:
+            seen = known.get(inst.id)
+            if seen is None or seen[0] is not inst:
+                seen = (inst, self._to_instance(inst))
+            converted[inst.id] = seen
+            out.append(_instance_copy(seen[1]))
+        self._converted = converted
+        return out
 
     def list_resources(self):
         return self.list_images()
@@ -338,6 +351,18 @@ class SimulatedAdapter(Adapter):
         elif inst.status == simcloud.ERROR:
             lines.append("Kernel panic - not syncing: VFS: Unable to mount root fs")
         return "\n".join(lines) + "\n"
+
+
+def _instance_copy(inst):
+    """A copy of an ``Instance`` whose containers the caller may change."""
+    new = object.__new__(Instance)
+    attrs = inst.__dict__.copy()
+    for key in ("metadata", "node_properties", "host_keys", "resources"):
+        value = attrs[key]
+        if value is not None:
+            attrs[key] = value.copy() if type(value) is not Resources else Resources(value)
+    new.__dict__ = attrs
+    return new
 
 
 def file_checksums(path):

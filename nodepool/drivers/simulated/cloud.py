@@ -185,6 +185,15 @@ def _instance_from_row(row, now):
         host_id=f"sim-hypervisor-{seq % 8}", host_keys=host_keys_for(iid))
 
 
+def _instance_copy(inst):
+    """A copy of ``inst`` whose metadata and host keys can be changed on their own."""
+    new = object.__new__(CloudInstance)
+    new.__dict__.update(inst.__dict__)
+    new.metadata = dict(inst.metadata)
+    new.host_keys = list(inst.host_keys)
+    return new
+
+
 def _image_from_row(row):
     iid, name, fmt, size, md5, sha256, metadata, status, created_at = row
     return CloudImage(id=iid, name=name, format=fmt, size=size, md5=md5, sha256=sha256,
@@ -334,31 +343,35 @@ class SimulatedCloud:
                                (instance_id,)).fetchone()
         return _instance_from_row(row, now)
 
-    def list_instances(self):
+    def list_instances(self, shared=False):
         """Every instance that is not gone (deleting ones included, status DELETING).
 
         A listing of ten thousand instances is what every launcher's leak scan and quota view
-        asks for: rows that did not change since the last listing are not parsed again (only
-        their status, which moves with the clock, is worked out anew)."""
+        asks for: rows that did not change since the last listing are not parsed again, and
+        their objects are kept (a new one only when the status, which moves with the clock,
+        changed).  ``shared``: hand out those kept objects themselves, for a caller that only
+        reads them (the adapter's listing: an unchanged fleet then allocates nothing per
+        instance); otherwise each is a copy the caller may change."""
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances "
                                 "ORDER BY seq").fetchall()
         now = self.clock()
-        parsed, self._parsed = self._parsed, {}
+        parsed, kept = self._parsed, {}
         out = []
         for row in rows:
             known = parsed.get(row[1])
-            template = known[1] if known is not None and known[0] == row else \
-                _instance_from_row(row, now)
-            self._parsed[row[1]] = (row, template)
             status = instance_status(row[10], row[11], row[12], row[13], now)
+            if known is None or known[0] != row:
+                inst = _instance_from_row(row, now)
+            else:
+                inst = known[1]
+                if inst.status != status:
+                    inst = _instance_copy(inst)    # the old object may be in a caller's hands
+                    inst.status = status
+            kept[row[1]] = (row, inst)
             if status != GONE:
-                inst = object.__new__(CloudInstance)
-                inst.__dict__.update(template.__dict__)
-                inst.status = status
-                inst.metadata = dict(template.metadata)
-                inst.host_keys = list(template.host_keys)
-                out.append(inst)
+                out.append(inst if shared else _instance_copy(inst))
+        self._parsed = kept
         return out
 
     def get_instance(self, instance_id):
