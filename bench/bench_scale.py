@@ -165,7 +165,8 @@ def main():
         if "zookeeper" in kinds and not zk_hosts:
             sys.path.insert(0, os.path.join(REPO, "tests"))
             from fixtures.zookeeper import ZooKeeperServer
-            zk_server = ZooKeeperServer(os.path.join(tmp, "zookeeper"))
+            zk_server = ZooKeeperServer(os.path.join(tmp, "zookeeper"),
+                                        jvm=ZooKeeperServer.SERVICE_JVM)
             zk_server.start()
             zk_hosts = zk_server.hosts
         for kind in kinds:
