@@ -401,25 +401,13 @@ class RequestHandler:
         by_id = index.by_id
         current = {r.id: r for r in requests}
         due = [(rid, held) for rid, held in list(self.held.items())
-               if not self.request_backoff.waiting(rid, now)
-               and self._has_work(rid, held, current.get(rid), by_id)]
+               if not self.request_backoff.waiting(rid, now)]
         # each held request is its own (its lock, its nodes): side by side
         self.fanout.run(lambda item: self._isolated(item[0], now, self._advance, item[1],
                                                     current.get(item[0]), by_id), due)
         self.pool_backoff.forget(lambda key: key[0] in self.views or
                                  any(h.pool_key == key[0] for h in self.held.values()))
         self.request_backoff.forget(lambda rid: rid in current)
-
-    def _has_work(self, request_id, held, current, by_id):
-        """Whether planning the held request gives anything to apply.  While a fleet fills,
-        thousands of held requests only wait for their launches: planned here, in line, they
-        are not handed to the fanout's threads one by one every pass."""
-        actions = lc.plan_held(self._view(held), current, by_id)
-        if all(isinstance(a, lc.Wait) and a.reason.kind is not Why.BACKOFF for a in actions):
-            held.open_slots = False         # what applying those waits would do
-            self.request_backoff.succeeded(request_id)
-            return False
-        return True
 
     def _view(self, held):
         """What this process knows of one held request (costs the request's own nodes only:
