@@ -524,7 +524,7 @@ class RequestHandler:
                 held, req, [held.unwritten[nid] for nid in node_ids if nid in held.unwritten],
                 # the nodes are the requestor's now: our locks go in the same write, so the
                 # requestor taking them never queues behind us
-                release=list(held.node_locks.values()) + ([] if held.let_go else [held.lock])):
+                release=_locks_of(held)):
             return
         held.unwritten = {}
         provider, pool_name = held.pool_key.split("/", 1)
@@ -552,9 +552,8 @@ class RequestHandler:
                                held.request_id)
             if node is not None:
                 nodes.append(node)
-        locks = list(held.node_locks.values()) + ([] if held.let_go else [held.lock])
         try:
-            self.store.update_together(nodes=nodes, release=locks,
+            self.store.update_together(nodes=nodes, release=_locks_of(held),
                                        delete_requests=[held.request_id])
         except ConflictError:
             # a node changed since the pass's snapshot: one at a time, each read again
@@ -680,3 +679,8 @@ def _unassigned(node, request_id):
     node = node.copy()
     node.allocated_to = None
     return node
+
+
+def _locks_of(held):
+    """Every lock a held request still has: its nodes' and, unless let go, its own."""
+    return list(held.node_locks.values()) + ([] if held.let_go else [held.lock])

@@ -964,9 +964,6 @@ class ZooKeeperStore(StateStore):
             record.version = stat.version
             self._put_own(kind, record, stat.mzxid)
         for lock in releasing:
-            with self._held_lock:
-                if self._held.get(lock.path) is lock:
-                    del self._held[lock.path]
             self._released_with_write(lock)
             if lock.path in lock_dirs:
                 self._assured_lock_paths.discard(lock.path)
@@ -980,6 +977,9 @@ class ZooKeeperStore(StateStore):
 
     def _released_with_write(self, lock):
         """Book a lock of ours whose contender a transaction of ours deleted."""
+        with self._held_lock:
+            if self._held.get(lock.path) is lock:
+                del self._held[lock.path]
         recipe = lock.token[0]
         lock.released = True
         recipe.is_acquired = False
@@ -1109,9 +1109,6 @@ class ZooKeeperStore(StateStore):
         # under our lock (a launcher finishing a request): the lock and its directory go in
         # the same transaction, so no empty lock directory is left for the lock collector
         if held is not None and self._delete_with_lock(path, held):
-            with self._held_lock:
-                if self._held.get(lock_dir) is held:
-                    del self._held[lock_dir]
             self._assured_lock_paths.discard(lock_dir)
         else:
             self._delete(path)
