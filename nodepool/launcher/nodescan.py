@@ -13,6 +13,10 @@ import time
 from ..errors import LaunchTimeout
 
 RETRY_INTERVAL = 1.0
+# ssh-keyscan opens one connection per key type; a busy sshd (MaxStartups) drops some of them
+# and the scan returns a subset of the host's keys.  Such a scan is repeated this many times in
+# all, keeping the union, so a node is not stored with fewer keys than its host offers.
+KEYSCAN_ATTEMPTS = 3
 
 
 class NodeScan:
@@ -27,6 +31,8 @@ class NodeScan:
         self._sock = None
         self._proc = None
         self._next_try = 0.0
+        self._keys = set()
+        self._scans = 0
         self.last_error = None
 
     def _check_timeout(self):
@@ -104,13 +110,26 @@ class NodeScan:
             return None
         out, err = self._proc.communicate()
         self._proc = None
-        keys = parse_keyscan(out)
-        if keys:
+        self._scans += 1
+        self._keys.update(parse_keyscan(out))
+        failures = keyscan_failures(err)
+        if self._keys and (not failures or self._scans >= KEYSCAN_ATTEMPTS):
             self.state = "done"
-            return keys
-        self._retry(f"ssh-keyscan found no keys ({err.strip().splitlines()[-1] if err.strip() else 'no output'})")
+            return sorted(self._keys)
+        if self._keys:
+            # some connections were dropped: scan again for the keys they would have shown
+            self.last_error = f"ssh-keyscan partial ({failures[-1]})"
+            return None
+        self._retry(f"ssh-keyscan found no keys ({failures[-1] if failures else 'no output'})")
         self.state = "keyscan"
         return None
+
+
+def keyscan_failures(stderr):
+    """ssh-keyscan's error lines (a dropped or refused connection each); its ``#`` banner
+    comments are not errors."""
+    return [line.strip() for line in (stderr or "").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def parse_keyscan(output):

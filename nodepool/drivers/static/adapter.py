@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ...errors import PermanentCloudError
-from ...launcher.nodescan import parse_keyscan
+from ...launcher.nodescan import KEYSCAN_ATTEMPTS, keyscan_failures, parse_keyscan
 from ..base import Adapter, RegisteredSlot, StateMachine
 from . import _names, node_port
 
@@ -74,14 +74,19 @@ def check_host(node):
     if binary is None:
         return HostCheck(False, [], f"static host {host}: ssh-keyscan is not installed "
                                     f"(install openssh-client or set host-key-checking: false)")
-    try:
-        proc = subprocess.run([binary, "-T", str(max(1, int(timeout))), "-p", str(port), host],
-                              capture_output=True, text=True, timeout=timeout + 5)
-    except subprocess.TimeoutExpired:
-        return HostCheck(False, [], f"static host {host}: ssh-keyscan timed out")
-    keys = parse_keyscan(proc.stdout)
+    keys, failures = set(), []
+    for _ in range(KEYSCAN_ATTEMPTS):
+        try:
+            proc = subprocess.run([binary, "-T", str(max(1, int(timeout))), "-p", str(port), host],
+                                  capture_output=True, text=True, timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            return HostCheck(False, [], f"static host {host}: ssh-keyscan timed out")
+        keys.update(parse_keyscan(proc.stdout))
+        failures = keyscan_failures(proc.stderr)
+        if not failures:
+            break
     if not keys:
-        detail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
+        detail = failures[-1] if failures else "no output"
         return HostCheck(False, [], f"static host {host}: ssh-keyscan found no host keys "
                                     f"on port {port} ({detail})")
     try:
