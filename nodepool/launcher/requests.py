@@ -1,7 +1,12 @@
 """Node requests: routing new ones to a pool, and carrying each accepted one to its end.
 
 ``route`` applies ``planner.plan_requests`` (accept, decline, fail); ``progress`` applies
-``lifecycle.plan_held`` to every request this launcher holds.  What is kept in memory per
+``lifecycle.plan_held`` to the requests this launcher holds that have something new: a node of
+theirs changed, a launch of theirs ended, the request record changed, slots wait for room or a
+backoff, or their last plan acted.  The rest only wait for their launches (thousands while a
+large fleet fills), and planning them every pass made a pass cost the whole fleet.  Every
+``FULL_PASS_INTERVAL``, after a configuration change and when the node index cannot tell what
+changed, every held request is planned.  What is kept in memory per
 held request (``lifecycle.Held``) is only what the store cannot tell: the locks this session
 holds and our own last copy of the request, whose version makes every request write a
 compare-and-set.  Everything else (which slots are open, which nodes are ready, failed or
@@ -40,6 +45,10 @@ from .reasons import Why
 
 log = logging.getLogger("nodepool.launcher.requests")
 
+# seconds between passes that plan every held request, not just those with news: a safety net
+# for a cause of change this module does not follow
+FULL_PASS_INTERVAL = 10.0
+
 
 class _Retry(Exception):
     """The accept cannot complete now (a lock taken by someone, the pool filled): undo."""
@@ -58,6 +67,10 @@ class RequestHandler:
         self._seen_requests = {}               # request id -> record, the current pass's
         self.components = []                   # registered pool components, current pass
         self._launching_before = {}            # provider -> launches running before the snapshot
+        self._launching_last = {}              # the same, one pass earlier
+        self._owner = {}                       # node id -> id of the held request locking it
+        self._index_position = None            # where ``progress`` is in the index's changes
+        self._full_pass = (None, float("-inf"))   # (configuration, when) of the last full pass
         self.index = NodeIndex()               # the store's nodes, followed by what changed
         self.fanout = Fanout()                 # independent store work of a pass, side by side
         self._room_lock = threading.Lock()
@@ -72,6 +85,7 @@ class RequestHandler:
     def note_launches(self):
         """Call before reading the pass's snapshot: a launch that ends between that read and
         the decision must count as running, not as lost (its node may still look unfinished)."""
+        self._launching_last = self._launching_before
         self._launching_before = {name: w.launching_ids()
                                   for name, w in self.providers.workers.items()}
 
@@ -229,6 +243,8 @@ class RequestHandler:
                     quietly(lock.release)
             return
         node_locks = {node_id: lock for (_, node_id), lock in zip(action.assign, locks[1:])}
+        for node_id in node_locks:
+            self._owner[node_id] = action.request_id
         held = None
         sent = False        # whether a write was sent (its outcome may be unknown)
         try:
@@ -370,6 +386,7 @@ class RequestHandler:
             self._remove_strays()
             raise
         held.node_locks[node.id] = nlock
+        self._owner[node.id] = held.request_id
         node.set_state(NodeState.BUILDING)
         self.store.update_node(node, check_version=True)
         spec = build_launch_spec(node, pool, plabel, self.launcher_name, image_ext_id, req)
@@ -400,14 +417,53 @@ class RequestHandler:
             self._remove_strays()
         by_id = index.by_id
         current = {r.id: r for r in requests}
-        due = [(rid, held) for rid, held in list(self.held.items())
-               if not self.request_backoff.waiting(rid, now)]
+        due = self._due(index, current, now)
         # each held request is its own (its lock, its nodes): side by side
-        self.fanout.run(lambda item: self._isolated(item[0], now, self._advance, item[1],
+        self.fanout.run(lambda item: self._isolated(item[0], now, self._plan, item[1],
                                                     current.get(item[0]), by_id), due)
-        self.pool_backoff.forget(lambda key: key[0] in self.views or
-                                 any(h.pool_key == key[0] for h in self.held.values()))
+        if len(self.pool_backoff):
+            held_pools = {h.pool_key for h in self.held.values()}
+            self.pool_backoff.forget(lambda key: key[0] in self.views or key[0] in held_pools)
         self.request_backoff.forget(lambda rid: rid in current)
+
+    def _due(self, index, current, now):
+        """The held requests this pass plans, as ``(id, Held)``: see the module's docstring."""
+        self._index_position, changed = index.changed_since(self._index_position)
+        config = self.config()
+        full = (changed is None or config is not self._full_pass[0]
+                or now - self._full_pass[1] >= FULL_PASS_INTERVAL)
+        news = set()
+        if full:
+            self._full_pass = (config, now)
+        else:
+            ended = [nid for name, ids in self._launching_last.items()
+                     for nid in ids - self._launching_before.get(name, frozenset())]
+            for node_id in [*changed, *ended]:
+                rid = self._owner.get(node_id)
+                if rid is None:
+                    continue
+                held = self.held.get(rid)
+                if held is not None and node_id in held.node_locks:
+                    news.add(rid)
+                else:
+                    del self._owner[node_id]         # a stale entry: the node left the request
+        backoff = self.request_backoff
+        due = []
+        for rid, held in list(self.held.items()):
+            if backoff.waiting(rid, now):
+                continue
+            if full or held.replan or held.open_slots or rid in news or backoff.failures(rid) \
+                    or _request_changed(held.planned_on, current.get(rid)):
+                due.append((rid, held))
+        return due
+
+    def _plan(self, held, current, by_id):
+        """Plan one held request; it is planned again next pass unless all it does is wait for
+        its launches (an error leaves it to the request backoff, which plans it again)."""
+        actions = self._advance(held, current, by_id)
+        held.planned_on = current
+        held.replan = not all(isinstance(a, lc.Wait) and a.reason.kind is Why.LAUNCHING
+                              for a in actions)
 
     def _view(self, held):
         """What this process knows of one held request (costs the request's own nodes only:
@@ -453,6 +509,7 @@ class RequestHandler:
             self._apply(held, action, by_id)
             if held.lost:
                 break
+        return actions
 
     def _apply(self, held, action, by_id):
         if isinstance(action, lc.Forget):
@@ -483,8 +540,10 @@ class RequestHandler:
                 self._forget(held)
 
     def _forget(self, held):
-        for lock in held.node_locks.values():
+        for node_id, lock in held.node_locks.items():
             quietly(lock.release)
+            if self._owner.get(node_id) == held.request_id:
+                del self._owner[node_id]
         held.node_locks.clear()
         if not held.let_go:
             quietly(held.lock.release)
@@ -662,6 +721,7 @@ class RequestHandler:
             held.lock.released = True
         count = len(self.held)
         self.held.clear()
+        self._owner.clear()
         return count
 
     def release_all(self):
@@ -679,6 +739,13 @@ def _unassigned(node, request_id):
     node = node.copy()
     node.allocated_to = None
     return node
+
+
+def _request_changed(planned_on, current):
+    """Whether the store's copy of a held request differs from the one it was last planned on."""
+    if current is planned_on:
+        return False
+    return current is None or planned_on is None or current.version != planned_on.version
 
 
 def _locks_of(held):
