@@ -313,10 +313,12 @@ class Launcher:
         self.providers.sync(new)
 
     def _handle_session_lost(self):
-        """Every lock we held is gone: forget held requests, let workers abandon launches."""
+        """The lost session's locks are gone: the requests and jobs that held them are let go
+        (work begun since under the new session carries on)."""
         self._session_lost.clear()
         count = self.requests.session_lost()
-        log.error("state store session lost: abandoned %d in-flight request(s)", count)
+        log.error("state store session lost: %d held request(s) lost their lock and are let go",
+                  count)
         self.providers.session_lost()
 
 

@@ -558,7 +558,8 @@ class ProviderWorker:
         return self._unmanaged
 
     def session_lost(self):
-        """Locks are gone: abandon launches (cleaning their instances) and deletes."""
+        """Locks of the lost session are gone: abandon the launches (cleaning their instances)
+        and deletes that held them."""
         self._inbox.put(("lost",))
         self._wake.set()
 
@@ -663,12 +664,23 @@ class ProviderWorker:
                 if extid not in self.orphans:
                     self.orphans[extid] = OrphanDelete(extid, self, reason)
             elif kind == "lost":
-                for job in self.launches.values():
-                    job.abandon()
-                self.launches.clear()
-                self.deletes.clear()
+                self._abandon_lost()
+
+    def _abandon_lost(self):
+        """Drop the jobs whose node lock went with the lost session (a launch's instance is
+        deleted).  A job whose lock was taken in the new session (the store reconnected
+        before the launcher heard of the loss) is kept: dropping it would leave its node
+        locked by our live session, which nobody would ever clean up."""
+        holds = self.store.holds
+        for node_id, job in list(self.launches.items()):
+            if not holds(job.lock):
+                job.abandon()
+                del self.launches[node_id]
                 with self._lock:
-                    self._launching.clear()
+                    self._launching.discard(node_id)
+        for node_id, job in list(self.deletes.items()):
+            if not holds(job.lock):
+                del self.deletes[node_id]
 
     def _refresh_cloud_view(self, now):
         if now - self.quota_time > QUOTA_CACHE_SECONDS:

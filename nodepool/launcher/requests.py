@@ -714,15 +714,23 @@ class RequestHandler:
     # -- session --------------------------------------------------------------------------------
 
     def session_lost(self):
-        """Every lock we held is gone: forget held requests without writing anything."""
+        """The locks of the lost session are gone: they are marked released, so nothing is
+        written or released under them, and every held request is planned again.  One whose
+        request lock went is let go by its lifecycle like any request that changed hands
+        (launches of the new session are waited for, its ready nodes go back to the pool);
+        one taken in the new session (the store reconnected before we heard of the loss)
+        carries on.  Forgetting them all would leave the new session's locks held forever.
+        Returns how many requests were lost."""
+        lost = 0
         for held in self.held.values():
             for lock in held.node_locks.values():
-                lock.released = True
-            held.lock.released = True
-        count = len(self.held)
-        self.held.clear()
-        self._owner.clear()
-        return count
+                if not self.store.holds(lock):
+                    lock.released = True
+            if not held.let_go and not self.store.holds(held.lock):
+                held.lock.released = True
+                lost += 1
+            held.replan = True
+        return lost
 
     def release_all(self):
         for held in list(self.held.values()):

@@ -24,6 +24,7 @@ providers:
   - name: sim
     driver: simulated
     boot-time: {boot_time}
+    delete-time: {delete_time}
     boot-failure-rate: {boot_failure_rate}
     launch-retries: {retries}
     quota: {quota}
@@ -45,9 +46,10 @@ providers:
 
 
 def basic(env, min_ready=0, max_ready_age=0, boot_time=0.05, boot_failure_rate=0.0,
-          retries=3, quota="{}", max_servers=10):
+          retries=3, quota="{}", max_servers=10, delete_time=0.0):
     return env.write(BASIC.format(min_ready=min_ready, max_ready_age=max_ready_age,
-                                  boot_time=boot_time, boot_failure_rate=boot_failure_rate,
+                                  boot_time=boot_time, delete_time=delete_time,
+                                  boot_failure_rate=boot_failure_rate,
                                   retries=retries, quota=quota, max_servers=max_servers))
 
 
@@ -455,7 +457,7 @@ def test_cloud_quota_refusal_aborts_and_relaunches_when_room_appears(launcher_en
     """With ignore-provider-quota the launcher launches anyway; the cloud's quota refusal aborts
     the node (not a failure) and the slot is relaunched once capacity frees."""
     launcher_env.write(BASIC.format(min_ready=0, max_ready_age=0, boot_time=0.05,
-                                    boot_failure_rate=0.0, retries=3, quota="{instances: 1}",
+                                    delete_time=0.0, boot_failure_rate=0.0, retries=3, quota="{instances: 1}",
                                     max_servers=10).replace(
         "        max-servers: 10\n", "        max-servers: 10\n        ignore-provider-quota: true\n"))
     launcher_env.start_launcher()

@@ -368,3 +368,32 @@ def test_provider_without_its_sdk_declines_its_requests(sqlite_launcher_env, mon
     done = ended(client, client.submit(["small"]).id)
     assert done.state == RequestState.FAILED
     assert "SDK is not installed" in " ".join(done.extra["declined_reasons"].values())
+
+
+# -- a session-lost notice handled after the store reconnected -----------------------------------
+
+def test_session_lost_notice_spares_work_begun_in_the_new_session(launcher_env):
+    """The store reconnects (a new session) before the launcher's loop hears that the old one
+    was lost; meanwhile it may accept a request or start a delete under the new session.
+    Handling the notice must let go only of what held locks of the lost session: dropping the
+    rest left a node stuck ``deleting`` or a request stuck ``pending``, locked by our live
+    session for good (seen in the ZooKeeper restart and freeze fault tests)."""
+    basic(launcher_env, boot_time=1.5, delete_time=1.5)
+    launcher = launcher_env.start_launcher()
+    client = launcher_env.client()
+    req = client.submit(["small"])
+    wait_until(lambda: req.id in launcher.active
+               and client.store.get_request(req.id).state == RequestState.PENDING,
+               message="the request accepted and launching")
+    launcher._on_session("lost")          # the notice, late: every lock is the current session's
+    done = ended(client, req.id)
+    assert done.state == RequestState.FULFILLED
+    nodes = client.accept(done)
+    node_id = nodes[0].id
+    client.release(nodes)                 # used: the launcher deletes it (taking 1.5 s)
+    wait_until(lambda: launcher.providers.workers["sim"].deleting(node_id),
+               message="the delete started")
+    launcher._on_session("lost")
+    wait_until(lambda: client.store.get_node(node_id) is None, timeout=30,
+               message="the used node deleted")
+    wait_until(lambda: not cloud_instances(launcher_env), message="its instance gone")
