@@ -172,8 +172,6 @@ class Builder:
                       "janitor": threading.Event()}
         self._janitor_lock = threading.Lock()
         self.janitor_passes = 0
-        # bumped when the store session (and with it every lock we held) is lost
-        self.session_epoch = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -210,7 +208,6 @@ class Builder:
 
     def _on_session(self, state):
         if state == "lost":
-            self.session_epoch += 1
             log.error("state store session lost: builds running now will be marked failed")
 
     def _spawn(self, name, target):
@@ -364,13 +361,14 @@ class Builder:
                 if current is None:
                     continue
                 log.info("image %s: building (%s)", need.image, current.reason)
-                if self.build_image(config.diskimages[need.image], manual=current.manual):
+                if self.build_image(config.diskimages[need.image], lock,
+                                    manual=current.manual):
                     built += 1
                     self.trigger("upload")
         return built
 
-    def build_image(self, image, manual=False):
-        """Build ``image`` (the caller holds its build lock); True when it ended ready."""
+    def build_image(self, image, lock, manual=False):
+        """Build ``image`` under its build ``lock``; True when it ended ready."""
         config = self.config
         build = ImageBuild(image=image.name, id=uuid.uuid4().hex, state=BuildState.BUILDING,
                            state_time=time.time(), builder=self.hostname,
@@ -379,7 +377,6 @@ class Builder:
                            shell_type=image.shell_type)
         self.store.create_build(build)
         started = time.monotonic()
-        epoch = self.session_epoch
         try:
             result = run_build(image, build.id, config.images_dir, config.build_log_dir,
                                elements_dir=config.elements_dir,
@@ -390,7 +387,7 @@ class Builder:
             error = f"cannot run the build: {exc}"
             log_path = config.build_log_dir
         prune_build_logs(config.build_log_dir, image.name, config.build_log_retention)
-        if error is None and self.session_epoch != epoch:
+        if error is None and not self.store.holds(lock):
             # Our build lock vanished with the session: another builder may have built too.
             error = "the state store session was lost during the build"
 

@@ -350,7 +350,11 @@ def test_build_finishing_after_a_lost_store_session_is_failed(env):
     worker.start()
     try:
         wait_for(started.exists, "the build to start")
-        builder._on_session("lost")          # what the store tells its listeners
+        # another process expires the builder's session (as after a freeze): its heartbeat
+        # notices, the build lock went with it and the store opens a new session
+        lost = builder.store.session_id
+        store._tx(lambda conn: store._drop_session(conn, lost))
+        wait_for(lambda: builder.store.session_id not in (None, lost), "a new session")
     finally:
         go.write_text("")
         worker.join(60)
