@@ -181,6 +181,30 @@ class StoreContract:
         # a position the store never gave is answered with "read everything"
         assert b.node_changes(10 ** 9)[1] is None
 
+    def test_request_changes_tell_what_changed_since_a_position(self, store_factory):
+        a, b = store_factory(), store_factory()
+        keep = a.submit_request(NodeRequest(node_types=["small"]))
+        gone = a.submit_request(NodeRequest(node_types=["small"]))
+        eventually(lambda: {r.id for r in b.list_requests()} == {keep.id, gone.id}, what="b sees")
+        position, changes = b.request_changes(None)
+        assert changes is None                       # first call: read everything
+        assert b.request_changes(position)[1] == {}  # nothing since
+        keep.state = RequestState.PENDING
+        a.update_request(keep)
+        a.delete_request(gone.id)
+        new = a.submit_request(NodeRequest(node_types=["big"]))
+
+        def caught_up():
+            pos, got = b.request_changes(position)
+            return got if set(got) == {keep.id, gone.id, new.id} else None
+        got = eventually(caught_up, what="b's change feed catches up")
+        assert got[gone.id] is None
+        assert got[keep.id].state == RequestState.PENDING
+        assert got[new.id].node_types == ["big"]
+        listed = {r.id: r for r in b.list_requests(shared=True)}
+        assert got[keep.id] is listed[keep.id]
+        assert b.request_changes(10 ** 9)[1] is None
+
     def test_deleting_a_locked_node_releases_its_lock(self, store_factory):
         a, b = store_factory(), store_factory()
         node = a.create_node(new_node())

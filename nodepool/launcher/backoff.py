@@ -50,5 +50,9 @@ class Backoff:
         for key in [k for k in self._entries if not keep(k)]:
             del self._entries[key]
 
+    def keys(self):
+        """The keys with an entry (failed and not succeeded since), waiting or not."""
+        return set(self._entries)
+
     def __len__(self):
         return len(self._entries)

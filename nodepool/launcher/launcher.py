@@ -34,7 +34,7 @@ from ..model.records import Component
 from ..store import open_store
 from .cleanup import REQUEST_LOCK_MAX_AGE, Cleanup, return_to_pool
 from .fanout import Fanout
-from .minready import MinReady
+from .minready import MinReady, held_failures
 from .observer import Observer
 from .providers import ProviderSet, quietly
 from .requests import RequestHandler
@@ -106,6 +106,7 @@ class Launcher:
         self.requests = RequestHandler(self.store, self.providers, lambda: self.config,
                                        self.launcher_name)
         self.index = self.requests.index
+        self.request_index = self.requests.request_index
         self.requests.choose_upload = self.rollout.choose
         self.cleanup = Cleanup(self.store, self.providers, lambda: self.config,
                                lambda: set(self.requests.held), self.lock_gc_interval,
@@ -248,7 +249,7 @@ class Launcher:
         now = time.monotonic()
         self.requests.note_launches()
         index = self.index.refresh(self.store)
-        requests = self.store.list_requests(shared=True)
+        requests = self.request_index.refresh(self.store)
         components = self.store.list_components("pool")
         locked_nodes = self.store.locked_node_ids()
         views = self.providers.views(index)
@@ -266,9 +267,9 @@ class Launcher:
     def housekeeping_once(self, index, requests, locked_nodes, views, components):
         """Returned nodes, finished min-ready requests, periodic cleanup and new min-ready
         requests: after the requests of the pass, so a new request never waits behind them.
-        The pass's snapshot is used: what the request handling changed is seen next pass
-        (every action here re-checks under its lock, and min-ready counts outstanding
-        requests, so an older view never asks for too much)."""
+        The pass's snapshot is used (``requests``: its ``RequestIndex``): what the request
+        handling changed is seen next pass (every action here re-checks under its lock, and
+        min-ready counts outstanding requests, so an older view never asks for too much)."""
         mono = time.monotonic()
         if mono - self._last_cleanup >= self.cleanup_interval:
             self._last_cleanup = mono
@@ -278,12 +279,13 @@ class Launcher:
         else:
             self.cleanup.delete_used(index, locked_nodes)
         # locks are not listed here: taking a finished request's lock tells who holds it
-        self.min_ready.finish_done(requests, (), time.time())
+        now = time.time()
+        self.min_ready.finish_done(requests.min_ready_finished(), (), now)
         # the fleet tallies are the pass's snapshot's (brought up to date when routing)
-        self.min_ready.top_up(self.config.labels, self.requests.fleet.ready, requests, views,
+        pending = requests.min_ready_asked + held_failures(requests.failed_min_ready(), now)
+        self.min_ready.top_up(self.config.labels, self.requests.fleet.ready, pending, views,
                               components,
-                              [c.pool_id for c in self.providers.components.values()],
-                              time.time())
+                              [c.pool_id for c in self.providers.components.values()])
         # image rollout: outcome counters, steps, validations (every few seconds)
         self.rollout.run(requests, index.by_id.values())
 

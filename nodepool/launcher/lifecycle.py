@@ -222,7 +222,3 @@ class Held:
     # ready nodes assigned to it whose allocation is written together with the fulfilment
     # (node id -> the assigned copy): a warm hit is one write, and one round trip
     unwritten: dict = field(default_factory=dict)
-    # planning: the store's copy of the request the last plan saw, and whether the next pass
-    # must plan it whatever changes (new, or its last plan did more than wait for launches)
-    planned_on: object = None
-    replan: bool = True

@@ -40,6 +40,11 @@ def is_min_ready(request):
     return request.requestor == MIN_READY_REQUESTOR
 
 
+def min_ready_label(request):
+    """The label a min-ready request asks stock of (None: not one label, so not stock)."""
+    return request.node_types[0] if len(request.node_types) == 1 else None
+
+
 def servable_labels(views, components, my_pool_ids):
     """Labels worth asking stock for: a pool of ours could launch one now, or a pool of
     another launcher supports it.  ``my_pool_ids``: our registered pools (those still
@@ -68,20 +73,40 @@ def ready_counts(nodes):
     return ready
 
 
-def plan_min_ready(labels, ready, requests, servable, now):
-    """How many min-ready requests to submit per label.
-
-    ``labels``: config labels; ``ready``: ``ready_counts`` of the nodes; ``servable``:
-    ``servable_labels``.  Ready unallocated nodes and outstanding min-ready requests (of any
-    launcher) both count towards the target, so several launchers do not overshoot.
-    """
+def pending_min_ready(requests, now):
+    """Label -> outstanding min-ready requests (of any launcher): requested, pending, fulfilled
+    (its node is still allocated to it until it is finished) or failed less than
+    ``FAILED_HOLD`` ago.  (The launcher keeps the first three counts up to date in its
+    ``RequestIndex`` and adds ``held_failures`` of the failed ones.)"""
     pending = Counter()
     for req in requests:
-        # a fulfilled min-ready request's node is still allocated to it until it is finished
-        if is_min_ready(req) and len(req.node_types) == 1 and (
-                req.state in (RequestState.REQUESTED, RequestState.PENDING,
-                              RequestState.FULFILLED) or _held_failure(req, now)):
-            pending[req.node_types[0]] += 1
+        label = min_ready_label(req) if is_min_ready(req) else None
+        if label is not None and req.state in (RequestState.REQUESTED, RequestState.PENDING,
+                                               RequestState.FULFILLED):
+            pending[label] += 1
+    return pending + held_failures(requests, now)
+
+
+def held_failures(requests, now):
+    """Label -> min-ready requests among ``requests`` that failed less than ``FAILED_HOLD``
+    ago (they count as outstanding, so a label every pool declines is not asked again at
+    once)."""
+    held = Counter()
+    for req in requests:
+        label = min_ready_label(req) if is_min_ready(req) else None
+        if label is not None and _held_failure(req, now):
+            held[label] += 1
+    return held
+
+
+def plan_min_ready(labels, ready, pending, servable):
+    """How many min-ready requests to submit per label.
+
+    ``labels``: config labels; ``ready``: ``ready_counts`` of the nodes; ``pending``:
+    ``pending_min_ready``; ``servable``: ``servable_labels``.  Ready unallocated nodes and
+    outstanding min-ready requests (of any launcher) both count towards the target, so several
+    launchers do not overshoot.
+    """
     actions = []
     for name, label in sorted(labels.items()):
         if label.min_ready <= 0 or name not in servable:
@@ -109,9 +134,10 @@ class MinReady:
         self.deallocate = deallocate        # (node id, request id, reason) -> None
         self.fanout = Fanout()              # independent finishes of a pass, side by side
 
-    def top_up(self, labels, ready, requests, views, components, my_pool_ids, now):
-        for action in plan_min_ready(labels, ready, requests,
-                                     servable_labels(views, components, my_pool_ids), now):
+    def top_up(self, labels, ready, pending, views, components, my_pool_ids):
+        """``pending``: ``pending_min_ready`` of the pass's requests."""
+        for action in plan_min_ready(labels, ready, pending,
+                                     servable_labels(views, components, my_pool_ids)):
             submitted = 0
             try:
                 for _ in range(action.count):
@@ -126,6 +152,7 @@ class MinReady:
                 log.info("min-ready: requested %d node(s) of label %s", submitted, action.label)
 
     def finish_done(self, requests, locked_requests, now):
+        """``requests``: the min-ready requests fulfilled or failed (others are skipped)."""
         self.fanout.run(self._finish_quietly, min_ready_to_finish(requests, locked_requests, now))
 
     def _finish_quietly(self, request_id):

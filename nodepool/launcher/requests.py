@@ -1,12 +1,12 @@
 """Node requests: routing new ones to a pool, and carrying each accepted one to its end.
 
-``route`` applies ``planner.plan_requests`` (accept, decline, fail); ``progress`` applies
-``lifecycle.plan_held`` to the requests this launcher holds that have something new: a node of
-theirs changed, a launch of theirs ended, the request record changed, slots wait for room or a
-backoff, or their last plan acted.  The rest only wait for their launches (thousands while a
-large fleet fills), and planning them every pass made a pass cost the whole fleet.  Every
-``FULL_PASS_INTERVAL``, after a configuration change and when the node index cannot tell what
-changed, every held request is planned.  What is kept in memory per
+``route`` applies ``planner.plan_requests`` (accept, decline, fail) to the waiting requests;
+``progress`` applies ``lifecycle.plan_held`` to the requests this launcher holds that have
+something new: a node of theirs changed, a launch of theirs ended, the request record changed,
+slots wait for room or a backoff, an error backs off, or their last plan acted.  The rest only
+wait for their launches (thousands while a large fleet fills), and planning them every pass
+made a pass cost the whole fleet.  Every ``FULL_PASS_INTERVAL``, after a configuration change,
+a lost session and when an index cannot tell what changed, every held request is planned.  What is kept in memory per
 held request (``lifecycle.Held``) is only what the store cannot tell: the locks this session
 holds and our own last copy of the request, whose version makes every request write a
 compare-and-set.  Everything else (which slots are open, which nodes are ready, failed or
@@ -40,6 +40,7 @@ from .backoff import Backoff
 from .fanout import Fanout
 from .nodeindex import NodeIndex
 from .provider_worker import build_launch_spec, choose_az
+from .requestindex import RequestIndex
 from .providers import quietly
 from .reasons import Why
 
@@ -69,9 +70,13 @@ class RequestHandler:
         self._launching_before = {}            # provider -> launches running before the snapshot
         self._launching_last = {}              # the same, one pass earlier
         self._owner = {}                       # node id -> id of the held request locking it
-        self._index_position = None            # where ``progress`` is in the index's changes
+        self._index_position = None            # where ``progress`` is in the node index's
+        self._request_position = None          # and the request index's changes
+        self._replan = set()                   # held request ids to plan next pass whatever
+        self._open = set()                     # held request ids with open slots (last plan)
         self._full_pass = (None, float("-inf"))   # (configuration, when) of the last full pass
         self.index = NodeIndex()               # the store's nodes, followed by what changed
+        self.request_index = RequestIndex()    # the store's requests, likewise
         self.fanout = Fanout()                 # independent store work of a pass, side by side
         self._room_lock = threading.Lock()
         self.fleet = planner.Fleet()           # usage tallies, updated by what changed
@@ -93,13 +98,14 @@ class RequestHandler:
 
     def route(self, requests, index, views, components, locked_nodes, tenant_limits, now):
         """Decide and apply what every waiting request gets; return the pool keys paused.
-        ``index``: the pass's ``NodeIndex``."""
+        ``requests``: the pass's ``RequestIndex``; ``index``: its ``NodeIndex``."""
         self.views = {v.key: v for v in views}
         self.components = components
-        self._seen_requests = {r.id: r for r in requests}
-        skip = set(self.held) | self.request_backoff.blocked(now)
+        self._seen_requests = requests.by_id
+        waiting = requests.waiting_requests()
+        skip = self.request_backoff.blocked(now) | {r.id for r in waiting if r.id in self.held}
         snap = planner.Snapshot(
-            requests=requests, nodes=(), pools=views, registered_pools=components,
+            requests=waiting, nodes=(), pools=views, registered_pools=components,
             locked_nodes=locked_nodes, active_requests=skip, tenant_limits=tenant_limits,
             backoff=self.pool_backoff.blocked(now),
             fleet=self.fleet.catch_up(index, self.views))
@@ -119,8 +125,9 @@ class RequestHandler:
                         direct)
         for pool_key, accepts in launching.items():
             self._accept_launching(pool_key, accepts, now)
-        for held in self.held.values():
-            if held.open_slots:
+        for rid in self._open:
+            held = self.held.get(rid)
+            if held is not None:
                 paused.add(held.pool_key)
         return paused
 
@@ -245,6 +252,7 @@ class RequestHandler:
         node_locks = {node_id: lock for (_, node_id), lock in zip(action.assign, locks[1:])}
         for node_id in node_locks:
             self._owner[node_id] = action.request_id
+        self._replan.add(action.request_id)         # a held request is planned next pass
         held = None
         sent = False        # whether a write was sent (its outcome may be unknown)
         try:
@@ -412,12 +420,13 @@ class RequestHandler:
                 log.debug("node %s (created, never launched): not removed yet: %s", node_id, exc)
 
     def progress(self, index, requests, now):
-        """Move every held request on (``lifecycle.plan_held``), each on its own."""
+        """Move the held requests with news on (``lifecycle.plan_held``), each on its own.
+        ``index``, ``requests``: the pass's ``NodeIndex`` and ``RequestIndex``."""
         if self._strays:
             self._remove_strays()
         by_id = index.by_id
-        current = {r.id: r for r in requests}
-        due = self._due(index, current, now)
+        current = requests.by_id
+        due = self._due(index, requests, now)
         # each held request is its own (its lock, its nodes): side by side
         self.fanout.run(lambda item: self._isolated(item[0], now, self._plan, item[1],
                                                     current.get(item[0]), by_id), due)
@@ -426,16 +435,21 @@ class RequestHandler:
             self.pool_backoff.forget(lambda key: key[0] in self.views or key[0] in held_pools)
         self.request_backoff.forget(lambda rid: rid in current)
 
-    def _due(self, index, current, now):
-        """The held requests this pass plans, as ``(id, Held)``: see the module's docstring."""
+    def _due(self, index, requests, now):
+        """The held requests this pass plans, as ``(id, Held)``: see the module's docstring.
+        ``index``, ``requests``: the pass's ``NodeIndex`` and ``RequestIndex``."""
         self._index_position, changed = index.changed_since(self._index_position)
+        self._request_position, changed_requests = requests.changed_since(
+            self._request_position)
         config = self.config()
-        full = (changed is None or config is not self._full_pass[0]
+        full = (changed is None or changed_requests is None or config is not self._full_pass[0]
                 or now - self._full_pass[1] >= FULL_PASS_INTERVAL)
-        news = set()
         if full:
             self._full_pass = (config, now)
+            news = set(self.held)
         else:
+            news = self._replan | self._open | self.request_backoff.keys()
+            news.update(rid for rid in changed_requests if rid in self.held)
             ended = [nid for name, ids in self._launching_last.items()
                      for nid in ids - self._launching_before.get(name, frozenset())]
             for node_id in [*changed, *ended]:
@@ -449,21 +463,31 @@ class RequestHandler:
                     del self._owner[node_id]         # a stale entry: the node left the request
         backoff = self.request_backoff
         due = []
-        for rid, held in list(self.held.items()):
-            if backoff.waiting(rid, now):
-                continue
-            if full or held.replan or held.open_slots or rid in news or backoff.failures(rid) \
-                    or _request_changed(held.planned_on, current.get(rid)):
+        for rid in sorted(news):
+            held = self.held.get(rid)
+            if held is None:                # let go since it was marked (or never taken)
+                self._replan.discard(rid)
+                self._open.discard(rid)
+            elif not backoff.waiting(rid, now):
                 due.append((rid, held))
         return due
 
     def _plan(self, held, current, by_id):
         """Plan one held request; it is planned again next pass unless all it does is wait for
         its launches (an error leaves it to the request backoff, which plans it again)."""
-        actions = self._advance(held, current, by_id)
-        held.planned_on = current
-        held.replan = not all(isinstance(a, lc.Wait) and a.reason.kind is Why.LAUNCHING
-                              for a in actions)
+        rid = held.request_id
+        try:
+            actions = self._advance(held, current, by_id)
+        finally:
+            # slots waiting for room or a backoff: planned every pass, and the pool paused
+            if held.open_slots and rid in self.held:
+                self._open.add(rid)
+            else:
+                self._open.discard(rid)
+        if all(isinstance(a, lc.Wait) and a.reason.kind is Why.LAUNCHING for a in actions):
+            self._replan.discard(rid)
+        elif rid in self.held:
+            self._replan.add(rid)
 
     def _view(self, held):
         """What this process knows of one held request (costs the request's own nodes only:
@@ -549,6 +573,8 @@ class RequestHandler:
             quietly(held.lock.release)
             held.let_go = True
         self.held.pop(held.request_id, None)
+        self._replan.discard(held.request_id)
+        self._open.discard(held.request_id)
 
     def _write_request(self, held, req, nodes=(), release=()):
         """Compare-and-set write of a held request (with ``nodes``: and of those nodes, and
@@ -708,8 +734,7 @@ class RequestHandler:
     def waiting_on_time(self):
         """Whether something waits for a clock rather than a store change: a held request
         with open slots (room, a backoff), or a request or pool label backing off."""
-        return bool(len(self.request_backoff) or len(self.pool_backoff)
-                    or any(h.open_slots for h in self.held.values()))
+        return bool(len(self.request_backoff) or len(self.pool_backoff) or self._open)
 
     # -- session --------------------------------------------------------------------------------
 
@@ -729,7 +754,7 @@ class RequestHandler:
             if not held.let_go and not self.store.holds(held.lock):
                 held.lock.released = True
                 lost += 1
-            held.replan = True
+        self._full_pass = (None, float("-inf"))     # every held request is planned next pass
         return lost
 
     def release_all(self):
@@ -747,13 +772,6 @@ def _unassigned(node, request_id):
     node = node.copy()
     node.allocated_to = None
     return node
-
-
-def _request_changed(planned_on, current):
-    """Whether the store's copy of a held request differs from the one it was last planned on."""
-    if current is planned_on:
-        return False
-    return current is None or planned_on is None or current.version != planned_on.version
 
 
 def _locks_of(held):

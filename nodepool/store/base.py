@@ -216,6 +216,11 @@ class StateStore(abc.ABC):
         the size of the fleet."""
         return None, None
 
+    def request_changes(self, since):
+        """Like ``node_changes``, for requests (read ``list_requests(shared=True)`` when the
+        mapping is None)."""
+        return None, None
+
     @abc.abstractmethod
     def delete_node(self, node_id):
         """Remove the node and its lock.  Deleting a missing node is not an error."""

@@ -647,12 +647,18 @@ class SQLiteStore(StateStore):
         return [c.fresh() for c in ordered]
 
     def node_changes(self, since):
+        return self._table_changes("nodes", Node, since)
+
+    def request_changes(self, since):
+        return self._table_changes("requests", NodeRequest, since)
+
+    def _table_changes(self, table, cls, since):
         with self._cache_lock:
-            self._refresh("nodes", Node)
-            position, ids = self._changes["nodes"].since(since)
+            self._refresh(table, cls)
+            position, ids = self._changes[table].since(since)
             if ids is None:
                 return position, None
-            cache = self._caches["nodes"]
+            cache = self._caches[table]
             return position, {rid: (cache[rid].record if rid in cache else None) for rid in ids}
 
     # -- nodes -------------------------------------------------------------------------------------

@@ -904,6 +904,10 @@ class ZooKeeperStore(StateStore):
         self._ensure_caches()
         return self._cache.changed_since("node", since)
 
+    def request_changes(self, since):
+        self._ensure_caches()
+        return self._cache.changed_since("request", since)
+
     def update_node(self, node, check_version=False):
         self._update("node", P.node_path(node.id), node, check_version)
 

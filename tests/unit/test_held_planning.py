@@ -4,7 +4,8 @@ A launcher filling a large fleet holds thousands of min-ready requests that only
 launches; planning each of them every pass made a pass cost the whole fleet.  These tests pin
 the rule (``RequestHandler._due``): a held request is planned when it is new, its last plan did
 more than wait, a node of its changed, a launch of its ended, its record changed, it has open
-slots or a backoff entry, the configuration changed, or ``FULL_PASS_INTERVAL`` passed.
+slots or a backoff entry, the configuration changed, the session was lost, or
+``FULL_PASS_INTERVAL`` passed.
 """
 import pytest
 
@@ -12,6 +13,7 @@ from nodepool.launcher import lifecycle as lc
 from nodepool.launcher import requests as rq
 from nodepool.launcher.nodeindex import NodeIndex
 from nodepool.launcher.reasons import Reason, Why
+from nodepool.launcher.requestindex import RequestIndex
 from nodepool.model import Node, NodeRequest
 from nodepool.model.states import NodeState
 
@@ -30,54 +32,75 @@ class Providers:
 
 
 class ChangeFeed:
-    """A store's change feed, reduced to what ``NodeIndex.refresh`` reads."""
+    """A store's change feeds, reduced to what the indexes' ``refresh`` reads."""
 
     def __init__(self):
         self.position = 0
-        self.pending = {}
+        self.pending = {"node": {}, "request": {}}
 
-    def node_changes(self, position):
-        changes, self.pending = self.pending, {}
+    def _changes(self, kind):
+        changes, self.pending[kind] = self.pending[kind], {}
         self.position += 1
         return self.position, changes
 
+    def node_changes(self, position):
+        return self._changes("node")
+
+    def request_changes(self, position):
+        return self._changes("request")
+
+    def holds(self, lock):
+        return True
+
+
+def waiting(request_id):
+    return [lc.Wait(request_id, Reason(Why.LAUNCHING))]
+
 
 class Pass:
-    """One handler, its index and its clock, passes run by hand."""
+    """One handler, its indexes and its clock, passes run by hand."""
 
     def __init__(self):
         self.config = object()
-        self.handler = rq.RequestHandler(None, Providers(), lambda: self.config, "test")
         self.feed = ChangeFeed()
+        self.handler = rq.RequestHandler(self.feed, Providers(), lambda: self.config, "test")
         self.index = NodeIndex()
+        self.requests = RequestIndex()
         self.now = 1000.0
-        self.requests = {}
         # every plan only waits for launches, unless a test says otherwise
-        self.handler._advance = lambda h, c, b: [lc.Wait(h.request_id, Reason(Why.LAUNCHING))]
+        self.handler._advance = lambda h, c, b: waiting(h.request_id)
 
     def hold(self, rid, node_ids=()):
         req = NodeRequest(id=rid, node_types=["small"] * len(node_ids), state="pending")
         req.version = 1
-        self.requests[rid] = req
+        self.change_request(req)
         held = lc.Held(rid, "sim/main", "pool-id", lock=None, request=req,
                        node_locks={nid: object() for nid in node_ids})
         self.handler.held[rid] = held
+        self.handler._replan.add(rid)
         for nid in node_ids:
             self.handler._owner[nid] = rid
             self.change(Node(id=nid, state=NodeState.BUILDING, type=["small"], allocated_to=rid))
         return held
 
     def change(self, node):
-        self.feed.pending[node.id] = node
+        self.feed.pending["node"][node.id] = node
 
-    def run(self, advance=0.0):
-        """One pass: which held requests are due; each is 'planned' as waiting for launches."""
-        self.now += advance
+    def change_request(self, req):
+        self.feed.pending["request"][req.id] = req
+
+    def due(self):
         self.handler.note_launches()
         self.index.refresh(self.feed)
-        due = self.handler._due(self.index, self.requests, self.now)
+        self.requests.refresh(self.feed)
+        return self.handler._due(self.index, self.requests, self.now)
+
+    def run(self, advance=0.0):
+        """One pass: which held requests are due; each is planned (by the test's plan)."""
+        self.now += advance
+        due = self.due()
         for rid, held in due:
-            self.handler._plan(held, self.requests.get(rid), self.index.by_id)
+            self.handler._plan(held, self.requests.by_id.get(rid), self.index.by_id)
         return sorted(rid for rid, _ in due)
 
 
@@ -105,35 +128,42 @@ def test_an_ended_launch_plans_its_request(p):
 
 
 def test_a_changed_or_deleted_request_is_planned(p):
-    changed = p.requests["100-1"].copy()
+    changed = p.requests.by_id["100-1"].copy()
     changed.version = 2
-    p.requests["100-1"] = changed
-    del p.requests["100-2"]
+    p.change_request(changed)
+    p.feed.pending["request"]["100-2"] = None
     assert p.run(1) == ["100-1", "100-2"]
 
 
 def test_a_plan_that_acted_is_planned_again(p):
     p.change(Node(id="1", state=NodeState.FAILED, type=["small"], allocated_to="100-1"))
-    p.handler.note_launches()
-    p.index.refresh(p.feed)
-    [(rid, held)] = p.handler._due(p.index, p.requests, p.now)
+    [(rid, held)] = p.due()
     p.handler._advance = lambda h, c, b: [lc.GiveBack(h.request_id, Reason(Why.LAUNCH_FAILED))]
-    p.handler._plan(held, p.requests[rid], p.index.by_id)
-    assert held.replan
-    p.handler._advance = lambda h, c, b: [lc.Wait(h.request_id, Reason(Why.LAUNCHING))]
+    p.handler._plan(held, p.requests.by_id[rid], p.index.by_id)
+    p.handler._advance = lambda h, c, b: waiting(h.request_id)
     assert p.run(1) == ["100-1"]
     assert p.run(1) == []
 
 
 def test_open_slots_and_request_errors_are_planned_every_pass(p):
-    p.handler.held["100-1"].open_slots = True
+    def opens(h, c, b):
+        h.open_slots = True
+        return [lc.Wait(h.request_id, Reason(Why.BACKOFF, "small"))]
+    p.change(Node(id="1", state=NodeState.ABORTED, type=["small"], allocated_to="100-1"))
+    p.handler._advance = lambda h, c, b: opens(h, c, b) if h.request_id == "100-1" \
+        else waiting(h.request_id)
+    assert p.run(1) == ["100-1"]
+    assert "100-1" in p.handler._open and p.handler.waiting_on_time()
     p.handler.request_backoff.failed("100-2", p.now)
     assert p.run(0.5) == ["100-1"]                  # 100-2 is backing off
-    assert "100-2" in p.run(5)                      # its backoff is over: planned again
+    assert p.run(5) == ["100-1", "100-2"]           # its backoff is over: planned again
 
 
-def test_a_new_configuration_or_the_interval_plans_everything(p):
+def test_a_new_configuration_a_lost_session_or_the_interval_plans_everything(p):
     p.config = object()
+    assert p.run(1) == ["100-1", "100-2"]
+    assert p.run(1) == []
+    p.handler.session_lost()
     assert p.run(1) == ["100-1", "100-2"]
     assert p.run(1) == []
     assert p.run(rq.FULL_PASS_INTERVAL) == ["100-1", "100-2"]
@@ -148,12 +178,19 @@ def test_a_node_that_left_its_request_no_longer_plans_it(p):
     assert p.run(1) == ["100-3"]
 
 
-def test_a_forgotten_request_drops_its_nodes(p):
+def test_a_forgotten_request_drops_its_nodes_and_marks(p):
     class Lock:
+        released = False
+
         def release(self):
             pass
     held = p.handler.held["100-1"]
     held.node_locks = {"1": Lock()}
     held.lock = Lock()
+    p.handler._replan.add("100-1")
     p.handler._forget(held)
     assert "1" not in p.handler._owner and "100-1" not in p.handler.held
+    assert "100-1" not in p.handler._replan
+    p.handler._replan.add("gone")                   # e.g. an accept that did not go through
+    assert p.run(1) == []
+    assert "gone" not in p.handler._replan

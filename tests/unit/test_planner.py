@@ -1,5 +1,6 @@
 """The launcher's decisions: plain data in, actions out.  No threads, no store, no clock."""
 import math
+from collections import Counter
 
 from hypothesis import given, settings, strategies as st
 
@@ -249,10 +250,12 @@ def test_min_ready_counts_ready_and_outstanding_requests():
     # loop), and no longer after that
     reqs[1].state_time = 1000.0
     ready = minready.ready_counts(nodes)
-    actions = minready.plan_min_ready(labels, ready, reqs, {"small", "big"}, 1010.0)
+    actions = minready.plan_min_ready(labels, ready, minready.pending_min_ready(reqs, 1010.0),
+                                      {"small", "big"})
     assert actions == [SubmitMinReady("small", 1)]
-    actions = minready.plan_min_ready(labels, ready, reqs, {"small", "big"},
-                                      1000.0 + minready.FAILED_HOLD + 1)
+    later = 1000.0 + minready.FAILED_HOLD + 1
+    actions = minready.plan_min_ready(labels, ready, minready.pending_min_ready(reqs, later),
+                                      {"small", "big"})
     assert actions == [SubmitMinReady("big", 1), SubmitMinReady("small", 1)]
 
 
@@ -262,12 +265,13 @@ def test_fulfilled_min_ready_request_still_counts_until_finished():
                 nodes=["1"])]
     nodes = [node("1", allocated_to="900-1")]
     ready = minready.ready_counts(nodes)
-    assert minready.plan_min_ready(labels, ready, reqs, {"small"}, 0.0) == []
+    assert minready.plan_min_ready(labels, ready, minready.pending_min_ready(reqs, 0.0),
+                                   {"small"}) == []
 
 
 def test_min_ready_skips_labels_nobody_serves():
     labels = {"small": Label("small", min_ready=2)}
-    assert minready.plan_min_ready(labels, minready.ready_counts([]), [], set(), 0.0) == []
+    assert minready.plan_min_ready(labels, minready.ready_counts([]), Counter(), set()) == []
 
 
 # -- cleanup ---------------------------------------------------------------------------------------
