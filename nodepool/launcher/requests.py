@@ -6,11 +6,13 @@ something new: a node of theirs changed, a launch of theirs ended, the request r
 slots wait for room or a backoff, an error backs off, or their last plan acted.  The rest only
 wait for their launches (thousands while a large fleet fills), and planning them every pass
 made a pass cost the whole fleet.  Every ``FULL_PASS_INTERVAL``, after a configuration change,
-a lost session and when an index cannot tell what changed, every held request is planned.  What is kept in memory per
-held request (``lifecycle.Held``) is only what the store cannot tell: the locks this session
-holds and our own last copy of the request, whose version makes every request write a
-compare-and-set.  Everything else (which slots are open, which nodes are ready, failed or
-gone) is read from the store every pass, so a failed write is simply planned again.
+a lost session and when an index cannot tell what changed, every held request is planned.
+
+What is kept in memory per held request (``lifecycle.Held``) is only what the store cannot
+tell: the locks this session holds and our own last copy of the request, whose version makes
+every request write a compare-and-set.  Everything else (which slots are open, which nodes
+are ready, failed or gone) is read from the store's records, so a failed write is simply
+planned again.
 
 Failure rules:
 
@@ -40,9 +42,9 @@ from .backoff import Backoff
 from .fanout import Fanout
 from .nodeindex import NodeIndex
 from .provider_worker import build_launch_spec, choose_az
-from .requestindex import RequestIndex
 from .providers import quietly
 from .reasons import Why
+from .requestindex import RequestIndex
 
 log = logging.getLogger("nodepool.launcher.requests")
 
