@@ -11,12 +11,12 @@ from collections import Counter, defaultdict
 
 from ..model.states import NodeState
 from ..store.cached import ChangeLog
+from .feedindex import FeedIndex
 
 
-class NodeIndex:
+class NodeIndex(FeedIndex):
     def __init__(self):
-        self._position = None          # our position in the store's change feed
-        self.by_id = {}                # node id -> record (shared, read-only)
+        super().__init__()             # by_id: node id -> record
         self.used = set()              # ids of nodes returned as used
         self.failed = set()            # ids of nodes whose launch failed (failure_reason)
         self.free_ready = set()        # ids of ready nodes allocated to nobody
@@ -25,21 +25,11 @@ class NodeIndex:
         self.external_version = Counter()       # provider -> bumped when those ids change
         self.changes = ChangeLog()     # for readers of this index (the fleet tallies)
 
-    def refresh(self, store):
-        """Catch up with the store: apply what changed, or read everything when it cannot
-        tell."""
-        position, changes = store.node_changes(self._position)
-        if changes is None:
-            fresh = {n.id: n for n in store.list_nodes(shared=True)}
-            for node_id in [i for i in self.by_id if i not in fresh]:
-                self._put(node_id, None)
-            for node_id, record in fresh.items():
-                self._put(node_id, record)
-        else:
-            for node_id, record in changes.items():
-                self._put(node_id, record)
-        self._position = position
-        return self
+    def _changes(self, store, position):
+        return store.node_changes(position)
+
+    def _listing(self, store):
+        return store.list_nodes(shared=True)
 
     def nodes(self):
         """Every record, ordered by id (for the periodic full passes: cleanup, gauges)."""

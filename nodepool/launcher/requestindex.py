@@ -13,37 +13,27 @@ from collections import Counter
 
 from ..model.states import RequestState
 from ..store.cached import ChangeLog
+from .feedindex import FeedIndex
 from .minready import is_min_ready, min_ready_label
 
 # states in which a min-ready request counts as stock asked for (see minready.pending_min_ready)
 _ASKED = (RequestState.REQUESTED, RequestState.PENDING, RequestState.FULFILLED)
 
 
-class RequestIndex:
+class RequestIndex(FeedIndex):
     def __init__(self):
-        self._position = None          # our position in the store's change feed
-        self.by_id = {}                # request id -> record (shared, read-only)
+        super().__init__()             # by_id: request id -> record
         self.waiting = set()           # ids of requests in state ``requested``
         self.min_ready_asked = Counter()    # label -> min-ready requests in _ASKED states
         self.min_ready_done = set()    # ids of min-ready requests fulfilled or failed
         self.min_ready_failed = set()  # ids of failed min-ready requests
         self.changes = ChangeLog()     # for readers of this index (held-request planning)
 
-    def refresh(self, store):
-        """Catch up with the store: apply what changed, or read everything when it cannot
-        tell."""
-        position, changes = store.request_changes(self._position)
-        if changes is None:
-            fresh = {r.id: r for r in store.list_requests(shared=True)}
-            for request_id in [i for i in self.by_id if i not in fresh]:
-                self._put(request_id, None)
-            for request_id, record in fresh.items():
-                self._put(request_id, record)
-        else:
-            for request_id, record in changes.items():
-                self._put(request_id, record)
-        self._position = position
-        return self
+    def _changes(self, store, position):
+        return store.request_changes(position)
+
+    def _listing(self, store):
+        return store.list_requests(shared=True)
 
     def __iter__(self):
         return iter(self.by_id.values())
