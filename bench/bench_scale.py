@@ -5,7 +5,8 @@ min-ready N, boot time 0.1 s, the launcher as its own process.
 For each N (default 200, 1000, 3000) and store it prints:
   fill_s            launcher start -> N ready nodes
   fill_cpu_s        launcher CPU for that, and per node launched (ms)
-  idle_cpu_pct      launcher CPU with nothing to do, in % of one core, over --idle-seconds
+  idle_cpu_pct      launcher CPU with nothing to do (from 10 s after the last min-ready
+                    request of the fill ended), in % of one core, over --idle-seconds
                     (default 60: one whole cycle of the periodic work, the 60 s leak scan
                     and lock collection included, which a 10 s window hits or misses)
   list_s            ``nodepool list`` (a fresh process) wall time
@@ -95,7 +96,10 @@ def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60
             return out
         out["fill_cpu_s"] = round(cpu_seconds(proc.pid), 1)
         out["fill_cpu_ms_per_node"] = round(1000 * out["fill_cpu_s"] / n, 2)
-        time.sleep(3)           # let the last writes settle
+        # let the fill's tail finish (the last min-ready requests ended, their locks let go)
+        # before the idle window: that work belongs to the fill, not to an idle launcher
+        wait_for(lambda: not store.list_requests(), 60, interval=0.5)
+        time.sleep(10)
         spy = spy_on(proc.pid, os.path.join(spy_dir, f"idle-{store_kind}-{n}.raw")) \
             if spy_dir else None
         c0 = cpu_seconds(proc.pid)
