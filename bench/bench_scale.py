@@ -49,6 +49,22 @@ def start_launcher(config, logfile, profile_to=None):
     return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
+def thread_cpu(pid):
+    """tid -> (thread name, CPU seconds) of the process's live threads (Python thread names
+    are set with prctl only by some libraries; the rest show the process name)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            fields = rest.split()
+            out[tid] = (f"{head.split('(', 1)[1]}:{tid}", (int(fields[11]) + int(fields[12])) / ticks)
+        except OSError:
+            continue
+    return out
+
+
 def args_fill_timeout(n):
     return 120 + n * 0.5
 
@@ -102,9 +118,15 @@ def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60
         time.sleep(10)
         spy = spy_on(proc.pid, os.path.join(spy_dir, f"idle-{store_kind}-{n}.raw")) \
             if spy_dir else None
-        c0 = cpu_seconds(proc.pid)
+        c0, t0 = cpu_seconds(proc.pid), thread_cpu(proc.pid)
         time.sleep(idle_seconds)
         out["idle_cpu_pct"] = round(100 * (cpu_seconds(proc.pid) - c0) / idle_seconds, 2)
+        # where it went: the threads alive at both ends (a gap to the total is threads that
+        # came and went, or CPU the kernel charged to the process as a whole)
+        t1 = thread_cpu(proc.pid)
+        spent = sorted(((t1[t][1] - t0[t][1], t1[t][0]) for t in t1 if t in t0), reverse=True)
+        out["idle_cpu_threads_pct"] = round(100 * sum(c for c, _ in spent) / idle_seconds, 2)
+        out["idle_cpu_by_thread_s"] = {name: round(cpu, 2) for cpu, name in spent[:4] if cpu}
         spy_off(spy)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "nodepool.cli.nodepool", "-c", config, "list"],
