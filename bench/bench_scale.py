@@ -8,7 +8,9 @@ For each N (default 200, 1000, 3000) and store it prints:
   idle_cpu_pct      launcher CPU with nothing to do (from 10 s after the last min-ready
                     request of the fill ended), in % of one core, over --idle-seconds
                     (default 60: one whole cycle of the periodic work, the 60 s leak scan
-                    and lock collection included, which a 10 s window hits or misses)
+                    and lock collection included, which a 10 s window hits or misses);
+                    idle_cpu_threads_pct sums the threads alive at both ends, and
+                    idle_cpu_by_thread_s names the busiest (by thread id)
   list_s            ``nodepool list`` (a fresh process) wall time
   ready_ms          ready-node request latency over 30 sequential requests (median / max)
   zk_packets_per_request  (ZooKeeper) packets the server received per ready-node request,
