@@ -110,15 +110,17 @@ class NodeScan:
             return None
         out, err = self._proc.communicate()
         self._proc = None
-        self._scans += 1
         self._keys.update(parse_keyscan(out))
         failures = keyscan_failures(err)
-        if self._keys and (not failures or self._scans >= KEYSCAN_ATTEMPTS):
-            self.state = "done"
-            return sorted(self._keys)
         if self._keys:
-            # some connections were dropped: scan again for the keys they would have shown
+            self._scans += 1        # scans since the host first showed keys
+            if not failures or self._scans >= KEYSCAN_ATTEMPTS:
+                self.state = "done"
+                return sorted(self._keys)
+            # some connections were dropped: scan again, shortly, for the keys they would
+            # have shown
             self.last_error = f"ssh-keyscan partial ({failures[-1]})"
+            self._next_try = self.clock() + RETRY_INTERVAL / 4
             return None
         self._retry(f"ssh-keyscan found no keys ({failures[-1] if failures else 'no output'})")
         self.state = "keyscan"

@@ -79,6 +79,15 @@ def test_node_scan_gives_up_repeating_after_its_attempts(tmp_path, monkeypatch, 
     assert runs.read_text().strip() == str(nodescan.KEYSCAN_ATTEMPTS)
 
 
+def test_node_scan_counts_attempts_from_the_first_keys(tmp_path, monkeypatch, listener):
+    """Scans before sshd is up (no keys) do not use up the repeats of a partial scan."""
+    refused = "127.0.0.1: Connection refused"
+    runs = scripted_keyscan(tmp_path, monkeypatch,
+                            [([], [refused])] * 4 + [([KEYS[0]], [DROPPED]), (KEYS, [])])
+    assert run_scan(listener) == sorted(KEYS)
+    assert runs.read_text().strip() == "6"
+
+
 def test_node_scan_takes_a_clean_scan_at_once(tmp_path, monkeypatch, listener):
     runs = scripted_keyscan(tmp_path, monkeypatch, [(KEYS, [])])
     assert run_scan(listener) == sorted(KEYS)
