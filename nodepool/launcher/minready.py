@@ -28,6 +28,9 @@ from .planner import MIN_READY_PRIORITY, MIN_READY_REQUESTOR, is_ready_unallocat
 log = logging.getLogger("nodepool.launcher.min-ready")
 
 FAILED_HOLD = 30.0
+# states in which a min-ready request counts as stock asked for (fulfilled: its node is still
+# allocated to it until it is finished)
+ASKED_STATES = (RequestState.REQUESTED, RequestState.PENDING, RequestState.FULFILLED)
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,7 @@ def pending_min_ready(requests, now):
     pending = Counter()
     for req in requests:
         label = min_ready_label(req) if is_min_ready(req) else None
-        if label is not None and req.state in (RequestState.REQUESTED, RequestState.PENDING,
-                                               RequestState.FULFILLED):
+        if label is not None and req.state in ASKED_STATES:
             pending[label] += 1
     return pending + held_failures(requests, now)
 

@@ -11,20 +11,18 @@ cleanup, gauges, image rollout).
 """
 from collections import Counter
 
+from ..model.records import NodeRequest
 from ..model.states import RequestState
 from ..store.cached import ChangeLog
 from .feedindex import FeedIndex
-from .minready import is_min_ready, min_ready_label
-
-# states in which a min-ready request counts as stock asked for (see minready.pending_min_ready)
-_ASKED = (RequestState.REQUESTED, RequestState.PENDING, RequestState.FULFILLED)
+from .minready import ASKED_STATES, is_min_ready, min_ready_label
 
 
 class RequestIndex(FeedIndex):
     def __init__(self):
         super().__init__()             # by_id: request id -> record
         self.waiting = set()           # ids of requests in state ``requested``
-        self.min_ready_asked = Counter()    # label -> min-ready requests in _ASKED states
+        self.min_ready_asked = Counter()    # label -> min-ready requests in ASKED_STATES
         self.min_ready_done = set()    # ids of min-ready requests fulfilled or failed
         self.min_ready_failed = set()  # ids of failed min-ready requests
         self.changes = ChangeLog()     # for readers of this index (held-request planning)
@@ -45,7 +43,7 @@ class RequestIndex(FeedIndex):
         """The requests in state ``requested``, in the order they are served (priority, then
         age)."""
         by_id = self.by_id
-        return sorted((by_id[i] for i in self.waiting), key=_sort_key)
+        return sorted((by_id[i] for i in self.waiting), key=NodeRequest.sort_key)
 
     def min_ready_finished(self):
         """The min-ready requests that are fulfilled or failed (``minready.min_ready_to_finish``
@@ -84,11 +82,8 @@ class RequestIndex(FeedIndex):
         if state == RequestState.FAILED:
             (self.min_ready_failed.add if sign > 0 else self.min_ready_failed.discard)(rid)
         label = min_ready_label(record)
-        if label is not None and state in _ASKED:
+        if label is not None and state in ASKED_STATES:
             self.min_ready_asked[label] += sign
             if self.min_ready_asked[label] <= 0:
                 del self.min_ready_asked[label]
 
-
-def _sort_key(request):
-    return request.sort_key()
