@@ -86,4 +86,3 @@ class RequestIndex(FeedIndex):
             self.min_ready_asked[label] += sign
             if self.min_ready_asked[label] <= 0:
                 del self.min_ready_asked[label]
-
