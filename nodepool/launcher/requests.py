@@ -250,6 +250,10 @@ class RequestHandler:
             for lock in locks:      # another launcher has the request, or a node: next pass
                 if lock is not None:
                     quietly(lock.release)
+            log.debug("request %s: not accepted this pass: %s locked by someone else",
+                      action.request_id, ", ".join(
+                          "the request" if i == 0 else f"node {action.assign[i - 1][1]}"
+                          for i, lock in enumerate(locks) if lock is None))
             return
         node_locks = {node_id: lock for (_, node_id), lock in zip(action.assign, locks[1:])}
         for node_id in node_locks:

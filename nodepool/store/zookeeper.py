@@ -801,10 +801,11 @@ class ZooKeeperStore(StateStore):
             if parent == lock_dir and P.is_lock_contender(name):
                 created = event_type == EventType.CREATED
                 if name in self._released_contenders:
-                    # ours, already released: its create is old news, its delete ends it
-                    if not created:
-                        self._released_contenders.discard(name)
-                    return
+                    if created:
+                        return      # ours, already released: its create is old news
+                    self._released_contenders.discard(name)
+                # a delete is always applied: a walk that read the lock directory before our
+                # release deleted it may have put the name back after we took it out
                 self._cache.contender_event(cache_kind, record_id, name, created)
             elif path == lock_dir and event_type == EventType.DELETED:
                 self._cache.clear_lockers(cache_kind, record_id)

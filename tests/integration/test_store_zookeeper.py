@@ -743,3 +743,31 @@ if StoreContract is not None:
         def store_factory(self, make_store):
             """New started stores (separate sessions) sharing one fresh chroot."""
             return make_store
+
+
+def test_lock_released_during_a_cache_walk_is_not_left_locked_in_the_cache(store, monkeypatch):
+    """A walk (after every reconnect) that lists a lock directory just before our release
+    deletes the contender puts the name back into the cache after the release took it out;
+    the contender's delete event must still take it out again, or the node looks locked for
+    good: never assigned, never cleaned up, counted against its pool."""
+    node = store.create_node(Node(state=NodeState.READY))
+    assert store.list_nodes()                        # the cache is on
+    lock = store.lock_node(node.id)
+    wait_for(lambda: node.id in store.locked_node_ids(), what="lock seen in cache")
+    real_children_many = store._children_many
+    released = []
+
+    def listing_then_release(paths):
+        listed = real_children_many(paths)          # the walk has read the contender
+        if not released:
+            released.append(True)
+            lock.release()                          # ... and we release before it applies
+        return listed
+
+    monkeypatch.setattr(store, "_children_many", listing_then_release)
+    walked = threading.Event()
+    store._events.put(("rewalk", walked))
+    assert walked.wait(WAIT) and released
+    store.sync_nodes()                              # the delete event is applied after it
+    wait_for(lambda: node.id not in store.locked_node_ids(),
+             what="the released lock out of the cache")
