@@ -236,7 +236,10 @@ def test_image_failing_launches_is_withdrawn_automatically(launcher_env, sshd, t
     assert set(results) <= {old.path, None}
     assert failed * 100 <= 25 * len(results) + 100
     assert Rollout.of(fresh(store, old)).phase is None      # never touched
-    assert metrics.ROLLOUT_EVENTS.labels("ubuntu", "sim", "withdrawn-fallback")._value.get() >= 1
+    # counted by the launcher right after its write, which this store may see first
+    wait_until(lambda: metrics.ROLLOUT_EVENTS.labels(
+        "ubuntu", "sim", "withdrawn-fallback")._value.get() >= 1,
+        message="the withdrawal counted in the metrics")
     for _ in range(5):
         assert boot_once(client) == old.path
     # the operator sees which upload serves and why the other one went
