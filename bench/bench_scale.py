@@ -18,6 +18,7 @@ For each N (default 200, 1000, 3000) and store it prints:
 ``--profile`` runs the launcher under cProfile and prints its top functions for the fill.
 Prints figures; asserts nothing about time.  Usage:
   python bench/bench_scale.py [--sizes 200,1000,3000] [--store sqlite|zookeeper|both] [--profile]
+                              [--idle-seconds S] [--py-spy DIR] [--log-dir DIR]
 """
 import argparse
 import os
@@ -84,7 +85,8 @@ def spy_off(spy):
         spy.wait(30)
 
 
-def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60):
+def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60,
+            log_dir=None):
     tmp = os.path.join(tmp, f"{store_kind}-{n}")      # its own simulated cloud, too
     os.makedirs(tmp)
     if store_kind == "sqlite":
@@ -99,7 +101,9 @@ def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60
     out = {"n": n, "store": store_kind}
     store = open_store(load_config(config))
     store.start()
-    log = open(os.path.join(tmp, f"launcher-{store_kind}-{n}.log"), "w")
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    log = open(os.path.join(log_dir or tmp, f"launcher-{store_kind}-{n}.log"), "w")
     prof = os.path.join(tmp, f"launcher-{store_kind}-{n}.prof") if profile else None
     proc = start_launcher(config, log, prof)
     try:
@@ -118,8 +122,6 @@ def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60
         # before the idle window: that work belongs to the fill, not to an idle launcher
         wait_for(lambda: not store.list_requests(), 60, interval=0.5)
         time.sleep(10)
-        spy = spy_on(proc.pid, os.path.join(spy_dir, f"idle-{store_kind}-{n}.raw")) \
-            if spy_dir else None
         c0, t0 = cpu_seconds(proc.pid), thread_cpu(proc.pid)
         time.sleep(idle_seconds)
         out["idle_cpu_pct"] = round(100 * (cpu_seconds(proc.pid) - c0) / idle_seconds, 2)
@@ -129,33 +131,45 @@ def run_one(n, store_kind, tmp, zk_hosts, profile, spy_dir=None, idle_seconds=60
         spent = sorted(((t1[t][1] - t0[t][1], t1[t][0]) for t in t1 if t in t0), reverse=True)
         out["idle_cpu_threads_pct"] = round(100 * sum(c for c, _ in spent) / idle_seconds, 2)
         out["idle_cpu_by_thread_s"] = {name: round(cpu, 2) for cpu, name in spent[:4] if cpu}
-        spy_off(spy)
+        if spy_dir:
+            # a window of its own: py-spy stops the process for every sample, which the
+            # kernel charges to it as system time (several % of a core at 200 samples/s)
+            spy = spy_on(proc.pid, os.path.join(spy_dir, f"idle-{store_kind}-{n}.raw"))
+            time.sleep(idle_seconds)
+            spy_off(spy)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "nodepool.cli.nodepool", "-c", config, "list"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
                        env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
         out["list_s"] = round(time.monotonic() - t0, 2)
         client = NodepoolClient(store, requestor="bench-scale")
-        lat = []
+
+        def ready_requests(count):
+            """``count`` sequential ready-node requests: their latencies (seconds)."""
+            lat = []
+            for _ in range(count):
+                if not wait_for(lambda: len(ready_unallocated(store)) >= n - 5, 60,
+                                interval=0.01):
+                    out["ready_wait_timeout"] = "stock not replenished within 60 s"
+                    break
+                time.sleep(0.05)
+                t1 = time.monotonic()
+                req = client.wait(client.submit(["small"]).id, timeout=120)
+                lat.append(time.monotonic() - t1)
+                client.release(client.accept(req))
+            return lat
+
         packets0 = zk_packets(zk_hosts) if store_kind == "zookeeper" else None
-        spy = spy_on(proc.pid, os.path.join(spy_dir, f"ready-{store_kind}-{n}.raw")) \
-            if spy_dir else None
-        for _ in range(30):
-            if not wait_for(lambda: len(ready_unallocated(store)) >= n - 5, 60, interval=0.01):
-                out["ready_wait_timeout"] = "stock not replenished within 60 s"
-                break
-            time.sleep(0.05)
-            t1 = time.monotonic()
-            req = client.wait(client.submit(["small"]).id, timeout=120)
-            lat.append(time.monotonic() - t1)
-            nodes = client.accept(req)
-            client.release(nodes)
-        spy_off(spy)
+        lat = ready_requests(30)
         if packets0 is not None:
             packets1 = zk_packets(zk_hosts)
             if packets1 is not None:
                 # includes the replacement launches and deletes of the 30 used nodes
                 out["zk_packets_per_request"] = round((packets1 - packets0) / 30, 1)
+        if spy_dir:        # apart from the measured ones, as for idle
+            spy = spy_on(proc.pid, os.path.join(spy_dir, f"ready-{store_kind}-{n}.raw"))
+            ready_requests(30)
+            spy_off(spy)
         out["ready_ms_median"] = round(1000 * statistics.median(lat), 1)
         out["ready_ms_max"] = round(1000 * max(lat), 1)
     finally:
@@ -181,8 +195,12 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--py-spy", metavar="DIR", default=None,
-                    help="record the launcher with py-spy while idle and while serving the "
-                         "ready-node requests, into DIR/{idle,ready}-STORE-N.raw")
+                    help="record the launcher with py-spy while idle and while serving "
+                         "ready-node requests, into DIR/{idle,ready}-STORE-N.raw (in windows "
+                         "of their own, after the measured ones: py-spy slows the launcher)")
+    ap.add_argument("--log-dir", metavar="DIR", default=None,
+                    help="keep the launcher logs there as launcher-STORE-N.log (by default "
+                         "they go with the temporary directory)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     kinds = ["sqlite", "zookeeper"] if args.store == "both" else [args.store]
@@ -200,7 +218,7 @@ def main():
         for kind in kinds:
             for n in sizes:
                 print(run_one(n, kind, tmp, zk_hosts, args.profile, args.py_spy,
-                              args.idle_seconds), flush=True)
+                              args.idle_seconds, args.log_dir), flush=True)
     finally:
         if zk_server is not None:
             zk_server.stop()
