@@ -6,6 +6,7 @@ state) are not kept up to date by hand: ``store_collector`` reads them from the 
 so they can never drift from the truth.  The web app serves everything at ``/metrics``.
 """
 import collections
+import time
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -86,6 +87,21 @@ def request_counts(requests):
     return collections.Counter(_state_name(r.state) for r in requests)
 
 
+# request states a client is still waiting in: their oldest request's age is what to alert on
+# (a request that never ends shows there first)
+WAITING_STATES = ("requested", "pending")
+
+
+def oldest_waiting(requests, now):
+    """Per waiting state, the age in seconds of its oldest request (by ``created_time``)."""
+    oldest = {}
+    for req in requests:
+        state = _state_name(req.state)
+        if state in WAITING_STATES and req.created_time is not None:
+            oldest[state] = min(oldest.get(state, req.created_time), req.created_time)
+    return {state: max(0.0, now - created) for state, created in oldest.items()}
+
+
 class StoreCollector(Collector):
     """Reads current node and request gauges from the store at each scrape.
 
@@ -118,6 +134,14 @@ class StoreCollector(Collector):
         for state, count in sorted(request_counts(requests).items()):
             request_gauge.add_metric([state], count)
         yield request_gauge
+        age_gauge = GaugeMetricFamily(
+            "nodepool_request_oldest_age_seconds",
+            "Age of the oldest node request a client still waits for, by state (requested, "
+            "pending); 0 when there is none", labels=["state"])
+        ages = oldest_waiting(requests, time.time())
+        for state in WAITING_STATES:
+            age_gauge.add_metric([state], round(ages.get(state, 0.0), 3))
+        yield age_gauge
 
     def describe(self):
         # Empty so that registering does not call collect() (and hit the store) at once.

@@ -93,6 +93,10 @@ def test_metrics_include_store_gauges(web):
     assert status == 200
     assert 'nodepool_nodes{label="small",provider="sim",state="hold"} 1.0' in body
     assert 'nodepool_requests{state="pending"} 1.0' in body
+    ages = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+            if line.startswith("nodepool_request_oldest_age_seconds{")}
+    assert set(ages) == {"requested", "pending"}
+    assert 120 <= ages["pending"] < 600 and 0 <= ages["requested"] < 120
     assert "nodepool_launches_total" in body or "# TYPE nodepool_launches counter" in body
 
 

@@ -128,3 +128,14 @@ def test_without_statsd_host_nothing_is_sent(monkeypatch):
     stats.launch("p", "az", "r", "ready", 1.0)      # a no-op, never an error
     assert stats.builder_state("h", set(), set(), set(), set(), ["i"], [], set())[
         "nodepool.builder.h.image.i.build.state"] == 0
+
+
+def test_oldest_waiting_request_age_per_state():
+    from types import SimpleNamespace as R
+    from nodepool.metrics import oldest_waiting
+    reqs = [R(state="requested", created_time=90.0), R(state="requested", created_time=40.0),
+            R(state="pending", created_time=70.0), R(state="fulfilled", created_time=1.0),
+            R(state="requested", created_time=None)]
+    assert oldest_waiting(reqs, 100.0) == {"requested": 60.0, "pending": 30.0}
+    assert oldest_waiting([R(state="pending", created_time=105.0)], 100.0) == {"pending": 0.0}
+    assert oldest_waiting([], 100.0) == {}
