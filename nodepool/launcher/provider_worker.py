@@ -81,7 +81,9 @@ class LaunchJob(_Job):
     another launcher took over) the job stops and deletes its instance, instead of writing over
     somebody else's record.  A store error only delays the write (the job keeps its place);
     a cloud error costs a launch attempt; a quota or capacity refusal ends the launch as
-    ``aborted`` so the launcher can relaunch the slot after a backoff.
+    ``aborted`` so the launcher can relaunch the slot after a backoff.  The next attempt waits
+    1 s, twice as long after each failure while no launch on the provider ends ready (capped):
+    a cloud that is down is not hammered, one that fails now and then costs no long waits.
     """
 
     def __init__(self, node, lock, spec, provider, pool, worker):
@@ -93,6 +95,7 @@ class LaunchJob(_Job):
         self.pool = pool
         self.worker = worker
         self.attempt = 1
+        self.failed_at = None         # when the last attempt failed (monotonic)
         self.started = time.monotonic()
         self.attempt_started = self.started
         self.phase = "create"
@@ -131,7 +134,14 @@ class LaunchJob(_Job):
         extid = self._extid()
         self._log_console(extid)
         if self.attempt < self.provider.launch_retries:
-            delay = self.wait_after_error(time.monotonic())
+            now = time.monotonic()
+            if self.failed_at is not None and self.worker.last_ready_at > self.failed_at:
+                # another launch on this provider ended ready since this one last failed: the
+                # cloud works and this node was unlucky, so it does not wait longer each time
+                # (a flaky cloud kept a request waiting a minute for one node's 32 s wait)
+                self.errors = 0
+            self.failed_at = now
+            delay = self.wait_after_error(now)
             metrics.BACKOFFS.labels(self.provider.name, "launch-error").inc()
             self.log.warning("node %s launch attempt %d/%d failed on %s: %s; retrying in %.0fs",
                              self.node.id, self.attempt, self.provider.launch_retries,
@@ -320,6 +330,7 @@ class LaunchJob(_Job):
         _observe("LAUNCH_SECONDS", elapsed, self.provider.name, self.node.type[0])
         stats.launch(self.provider.name, self.node.az, self.node.requestor, "ready", elapsed)
         self.worker.on_outcome(self.node, "ready")
+        self.worker.last_ready_at = time.monotonic()
         self.final = (NodeState.READY, None)
         self._write_final()
 
@@ -467,6 +478,7 @@ class ProviderWorker:
         self._stop = threading.Event()
         self._retiring = False
         self.launches = {}       # node id -> LaunchJob
+        self.last_ready_at = float("-inf")   # when a launch last ended ready (monotonic)
         self.deletes = {}        # node id -> DeleteJob
         self.orphans = {}        # external id -> OrphanDelete
         self._lock = threading.Lock()
