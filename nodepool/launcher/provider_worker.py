@@ -22,7 +22,8 @@ from ..drivers import get_driver
 from ..drivers.base import (META_LAUNCHER, META_NODE_ID, META_POOL, META_PROVIDER, LaunchSpec)
 from .. import metrics, stats
 from ..errors import (CloudError, ConflictError, InstanceNotFound, LabelConfigurationError,
-                      LaunchTimeout, LockError, NotFoundError, QuotaError, StoreError)
+                      LaunchTimeout, LockError, NotFoundError, QuotaError, StoreError,
+                      TransientCloudError)
 from ..model.records import Node
 from ..model.states import NodeState
 from . import cleanup
@@ -348,7 +349,8 @@ class DeleteJob(_Job):
 
     The job keeps the node's lock until it is done; while the cloud or the store fails it waits
     (1 s doubling to 5 min) and tries again, so a failing delete is neither dropped nor retried
-    every second."""
+    every second.  After a transient cloud error, a delete of another node that went through
+    meanwhile brings the wait back to 1 s."""
 
     retry_cap = DELETE_RETRY_CAP
 
@@ -359,6 +361,7 @@ class DeleteJob(_Job):
         self.worker = worker
         self.reason = reason
         self.started = time.monotonic()
+        self.failed_at = None         # when the last try failed (monotonic)
         self.machine = None
         self.done = False
 
@@ -386,6 +389,7 @@ class DeleteJob(_Job):
             self.worker.store.delete_node(node.id)
             self.lock.released = True          # the lock went with the record
             elapsed = time.monotonic() - self.started
+            self.worker.last_deleted_at = time.monotonic()
             self.worker.log.info("node %s deleted from %s (%s) in %.1fs", node.id,
                                  node.provider, self.reason, elapsed)
             _count("DELETES", node.provider, "success")
@@ -395,7 +399,16 @@ class DeleteJob(_Job):
             node.external_id = None
             return False
         except Exception as exc:
-            delay = self.wait_after_error(time.monotonic())
+            now = time.monotonic()
+            if isinstance(exc, TransientCloudError) and self.failed_at is not None \
+                    and self.worker.last_deleted_at > self.failed_at:
+                # another delete on this provider went through since this one last failed:
+                # the cloud works, so a passing error costs no longer wait each time (a
+                # deleting node keeps its room in the pool).  Other errors keep doubling: a
+                # delete has no attempt limit, and one that always fails must not hammer.
+                self.errors = 0
+            self.failed_at = now
+            delay = self.wait_after_error(now)
             self.machine = None
             if isinstance(exc, LaunchTimeout):
                 self.started = time.monotonic()
@@ -479,6 +492,7 @@ class ProviderWorker:
         self._retiring = False
         self.launches = {}       # node id -> LaunchJob
         self.last_ready_at = float("-inf")   # when a launch last ended ready (monotonic)
+        self.last_deleted_at = float("-inf")  # when a node delete last went through
         self.deletes = {}        # node id -> DeleteJob
         self.orphans = {}        # external id -> OrphanDelete
         self._lock = threading.Lock()

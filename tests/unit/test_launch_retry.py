@@ -1,10 +1,12 @@
-"""How long a failed launch attempt waits before the next: doubling while the provider's
-launches keep failing, back to the shortest wait once another launch on it ended ready."""
+"""How long a failed launch attempt (or node delete) waits before the next: doubling while the
+provider's launches (deletes) keep failing, back to the shortest wait once another launch on
+it ended ready (another delete went through, after a transient error)."""
+import logging
 import time
 from types import SimpleNamespace
 
-from nodepool.errors import TransientCloudError
-from nodepool.launcher.provider_worker import LaunchJob
+from nodepool.errors import CloudError, TransientCloudError
+from nodepool.launcher.provider_worker import DeleteJob, LaunchJob
 from nodepool.model.records import Node
 
 
@@ -58,3 +60,46 @@ def test_a_ready_launch_before_the_last_failure_does_not_count():
     worker.last_ready_at = time.monotonic()
     fail(job)                                        # counts the ready above: back to 1 s
     assert [fail(job) for _ in range(2)] == [2, 4]   # nothing ready since: doubling again
+
+
+class FailingDeletes(StubWorker):
+    """A provider whose delete calls raise ``error``; the store is never reached."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.last_deleted_at = float("-inf")
+        self.log = logging.getLogger("test")
+        error_ = error
+
+        class Machine:
+            def advance(self):
+                raise error_
+
+        self.adapter = SimpleNamespace(delete_state_machine=lambda external_id: Machine())
+
+
+def delete_fails(job):
+    job.next_step = 0.0                               # due now
+    assert job.step() is False
+    return round(job.next_step - time.monotonic())
+
+
+def make_delete(worker):
+    return DeleteJob(Node(id="0000000002", provider="sim", external_id="i-1"), lock=None,
+                     worker=worker, reason="used")
+
+
+def test_a_delete_after_a_passing_error_waits_less_once_another_delete_went_through():
+    worker = FailingDeletes(TransientCloudError("503 Service Unavailable"))
+    job = make_delete(worker)
+    assert [delete_fails(job) for _ in range(4)] == [1, 2, 4, 8]
+    worker.last_deleted_at = time.monotonic()        # another node's delete went through
+    assert [delete_fails(job) for _ in range(2)] == [1, 2]
+
+
+def test_a_delete_that_keeps_failing_otherwise_keeps_doubling():
+    worker = FailingDeletes(CloudError("403 Forbidden"))
+    job = make_delete(worker)
+    assert [delete_fails(job) for _ in range(3)] == [1, 2, 4]
+    worker.last_deleted_at = time.monotonic()
+    assert [delete_fails(job) for _ in range(2)] == [8, 16]
