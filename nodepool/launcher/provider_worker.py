@@ -40,6 +40,9 @@ STATIC_LAUNCHER = "static driver"   # the ``launcher`` Nodepool writes on static
 
 
 DELETE_RETRY_CAP = 300.0
+# failed tries of one node's delete that may wait only 1 s again (after a transient error,
+# when the cloud deleted another instance meanwhile); from then on the wait only doubles
+QUICK_DELETE_RETRIES = 8
 
 
 def _count(metric, *labels):
@@ -349,8 +352,8 @@ class DeleteJob(_Job):
 
     The job keeps the node's lock until it is done; while the cloud or the store fails it waits
     (1 s doubling to 5 min) and tries again, so a failing delete is neither dropped nor retried
-    every second.  After a transient cloud error, a delete of another node that went through
-    meanwhile brings the wait back to 1 s."""
+    every second.  After a transient cloud error, another node's instance deleted meanwhile
+    brings the wait back to 1 s."""
 
     retry_cap = DELETE_RETRY_CAP
 
@@ -362,6 +365,7 @@ class DeleteJob(_Job):
         self.reason = reason
         self.started = time.monotonic()
         self.failed_at = None         # when the last try failed (monotonic)
+        self.failures = 0             # tries failed in all
         self.machine = None
         self.done = False
 
@@ -378,6 +382,8 @@ class DeleteJob(_Job):
                                         f"{DELETE_TIMEOUT}s")
                 if not self.machine.advance():
                     return False
+                # the cloud deleted an instance: it works (a node without one proves nothing)
+                self.worker.last_deleted_at = time.monotonic()
                 self.machine = None
                 node.external_id = None
             if node.state != NodeState.DELETED:
@@ -389,7 +395,6 @@ class DeleteJob(_Job):
             self.worker.store.delete_node(node.id)
             self.lock.released = True          # the lock went with the record
             elapsed = time.monotonic() - self.started
-            self.worker.last_deleted_at = time.monotonic()
             self.worker.log.info("node %s deleted from %s (%s) in %.1fs", node.id,
                                  node.provider, self.reason, elapsed)
             _count("DELETES", node.provider, "success")
@@ -400,12 +405,15 @@ class DeleteJob(_Job):
             return False
         except Exception as exc:
             now = time.monotonic()
+            self.failures += 1
             if isinstance(exc, TransientCloudError) and self.failed_at is not None \
-                    and self.worker.last_deleted_at > self.failed_at:
-                # another delete on this provider went through since this one last failed:
+                    and self.worker.last_deleted_at > self.failed_at \
+                    and self.failures <= QUICK_DELETE_RETRIES:
+                # another instance on this provider was deleted since this one last failed:
                 # the cloud works, so a passing error costs no longer wait each time (a
-                # deleting node keeps its room in the pool).  Other errors keep doubling: a
-                # delete has no attempt limit, and one that always fails must not hammer.
+                # deleting node keeps its room in the pool).  Other errors, and a delete that
+                # failed that often, keep doubling: a delete has no attempt limit, and one
+                # that always fails must not hammer the cloud.
                 self.errors = 0
             self.failed_at = now
             delay = self.wait_after_error(now)
@@ -492,7 +500,7 @@ class ProviderWorker:
         self._retiring = False
         self.launches = {}       # node id -> LaunchJob
         self.last_ready_at = float("-inf")   # when a launch last ended ready (monotonic)
-        self.last_deleted_at = float("-inf")  # when a node delete last went through
+        self.last_deleted_at = float("-inf")  # when a node's instance was last deleted
         self.deletes = {}        # node id -> DeleteJob
         self.orphans = {}        # external id -> OrphanDelete
         self._lock = threading.Lock()

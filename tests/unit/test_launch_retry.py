@@ -103,3 +103,13 @@ def test_a_delete_that_keeps_failing_otherwise_keeps_doubling():
     assert [delete_fails(job) for _ in range(3)] == [1, 2, 4]
     worker.last_deleted_at = time.monotonic()
     assert [delete_fails(job) for _ in range(2)] == [8, 16]
+
+
+def test_a_delete_that_failed_that_often_keeps_doubling_whatever_else_goes_through():
+    worker = FailingDeletes(TransientCloudError("503 Service Unavailable"))
+    job = make_delete(worker)
+    waits = []
+    for _ in range(11):
+        worker.last_deleted_at = time.monotonic()    # the cloud deletes others all along
+        waits.append(delete_fails(job))
+    assert waits == [1] * 8 + [2, 4, 8]
