@@ -12,6 +12,7 @@ from dataclasses import dataclass
 class _Entry:
     failures: int
     until: float
+    since: float        # when the last failure was recorded
 
 
 class Backoff:
@@ -26,8 +27,25 @@ class Backoff:
         entry = self._entries.get(key)
         failures = entry.failures + 1 if entry else 1
         delay = min(self.cap, self.base * self.factor ** (failures - 1))
-        self._entries[key] = _Entry(failures, now + delay)
+        self._entries[key] = _Entry(failures, now + delay, now)
         return delay
+
+    def lift(self, key):
+        """End ``key``'s wait now (what it waited for happened), keeping its failure count:
+        one more failure waits longer still."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.until = float("-inf")
+
+    def until(self, key):
+        """When ``key``'s wait ends (None without an entry; -inf once lifted)."""
+        entry = self._entries.get(key)
+        return entry.until if entry else None
+
+    def since(self, key):
+        """When ``key``'s last failure was recorded (None without an entry)."""
+        entry = self._entries.get(key)
+        return entry.since if entry else None
 
     def succeeded(self, key):
         self._entries.pop(key, None)

@@ -22,6 +22,10 @@ INIT_GRACE = 60          # an unlocked ``init`` node younger than this is being 
 REQUEST_LOCK_MAX_AGE = 8 * 3600   # Nodepool's age for removing a gone request's lock directory
 
 
+# states of a node that served (or could serve) a request: deleting one frees cloud room
+SERVING_STATES = frozenset({NodeState.READY, NodeState.IN_USE, NodeState.USED, NodeState.HOLD})
+
+
 @dataclass(frozen=True)
 class DeleteNode:
     node_id: str
@@ -243,6 +247,8 @@ class Cleanup:
             if node is None or not self._still_deletable(node):
                 lock.release()
                 return
+            # a node that was serving frees room a launch refused for quota may wait for
+            frees_room = node.state in SERVING_STATES
             if node.state not in (NodeState.DELETING, NodeState.DELETED):
                 node.set_state(NodeState.DELETING)
                 self.store.update_node(node, check_version=True)
@@ -253,7 +259,7 @@ class Cleanup:
             lock.release()
             raise
         log.info("node %s on %s: deleting (%s)", node.id, node.provider, reason)
-        worker.submit_delete(node, lock, reason)
+        worker.submit_delete(node, lock, reason, frees_room)
 
     def _still_deletable(self, node):
         """Re-check a node after locking it: the plan was made from an older snapshot."""

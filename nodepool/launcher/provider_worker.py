@@ -357,12 +357,13 @@ class DeleteJob(_Job):
 
     retry_cap = DELETE_RETRY_CAP
 
-    def __init__(self, node, lock, worker, reason):
+    def __init__(self, node, lock, worker, reason, frees_room=False):
         super().__init__()
         self.node = node
         self.lock = lock
         self.worker = worker
         self.reason = reason
+        self.frees_room = frees_room
         self.started = time.monotonic()
         self.failed_at = None         # when the last try failed (monotonic)
         self.failures = 0             # tries failed in all
@@ -384,6 +385,8 @@ class DeleteJob(_Job):
                     return False
                 # the cloud deleted an instance: it works (a node without one proves nothing)
                 self.worker.last_deleted_at = time.monotonic()
+                if self.frees_room:
+                    self.worker.last_freed_at = self.worker.last_deleted_at
                 self.machine = None
                 node.external_id = None
             if node.state != NodeState.DELETED:
@@ -501,6 +504,7 @@ class ProviderWorker:
         self.launches = {}       # node id -> LaunchJob
         self.last_ready_at = float("-inf")   # when a launch last ended ready (monotonic)
         self.last_deleted_at = float("-inf")  # when a node's instance was last deleted
+        self.last_freed_at = float("-inf")    # ... that of a node that was serving
         self.deletes = {}        # node id -> DeleteJob
         self.orphans = {}        # external id -> OrphanDelete
         self._lock = threading.Lock()
@@ -566,8 +570,11 @@ class ProviderWorker:
         with self._lock:
             return frozenset(self._launching)
 
-    def submit_delete(self, node, lock, reason):
-        self._inbox.put(("delete", node, lock, reason))
+    def submit_delete(self, node, lock, reason, frees_room=False):
+        """Delete ``node`` (locked by ``lock``).  ``frees_room``: it was serving (ready, in
+        use, used, held), so deleting its instance frees room a refused launch may need;
+        a failed or refused launch's node frees none worth retrying for."""
+        self._inbox.put(("delete", node, lock, reason, frees_room))
         self._wake.set()
 
     def delete_orphan(self, external_id, reason):
@@ -691,8 +698,8 @@ class ProviderWorker:
                 _, node, lock, spec, pool = item
                 self.launches[node.id] = LaunchJob(node, lock, spec, self.provider, pool, self)
             elif kind == "delete":
-                _, node, lock, reason = item
-                self.deletes[node.id] = DeleteJob(node, lock, self, reason)
+                _, node, lock, reason, frees_room = item
+                self.deletes[node.id] = DeleteJob(node, lock, self, reason, frees_room)
             elif kind == "orphan":
                 _, extid, reason = item
                 if extid not in self.orphans:

@@ -21,7 +21,8 @@ Failure rules:
 * a request lock or node lock that is no longer ours (session lost) is never written under;
   a lost compare-and-set means the request changed hands: we let it go without writing;
 * a cloud that refused a launch for quota or capacity makes that pool's label wait
-  (``pool_backoff``: 2 s doubling to 2 min) before it launches that label again;
+  (``pool_backoff``: 2 s doubling to 2 min) before it launches that label again, or until the
+  cloud deleted a serving node of that provider (which freed room);
 * the pool lock that serialises launch decisions across launchers is only tried, never
   waited for: a busy pool is tried again next pass.
 """
@@ -430,6 +431,8 @@ class RequestHandler:
         ``index``, ``requests``: the pass's ``NodeIndex`` and ``RequestIndex``."""
         if self._strays:
             self._remove_strays()
+        if len(self.pool_backoff):
+            self._lift_freed_room()
         by_id = index.by_id
         current = requests.by_id
         due = self._due(index, requests, now)
@@ -440,6 +443,17 @@ class RequestHandler:
             held_pools = {h.pool_key for h in self.held.values()}
             self.pool_backoff.forget(lambda key: key[0] in self.views or key[0] in held_pools)
         self.request_backoff.forget(lambda rid: rid in current)
+
+    def _lift_freed_room(self):
+        """A label waiting after a quota or capacity refusal is tried again as soon as the
+        cloud deleted the instance of a node of that provider that was serving (ready, in
+        use, used, held) since the refusal: that freed room.  Room freed by others cannot be
+        seen, so the timed wait stays for that; the failure count stays too."""
+        for key in self.pool_backoff.keys():
+            worker = self.providers.workers.get(key[0].split("/", 1)[0])
+            since = self.pool_backoff.since(key)
+            if worker is not None and since is not None and worker.last_freed_at > since:
+                self.pool_backoff.lift(key)
 
     def _due(self, index, requests, now):
         """The held requests this pass plans, as ``(id, Held)``: see the module's docstring.

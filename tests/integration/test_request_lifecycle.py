@@ -194,6 +194,26 @@ def test_capacity_refusal_backs_off_instead_of_hammering_the_cloud(sqlite_launch
     client.release(client.accept(done))
 
 
+def test_room_freed_by_deleting_a_used_node_is_used_at_once(sqlite_launcher_env):
+    """A label waiting after quota refusals is launched again as soon as the cloud deleted a
+    node of its provider that was in use, not when its timed wait runs out."""
+    env = sqlite_launcher_env
+    env.write(QUOTA_IGNORED)
+    launcher = env.start_launcher()
+    client = env.client()
+    held = client.request(["small"], timeout=30)
+    waiting = client.submit(["small"])
+    backoff, key = launcher.requests.pool_backoff, ("sim/main", "small")
+    wait_until(lambda: backoff.failures(key) >= 3, timeout=60, message="three refusals")
+    timer_ends = backoff.until(key)          # 8 s after the third refusal
+    client.release(held)                     # used: deleted, which frees the one instance
+    done = ended(client, waiting.id, timeout=60)
+    assert done.state == RequestState.FULFILLED
+    assert time.monotonic() < timer_ends, "the launch waited for its timer, not for the room"
+    assert backoff.failures(key) == 0        # the launch that went through reset it
+    client.release(client.accept(done))
+
+
 QUOTA_IGNORED = """\
 labels:
   - name: small

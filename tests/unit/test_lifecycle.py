@@ -213,3 +213,15 @@ def test_backoff_doubles_to_its_cap_and_resets():
     b.failed("x", 0.0)
     b.forget(lambda key: key != "x")
     assert len(b) == 0
+
+
+def test_backoff_lifted_ends_the_wait_but_keeps_the_count():
+    b = Backoff(base=2.0, cap=120.0)
+    b.failed("k", 10.0)
+    b.failed("k", 13.0)
+    assert b.since("k") == 13.0 and b.until("k") == 17.0 and b.waiting("k", 14.0)
+    b.lift("k")
+    assert not b.waiting("k", 14.0) and b.blocked(14.0) == set() and "k" in b.keys()
+    assert b.failed("k", 14.0) == 8.0           # one more refusal waits longer still
+    b.lift("gone")                              # no entry: nothing happens
+    assert b.since("gone") is None and b.until("gone") is None
