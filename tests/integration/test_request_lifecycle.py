@@ -194,15 +194,20 @@ def test_capacity_refusal_backs_off_instead_of_hammering_the_cloud(sqlite_launch
     client.release(client.accept(done))
 
 
-def test_room_freed_by_deleting_a_used_node_is_used_at_once(sqlite_launcher_env):
-    """A label waiting after quota refusals is launched again as soon as the cloud deleted a
-    node of its provider that was in use, not when its timed wait runs out."""
-    env = sqlite_launcher_env
+def _one_node_held_one_waiting(env):
+    """A cloud with room for one instance: a client holds its node, a second request waits
+    for quota.  Returns (launcher, client, held nodes, waiting request)."""
     env.write(QUOTA_IGNORED)
     launcher = env.start_launcher()
     client = env.client()
     held = client.request(["small"], timeout=30)
-    waiting = client.submit(["small"])
+    return launcher, client, held, client.submit(["small"])
+
+
+def test_room_freed_by_deleting_a_used_node_is_used_at_once(sqlite_launcher_env):
+    """A label waiting after quota refusals is launched again as soon as the cloud deleted a
+    node of its provider that was in use, not when its timed wait runs out."""
+    launcher, client, held, waiting = _one_node_held_one_waiting(sqlite_launcher_env)
     backoff, key = launcher.requests.pool_backoff, ("sim/main", "small")
     wait_until(lambda: backoff.failures(key) >= 3, timeout=60, message="three refusals")
     timer_ends = backoff.until(key)          # 8 s after the third refusal
@@ -311,11 +316,7 @@ def test_availability_zones_are_never_asked_on_the_loop_thread(sqlite_launcher_e
 
 def test_provider_removed_while_a_request_waits_gives_the_request_back(sqlite_launcher_env):
     env = sqlite_launcher_env
-    env.write(QUOTA_IGNORED)
-    launcher = env.start_launcher()
-    client = env.client()
-    held = client.request(["small"], timeout=30)
-    waiting = client.submit(["small"])
+    launcher, client, held, waiting = _one_node_held_one_waiting(env)
     wait_until(lambda: waiting.id in launcher.active and launcher.paused_pools,
                message="the request waiting for quota")
     env.write(QUOTA_IGNORED.replace("name: sim\n", "name: sim2\n")
