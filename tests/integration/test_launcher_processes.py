@@ -9,6 +9,9 @@ from nodepool.model import NodeState, RequestState
 pytestmark = pytest.mark.slow
 
 CONFIG = """\
+launcher:
+  # an instance the killed launcher created but never recorded is found by the leak scan
+  leak-interval: 1
 labels:
   - name: small
     min-ready: {min_ready}
