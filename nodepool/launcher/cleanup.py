@@ -22,10 +22,6 @@ INIT_GRACE = 60          # an unlocked ``init`` node younger than this is being 
 REQUEST_LOCK_MAX_AGE = 8 * 3600   # Nodepool's age for removing a gone request's lock directory
 
 
-# states of a node that served (or could serve) a request: deleting one frees cloud room
-SERVING_STATES = frozenset({NodeState.READY, NodeState.IN_USE, NodeState.USED, NodeState.HOLD})
-
-
 @dataclass(frozen=True)
 class DeleteNode:
     node_id: str
@@ -103,6 +99,8 @@ def plan_node_cleanup(nodes, requests, locked_nodes, locked_requests, labels, pr
 
 # -- leaked instances -----------------------------------------------------------------------------
 
+# states of a node that serves (or could serve) a request: its instance is settled, and
+# deleting one frees cloud room
 STABLE_STATES = (NodeState.READY, NodeState.IN_USE, NodeState.USED, NodeState.HOLD)
 
 
@@ -248,7 +246,7 @@ class Cleanup:
                 lock.release()
                 return
             # a node that was serving frees room a launch refused for quota may wait for
-            frees_room = node.state in SERVING_STATES
+            frees_room = node.state in STABLE_STATES
             if node.state not in (NodeState.DELETING, NodeState.DELETED):
                 node.set_state(NodeState.DELETING)
                 self.store.update_node(node, check_version=True)
