@@ -63,11 +63,19 @@ class _Job:
     def __init__(self):
         self.next_step = 0.0
         self.errors = 0
+        self.failed_at = None         # when the last error was met (monotonic)
 
     def due(self, now):
         return now >= self.next_step
 
-    def wait_after_error(self, now):
+    def wait_after_error(self, now, cloud_worked_at=None):
+        """Wait before the next step.  ``cloud_worked_at``: when the provider last did what
+        this job failed at, for another job; if that was after this job's previous error, the
+        cloud works and this job was unlucky: it waits the shortest time again."""
+        if cloud_worked_at is not None and self.failed_at is not None \
+                and cloud_worked_at > self.failed_at:
+            self.errors = 0
+        self.failed_at = now
         self.errors += 1
         delay = min(self.retry_cap, 2.0 ** (self.errors - 1))
         self.next_step = now + delay
@@ -99,7 +107,6 @@ class LaunchJob(_Job):
         self.pool = pool
         self.worker = worker
         self.attempt = 1
-        self.failed_at = None         # when the last attempt failed (monotonic)
         self.started = time.monotonic()
         self.attempt_started = self.started
         self.phase = "create"
@@ -138,14 +145,9 @@ class LaunchJob(_Job):
         extid = self._extid()
         self._log_console(extid)
         if self.attempt < self.provider.launch_retries:
-            now = time.monotonic()
-            if self.failed_at is not None and self.worker.last_ready_at > self.failed_at:
-                # another launch on this provider ended ready since this one last failed: the
-                # cloud works and this node was unlucky, so it does not wait longer each time
-                # (a flaky cloud kept a request waiting a minute for one node's 32 s wait)
-                self.errors = 0
-            self.failed_at = now
-            delay = self.wait_after_error(now)
+            # a launch of another node ended ready since this one last failed: no longer wait
+            # (a flaky cloud kept a request waiting a minute for one node's 32 s wait)
+            delay = self.wait_after_error(time.monotonic(), self.worker.last_ready_at)
             metrics.BACKOFFS.labels(self.provider.name, "launch-error").inc()
             self.log.warning("node %s launch attempt %d/%d failed on %s: %s; retrying in %.0fs",
                              self.node.id, self.attempt, self.provider.launch_retries,
@@ -365,7 +367,6 @@ class DeleteJob(_Job):
         self.reason = reason
         self.frees_room = frees_room
         self.started = time.monotonic()
-        self.failed_at = None         # when the last try failed (monotonic)
         self.failures = 0             # tries failed in all
         self.machine = None
         self.done = False
@@ -407,19 +408,15 @@ class DeleteJob(_Job):
             node.external_id = None
             return False
         except Exception as exc:
-            now = time.monotonic()
             self.failures += 1
-            if isinstance(exc, TransientCloudError) and self.failed_at is not None \
-                    and self.worker.last_deleted_at > self.failed_at \
-                    and self.failures <= QUICK_DELETE_RETRIES:
-                # another instance on this provider was deleted since this one last failed:
-                # the cloud works, so a passing error costs no longer wait each time (a
-                # deleting node keeps its room in the pool).  Other errors, and a delete that
-                # failed that often, keep doubling: a delete has no attempt limit, and one
-                # that always fails must not hammer the cloud.
-                self.errors = 0
-            self.failed_at = now
-            delay = self.wait_after_error(now)
+            # after a passing error, another instance deleted meanwhile shows the cloud works
+            # (a deleting node keeps its room in the pool).  Other errors, and a delete that
+            # failed that often, keep doubling: a delete has no attempt limit, and one that
+            # always fails must not hammer the cloud.
+            quick = isinstance(exc, TransientCloudError) \
+                and self.failures <= QUICK_DELETE_RETRIES
+            delay = self.wait_after_error(time.monotonic(),
+                                          self.worker.last_deleted_at if quick else None)
             self.machine = None
             if isinstance(exc, LaunchTimeout):
                 self.started = time.monotonic()
